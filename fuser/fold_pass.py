@@ -1,0 +1,275 @@
+"""The fold pass over one traced graph.
+
+Two linear walks: forward, each BN folds on the output side into the layer that produced its input
+(in order, so ``conv -> bn -> bn`` folds both); then backward over what is left, each BN folds on the
+input side into its only consumer (in reverse, so ``bn -> bn -> conv`` folds both). Modules and
+tensors are looked up live from the GraphModule after every edit, never from a table made before.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .fold_math import INPUT_SIDE_LAYERS, bn_scale_shift, fold_into_input, fold_into_output
+from .graph_edit import (
+    UsageCounts,
+    delete_attr,
+    module_objects,
+    overflow_reason,
+    referenced_objects,
+    set_attr,
+    tensor_like,
+    unique_path,
+)
+from .patterns import (
+    BatchNormCall,
+    LayerCall,
+    describe_batch_norm,
+    describe_layer,
+    fetch_attr,
+    known_rank,
+    normalized_args,
+    set_arg,
+    value_users,
+)
+from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
+
+
+class _Left(Exception):
+    """A site that will not fold, with the reason as its message."""
+
+
+@dataclass
+class _Outcome:
+    into: str | None = None
+    side: str | None = None
+    reason: str | None = None
+
+
+def fold_batch_norms(gm: fx.GraphModule, path: str = "") -> list[SiteReport]:
+    """Fold every foldable BN of ``gm`` in place; report every BN call site, in graph order.
+
+    ``path`` is the qualified name of ``gm`` in the caller's model, prefixed to reported names.
+    """
+    return _FoldPass(gm, path).run()
+
+
+class _FoldPass:
+    def __init__(self, gm: fx.GraphModule, path: str) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.path = path
+        self.usage = UsageCounts(gm)
+
+    def run(self) -> list[SiteReport]:
+        nodes = list(self.graph.nodes)
+        calls: list[BatchNormCall] = []
+        outcomes: dict[fx.Node, _Outcome] = {}
+        for node in nodes:
+            call = describe_batch_norm(self.gm, node)
+            if call is None:
+                continue
+            calls.append(call)
+            if call.not_foldable is not None:
+                outcomes[node] = _Outcome(reason=call.not_foldable)
+            else:
+                outcomes[node] = self._attempt(call, self._fold_output_side, OUTPUT_SIDE)
+        for call in reversed(calls):
+            outcome = outcomes[call.node]
+            if outcome.into is None and call.not_foldable is None:
+                input_side = self._attempt(call, self._fold_input_side, INPUT_SIDE)
+                if input_side.into is None:
+                    input_side.reason = (
+                        f"output side: {outcome.reason}; input side: {input_side.reason}"
+                    )
+                outcomes[call.node] = input_side
+        self.graph.lint()
+        self.gm.recompile()
+        return self._reports(calls, outcomes)
+
+    def _reports(self, calls: list[BatchNormCall], outcomes: dict) -> list[SiteReport]:
+        seen: Counter[str] = Counter()
+        reports = []
+        for call in calls:
+            name = self._qualify(call.name)
+            outcome = outcomes[call.node]
+            reports.append(
+                SiteReport(
+                    bn=name,
+                    call_index=seen[name],
+                    folded=outcome.into is not None,
+                    into=outcome.into,
+                    side=outcome.side,
+                    reason=outcome.reason,
+                )
+            )
+            seen[name] += 1
+        return reports
+
+    def _qualify(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    @staticmethod
+    def _attempt(call: BatchNormCall, fold, side: str) -> _Outcome:
+        try:
+            return _Outcome(into=fold(call), side=side)
+        except _Left as left:
+            return _Outcome(reason=str(left))
+
+    # --- matching -------------------------------------------------------------------------
+
+    def _fold_output_side(self, call: BatchNormCall) -> str:
+        producer = call.input
+        if producer is None:
+            raise _Left("its input is not a graph value")
+        layer = describe_layer(self.gm, producer)
+        if isinstance(layer, str):
+            raise _Left(f"its input is not a conv/linear output ({layer})")
+        others = [user.name for user in value_users(producer) if user is not call.node]
+        if others:
+            raise _Left(f"the layer's output is also read by {', '.join(others)}")
+        if layer.out_channels != call.channels:
+            raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
+        self._check_rank(layer, producer)
+        scale, shift = self._scale_shift(call)
+        weight, bias = fold_into_output(
+            layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
+        )
+        into = self._write_layer(layer, weight, bias)
+        self._remove_batch_norm(call, replacement=producer)
+        return into
+
+    def _fold_input_side(self, call: BatchNormCall) -> str:
+        users = value_users(call.node)
+        if len(users) != 1:
+            raise _Left(f"its output has {len(users)} value users, not one layer")
+        consumer = users[0]
+        layer = describe_layer(self.gm, consumer)
+        if isinstance(layer, str):
+            raise _Left(f"its output does not feed a conv/linear ({layer})")
+        if layer.kind not in INPUT_SIDE_LAYERS:
+            raise _Left("a transposed convolution takes no input-side fold")
+        if not self._reads_only_as_input(layer, call.node):
+            raise _Left(f"{consumer.name} reads it other than as its input")
+        if layer.zero_padded:
+            raise _Left(
+                f"{consumer.name} zero-pads its input (the padding would not be normalised)"
+            )
+        if layer.in_channels != call.channels:
+            raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")
+        self._check_rank(layer, call.node)
+        scale, shift = self._scale_shift(call)
+        weight, bias = fold_into_input(
+            layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
+        )
+        into = self._write_layer(layer, weight, bias)
+        self._remove_batch_norm(call, replacement=call.input)
+        return into
+
+    @staticmethod
+    def _reads_only_as_input(layer: LayerCall, value: fx.Node) -> bool:
+        node = layer.node
+        if layer.module_target is not None:
+            return node.args == (value,) and not node.kwargs
+        args = normalized_args(node, layer.arg_names, {})
+        others = [v for name, v in args.items() if name != "input"]
+        return args.get("input") is value and value not in others
+
+    @staticmethod
+    def _check_rank(layer: LayerCall, value: fx.Node) -> None:
+        """BN normalises dimension 1: it must be the layer's channel (or feature) dimension."""
+        rank = known_rank(value)
+        if layer.kind == "linear":
+            if rank is None:
+                raise _Left("a Linear folds only when its input is proven 2-D: pass example_inputs")
+            if rank != 2:
+                raise _Left(f"the Linear runs on a {rank}-D tensor; BN normalises another axis")
+        elif rank is not None and rank != layer.batched_rank:
+            raise _Left(f"the convolution runs unbatched ({rank}-D), so channels are not dim 1")
+
+    @staticmethod
+    def _scale_shift(call: BatchNormCall) -> tuple[torch.Tensor, torch.Tensor]:
+        return bn_scale_shift(call.running_mean, call.running_var, call.eps, call.weight, call.bias)
+
+    # --- rewriting ------------------------------------------------------------------------
+
+    def _write_layer(self, layer: LayerCall, weight: torch.Tensor, bias: torch.Tensor) -> str:
+        """Give the layer call its folded weights; returns the name of what now holds them."""
+        dtype = layer.weight.dtype
+        reason = overflow_reason(weight, dtype) or overflow_reason(bias, dtype)
+        if reason is not None:
+            raise _Left(reason)
+        new_weight = tensor_like(weight, layer.weight, layer.weight)
+        new_bias = tensor_like(bias, layer.bias, layer.weight)
+        if layer.module_target is not None:
+            module = self._exclusive_module(layer.node)
+            old = module_objects(module)
+            module.weight, module.bias = new_weight, new_bias
+            self.usage.release(old)
+            self.usage.add(module_objects(module))
+            return self._qualify(layer.node.target)
+        self._replace_constant(layer, "weight", layer.weight_node, new_weight)
+        self._replace_constant(layer, "bias", layer.bias_node, new_bias)
+        return self._qualify(f"{layer.node.target.__name__}({layer.weight_node.target})")
+
+    def _exclusive_module(self, node: fx.Node):
+        """The module this call runs, copied first if anything else reads it."""
+        module = self.gm.get_submodule(node.target)
+        if self.usage.only_this_call_reads(module):
+            return module
+        duplicate = copy.deepcopy(module)
+        new_target = unique_path(self.gm, f"{node.target}_folded")
+        self.gm.add_submodule(new_target, duplicate)
+        self.usage.release(module_objects(module))
+        self.usage.add(module_objects(duplicate))
+        node.target = new_target
+        return duplicate
+
+    def _replace_constant(self, layer: LayerCall, name: str, old_node, value: torch.Tensor) -> None:
+        """Point a functional layer's ``name`` argument at ``value``, in place when it may."""
+        if old_node is not None:
+            old = fetch_attr(self.gm, old_node.target)
+            if self.usage.count(old) == 1 and len(old_node.users) == 1:
+                set_attr(self.gm, old_node.target, value)
+                self.usage.release([old])
+                self.usage.add([value])
+                return
+        base = old_node.target if old_node is not None else f"{layer.weight_node.target}_bias"
+        new_path = unique_path(self.gm, f"{base}_folded".replace(".", "_"))
+        if isinstance(value, torch.nn.Parameter):
+            self.gm.register_parameter(new_path, value)
+        else:
+            self.gm.register_buffer(new_path, value)
+        with self.graph.inserting_before(layer.node):
+            new_node = self.graph.get_attr(new_path)
+        self.usage.add([value])
+        set_arg(layer.node, layer.arg_names, name, new_node)
+        if old_node is not None and not old_node.users:
+            self._erase_constant(old_node)
+
+    def _remove_batch_norm(self, call: BatchNormCall, replacement: fx.Node) -> None:
+        node = call.node
+        inputs = node.all_input_nodes
+        released = referenced_objects(self.gm, node)
+        node.replace_all_uses_with(replacement)
+        self.graph.erase_node(node)
+        self.usage.release(released)
+        if call.module_target is not None:
+            module = self.gm.get_submodule(call.module_target)
+            if self.usage.count(module) == 0:
+                delete_attr(self.gm, call.module_target)
+        for constant in inputs:
+            if constant.op == "get_attr" and not constant.users:
+                self._erase_constant(constant)
+
+    def _erase_constant(self, node: fx.Node) -> None:
+        value = fetch_attr(self.gm, node.target)
+        self.graph.erase_node(node)
+        self.usage.release([value])
+        if self.usage.count(value) == 0:
+            delete_attr(self.gm, node.target)

@@ -1,0 +1,144 @@
+"""The public entry points: check the input, copy it, trace it, fold it, report.
+
+A model FX cannot trace whole is fused piece by piece: its smallest untraceable submodules stay
+opaque inside the traced graph, and when even the top level cannot be traced, each child is fused
+on its own. The caller's model is never touched: all work happens on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from .errors import FuserError
+from .fold_pass import fold_batch_norms
+from .patterns import has_hooks
+from .report import FusionReport, UntracedModule
+from .shapes import propagate_shapes, record_module_inputs
+from .tracing import is_foldable_layer_or_batch_norm, is_leaf, trace_with_opaque_submodules
+
+
+def fuse(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Return a copy of ``model`` with every foldable eval-mode BatchNorm folded away.
+
+    A ``torch.fx.GraphModule`` when the whole model traces. ``example_inputs`` (the positional
+    arguments of one forward call) let the fuser prove tensor ranks, which Linear folds need.
+    """
+    fused, _ = fuse_with_report(model, example_inputs)
+    return fused
+
+
+def fuse_with_report(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> tuple[nn.Module, FusionReport]:
+    """Like ``fuse``, and also say what became of every BatchNorm call site."""
+    inputs = _check_input(model, example_inputs)
+    working_copy = copy.deepcopy(model)
+    recorded = {id(working_copy): inputs} if inputs is not None else {}
+    report = FusionReport()
+    fused = _Fuser(recorded, report).fuse_module(working_copy, "")
+    return fused, report
+
+
+def _check_input(model: object, example_inputs: object) -> tuple | None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise FuserError(
+            "fuse cannot trace a torch.jit.ScriptModule: fuse the eager nn.Module, then script it"
+        )
+    if model.training:
+        raise FuserError(
+            "the model is in training mode, where BatchNorm uses batch statistics and cannot be "
+            "folded: call model.eval() first"
+        )
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tuple of forward arguments, got {type(example_inputs).__name__}"
+    )
+
+
+class _Fuser:
+    """Fuses a module tree; ``inputs`` maps module ids to the arguments of their first call."""
+
+    def __init__(self, inputs: dict[int, tuple], report: FusionReport) -> None:
+        self.inputs = inputs
+        self.report = report
+        self.inputs_recorded = not inputs
+
+    def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
+        outcome = trace_with_opaque_submodules(module, path)
+        gm = outcome.graph_module
+        if gm is None:
+            self.report.untraced.append(UntracedModule(path or "<model>", outcome.error or ""))
+            self._record_inputs(module)
+            self.fuse_children(module, path)
+            return module
+        self.report.untraced.extend(outcome.untraced)
+        leaves_to_enter = outcome.opaque or any(has_hooks(m) for m in gm.modules())
+        if leaves_to_enter:
+            self._record_inputs(module)
+        example_inputs = self.inputs.get(id(module))
+        if example_inputs is not None:
+            self._propagate_shapes(gm, example_inputs, strict=not path)
+        self.report.sites.extend(fold_batch_norms(gm, path))
+        if leaves_to_enter:
+            self._fuse_inside_leaves(gm, path, outcome.opaque)
+        return gm
+
+    def fuse_children(self, module: nn.Module, path: str) -> None:
+        """Fuse each child on its own, in place: ``module`` itself runs as it is."""
+        for name, child in list(module.named_children()):
+            child_path = f"{path}.{name}" if path else name
+            if is_foldable_layer_or_batch_norm(child):
+                continue
+            if has_hooks(child) or is_leaf(child):
+                self.fuse_children(child, child_path)
+                continue
+            fused = self.fuse_module(child, child_path)
+            if fused is not child:
+                _keep_plain_attributes(child, fused)
+                setattr(module, name, fused)
+
+    def _fuse_inside_leaves(self, gm: fx.GraphModule, path: str, opaque: set[int]) -> None:
+        """Opaque and hooked modules stay single calls; what is inside them is still fused."""
+        done: set[int] = set()
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            inside = id(module) in opaque or has_hooks(module)
+            if inside and id(module) not in done and not is_foldable_layer_or_batch_norm(module):
+                done.add(id(module))
+                self.fuse_children(module, f"{path}.{node.target}" if path else node.target)
+
+    def _record_inputs(self, module: nn.Module) -> None:
+        """Record every submodule's inputs once, by running the model on its example inputs."""
+        if self.inputs_recorded:
+            return
+        self.inputs_recorded = True
+        root_inputs = self.inputs.get(id(module))
+        if root_inputs is not None:
+            self.inputs.update(record_module_inputs(module, root_inputs))
+
+    @staticmethod
+    def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, strict: bool) -> None:
+        try:
+            propagate_shapes(gm, example_inputs)
+        except FuserError:
+            if strict:  # the caller's inputs are wrong; recorded child inputs may just not replay
+                raise
+
+
+def _keep_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
+    """Carry plain public attributes (``out_channels`` and the like) over to the fused module."""
+    for name, value in vars(original).items():
+        if not name.startswith("_") and not hasattr(fused, name):
+            setattr(fused, name, value)

@@ -1,0 +1,125 @@
+"""Small, local edits of a GraphModule's attributes, and who still references what.
+
+Every fold rewrites one layer's weights and removes one BN node. Whether the layer can be changed in
+place depends on whether anything else reads it, so ``UsageCounts`` keeps, per object identity, the
+number of graph nodes that reference each module and tensor; it is built in one pass and updated by
+every edit, so no edit needs a whole-graph scan.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+from torch import fx, nn
+
+from .patterns import fetch_attr
+
+
+def referenced_objects(gm: fx.GraphModule, node: fx.Node) -> list[object]:
+    """The modules and tensors a node reads: a called module with everything inside it."""
+    if node.op == "call_module":
+        target = gm.get_submodule(node.target)
+    elif node.op == "get_attr":
+        target = fetch_attr(gm, node.target)
+    else:
+        return []
+    if isinstance(target, nn.Module):
+        return module_objects(target)
+    return [target]
+
+
+def module_objects(module: nn.Module) -> list[object]:
+    return [*module.modules(), *module.parameters(), *module.buffers()]
+
+
+class UsageCounts:
+    """How many graph nodes reference each module and tensor, keyed by object identity."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self._counts: Counter[int] = Counter()
+        for node in gm.graph.nodes:
+            self.add(referenced_objects(gm, node))
+
+    def add(self, objects: Iterable[object]) -> None:
+        for obj in objects:
+            self._counts[id(obj)] += 1
+
+    def release(self, objects: Iterable[object]) -> None:
+        """Drop one reference to each; forget objects nobody references (ids get reused)."""
+        for obj in objects:
+            self._counts[id(obj)] -= 1
+            if self._counts[id(obj)] <= 0:
+                del self._counts[id(obj)]
+
+    def count(self, obj: object) -> int:
+        return self._counts.get(id(obj), 0)
+
+    def only_this_call_reads(self, module: nn.Module) -> bool:
+        """True when a module (and each tensor inside it) is referenced by one node only."""
+        return all(self.count(obj) == 1 for obj in module_objects(module))
+
+
+def has_path(gm: fx.GraphModule, qualname: str) -> bool:
+    try:
+        fetch_attr(gm, qualname)
+    except AttributeError:
+        return False
+    return True
+
+
+def unique_path(gm: fx.GraphModule, base: str) -> str:
+    candidate, suffix = base, 1
+    while has_path(gm, candidate):
+        suffix += 1
+        candidate = f"{base}_{suffix}"
+    return candidate
+
+
+def set_attr(gm: fx.GraphModule, qualname: str, value: object) -> None:
+    owner_path, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(owner_path), name, value)
+
+
+def delete_attr(gm: fx.GraphModule, qualname: str) -> None:
+    """Delete an attribute, then the empty placeholder modules FX created on its path."""
+    owner_path, _, name = qualname.rpartition(".")
+    delattr(gm.get_submodule(owner_path), name)
+    while owner_path:
+        owner = gm.get_submodule(owner_path)
+        empty = not (owner._parameters or owner._buffers or owner._modules)
+        if type(owner) is not nn.Module or not empty:
+            return
+        owner_path, _, name = owner_path.rpartition(".")
+        delattr(gm.get_submodule(owner_path), name)
+
+
+def tensor_like(
+    value: torch.Tensor, like: torch.Tensor | None, reference: torch.Tensor
+) -> torch.Tensor:
+    """``value`` with the dtype, device, memory format and kind (parameter or not) of ``like``.
+
+    ``like`` is None for a bias the layer did not have: it then follows ``reference`` (the weight).
+    """
+    template = like if like is not None else reference
+    with torch.no_grad():
+        if like is not None:
+            result = torch.empty_like(like).copy_(value)
+        else:
+            result = value.to(dtype=reference.dtype, device=reference.device)
+    if isinstance(template, nn.Parameter):
+        return nn.Parameter(result, requires_grad=template.requires_grad)
+    return result
+
+
+def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can."""
+    if not torch.isfinite(value).all():
+        return "the folded weights are not finite"
+    if dtype.is_floating_point and value.numel():
+        limit = torch.finfo(dtype).max
+        largest = value.abs().max().item()
+        if largest > limit:
+            return f"the folded weights would overflow {dtype} ({largest:.3g} > {limit:.3g})"
+    return None

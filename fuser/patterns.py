@@ -1,0 +1,353 @@
+"""What the fuser recognises: BatchNorm call sites and the layers they can fold into.
+
+The pattern tables are data at the top; the recognisers below turn one FX node into a small,
+plain description (``BatchNormCall`` or ``LayerCall``) or ``None``. Nothing here edits a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+# Layer modules by the kind of fold math they take.
+LAYER_MODULES: dict[type[nn.Module], str] = {
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "conv_transpose",
+    nn.ConvTranspose2d: "conv_transpose",
+    nn.ConvTranspose3d: "conv_transpose",
+    nn.Linear: "linear",
+}
+
+# Functional layers: (kind, positional argument names) of each callable FX records.
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
+FUNCTIONAL_LAYERS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    F.conv1d: ("conv", _CONV_ARGS),
+    F.conv2d: ("conv", _CONV_ARGS),
+    F.conv3d: ("conv", _CONV_ARGS),
+    F.conv_transpose1d: ("conv_transpose", _CONV_TRANSPOSE_ARGS),
+    F.conv_transpose2d: ("conv_transpose", _CONV_TRANSPOSE_ARGS),
+    F.conv_transpose3d: ("conv_transpose", _CONV_TRANSPOSE_ARGS),
+    F.linear: ("linear", ("input", "weight", "bias")),
+}
+FUNCTIONAL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training")
+BATCH_NORM_ARGS += ("momentum", "eps")
+BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+
+# Node uses that read only a tensor's metadata, never its values.
+METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
+
+
+@cache
+def _frozen_batch_norm_type() -> type | None:
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:  # torchvision is a dependency, but the fuser works without it
+        return None
+    return FrozenBatchNorm2d
+
+
+def batch_norm_module_types() -> tuple[type[nn.Module], ...]:
+    frozen = _frozen_batch_norm_type()
+    known: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+    return (*known, frozen) if frozen is not None else known
+
+
+def _known_base(module: nn.Module, bases: tuple[type, ...]) -> type | None:
+    """The first class in the module's MRO that is one of ``bases`` (exact types preferred)."""
+    for cls in type(module).__mro__:
+        if cls in bases:
+            return cls
+    return None
+
+
+def _inherits_behaviour(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
+    """True when a subclass overrides none of the ``methods`` that define its computation."""
+    return all(getattr(type(module), name, None) is getattr(base, name, None) for name in methods)
+
+
+def layer_kind_of_module(module: nn.Module) -> str | None:
+    """The fold kind of a layer module, or None when it is not one (or overrides its forward)."""
+    base = _known_base(module, tuple(LAYER_MODULES))
+    if base is None or not _inherits_behaviour(module, base, ("forward", "_conv_forward")):
+        return None
+    return LAYER_MODULES[base]
+
+
+def is_batch_norm_module(module: nn.Module) -> bool:
+    """Any BatchNorm module, foldable or not (a subclass overriding forward included)."""
+    return isinstance(module, batch_norm_module_types())
+
+
+def batch_norm_module_behaves_as_base(module: nn.Module) -> bool:
+    bases = (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        *batch_norm_module_types(),
+    )
+    base = _known_base(module, bases)
+    return base is not None and _inherits_behaviour(module, base, ("forward",))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Hooks run only on module calls, so a hooked module must stay a module call, untouched."""
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in hook_dicts)
+
+
+def normalized_args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+    """A call node's arguments by name, positional and keyword alike, defaults filled in."""
+    values = dict(defaults)
+    values.update(zip(names, node.args, strict=False))
+    values.update(node.kwargs)
+    return values
+
+
+def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> None:
+    """Set one argument of a call node, wherever it was passed."""
+    index = names.index(name)
+    if name not in node.kwargs and index < len(node.args):
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def fetch_attr(gm: fx.GraphModule, qualname: str) -> Any:
+    value: Any = gm
+    for atom in qualname.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def is_metadata_use(user: fx.Node) -> bool:
+    """True for nodes like ``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``."""
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) >= 2 and user.args[1] in METADATA_ATTRIBUTES
+    return user.op == "call_method" and user.target in METADATA_METHODS
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    return [user for user in node.users if not is_metadata_use(user)]
+
+
+def known_rank(node: fx.Node) -> int | None:
+    """The rank of a node's tensor output, when shape propagation recorded one."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+@dataclass
+class BatchNormCall:
+    """One BatchNorm call site, with its statistics when it is foldable."""
+
+    node: fx.Node
+    name: str  # the report's name: module qualname, or the running_mean qualname
+    module_target: str | None  # set for a module call
+    input: fx.Node | None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    eps: float = 1e-5
+    not_foldable: str | None = None  # why the BN itself can never fold
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.running_mean is None else self.running_mean.numel()
+
+
+@dataclass
+class LayerCall:
+    """A conv, transposed conv or linear call whose weights a BN can fold into."""
+
+    node: fx.Node
+    kind: str  # "conv", "conv_transpose" or "linear"
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+    zero_padded: bool  # does the layer pad its input with zeros?
+    module_target: str | None = None  # set for a module call
+    weight_node: fx.Node | None = None  # set for a functional call
+    bias_node: fx.Node | None = None
+    arg_names: tuple[str, ...] = ()
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[1] * self.groups
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[0]
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def batched_rank(self) -> int:
+        """The rank of a batched input and output: (N, C, *spatial) or (N, features)."""
+        return self.weight.ndim
+
+
+def _constant(gm: fx.GraphModule, value: Any) -> torch.Tensor | None:
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        tensor = fetch_attr(gm, value.target)
+        return tensor if isinstance(tensor, torch.Tensor) else None
+    return None
+
+
+def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+    """The BatchNorm call at ``node``, or None when ``node`` is not one."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not is_batch_norm_module(module):
+            return None
+        call = BatchNormCall(node, node.target, node.target, _first_arg(node))
+        call.not_foldable = _module_batch_norm_problem(module)
+        if call.not_foldable is None:
+            call.running_mean, call.running_var = module.running_mean, module.running_var
+            call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
+        return call
+    if node.op == "call_function" and node.target is F.batch_norm:
+        args = normalized_args(node, BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS)
+        mean_node = args.get("running_mean")
+        name = mean_node.target if _constant(gm, mean_node) is not None else node.name
+        call = BatchNormCall(node, name, None, args.get("input"))
+        call.not_foldable = _functional_batch_norm_problem(gm, args)
+        if call.not_foldable is None:
+            call.running_mean = _constant(gm, args["running_mean"])
+            call.running_var = _constant(gm, args["running_var"])
+            call.weight, call.bias = _constant(gm, args["weight"]), _constant(gm, args["bias"])
+            call.eps = float(args["eps"])
+        return call
+    return None
+
+
+def _first_arg(node: fx.Node) -> fx.Node | None:
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return first if isinstance(first, fx.Node) else None
+
+
+def _module_batch_norm_problem(module: nn.Module) -> str | None:
+    if not batch_norm_module_behaves_as_base(module):
+        return f"{type(module).__name__} overrides forward"
+    if has_hooks(module):
+        return "the BatchNorm module has hooks"
+    frozen = _frozen_batch_norm_type()
+    if module.training and not (frozen is not None and isinstance(module, frozen)):
+        return "the BatchNorm module is in training mode"
+    if module.running_mean is None or module.running_var is None:
+        return "no running statistics (track_running_stats=False)"
+    return None
+
+
+def _functional_batch_norm_problem(gm: fx.GraphModule, args: dict[str, Any]) -> str | None:
+    if args.get("training") is not False:
+        return "F.batch_norm is called with training=True (or a non-constant training flag)"
+    if _constant(gm, args.get("running_mean")) is None:
+        return "F.batch_norm's running_mean is not a constant of the module"
+    if _constant(gm, args.get("running_var")) is None:
+        return "F.batch_norm's running_var is not a constant of the module"
+    for name in ("weight", "bias"):
+        if args.get(name) is not None and _constant(gm, args[name]) is None:
+            return f"F.batch_norm's {name} is not a constant of the module"
+    if not isinstance(args.get("eps"), (int, float)):
+        return "F.batch_norm's eps is not a constant"
+    return None
+
+
+def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
+    """The layer call at ``node``, or a short reason why it is not a foldable layer."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = layer_kind_of_module(module)
+        if kind is None:
+            return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"
+        if has_hooks(module):
+            return f"layer {node.target} has hooks"
+        groups = getattr(module, "groups", 1)
+        zero_padded = kind == "conv" and (
+            module.padding_mode == "zeros"
+            and _pads(module.padding, module.kernel_size, module.dilation)
+        )
+        return LayerCall(
+            node,
+            kind,
+            module.weight,
+            module.bias,
+            groups,
+            zero_padded,
+            module_target=node.target,
+        )
+    if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+        kind, names = FUNCTIONAL_LAYERS[node.target]
+        args = normalized_args(node, names, FUNCTIONAL_DEFAULTS)
+        weight = _constant(gm, args.get("weight"))
+        if weight is None:
+            return f"{node.name}'s weight is not a constant of the module"
+        bias_node = args.get("bias")
+        bias = _constant(gm, bias_node)
+        if bias_node is not None and bias is None:
+            return f"{node.name}'s bias is not a constant of the module"
+        groups = args.get("groups", 1)
+        if not isinstance(groups, int):
+            return f"{node.name}'s groups is not a constant"
+        padding = args.get("padding", 0)
+        if isinstance(padding, fx.Node):
+            zero_padded = True
+        else:
+            kernel = tuple(weight.shape[2:])
+            zero_padded = kind == "conv" and _pads(padding, kernel, args.get("dilation", 1))
+        return LayerCall(
+            node,
+            kind,
+            weight,
+            bias,
+            groups,
+            zero_padded,
+            weight_node=args["weight"],
+            bias_node=bias_node,
+            arg_names=names,
+        )
+    return f"{node.name} is not a conv or linear layer"
+
+
+def _pads(padding: Any, kernel_size: Any, dilation: Any) -> bool:
+    """Does a conv with this padding add any border at all?"""
+    if padding == "valid":
+        return False
+    if padding == "same":
+        kernel = _as_tuple(kernel_size)
+        dilations = _as_tuple(dilation, len(kernel))
+        return any(d * (k - 1) > 0 for k, d in zip(kernel, dilations, strict=True))
+    return any(p != 0 for p in _as_tuple(padding))
+
+
+def _as_tuple(value: Any, length: int = 1) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,) * length
