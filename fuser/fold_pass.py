@@ -33,6 +33,7 @@ from .patterns import (
     describe_layer,
     fetch_attr,
     known_rank,
+    label,
     normalized_args,
     set_arg,
     value_users,
@@ -130,7 +131,7 @@ class _FoldPass:
         layer = describe_layer(self.gm, producer)
         if isinstance(layer, str):
             raise _Left(f"its input is not a conv/linear output ({layer})")
-        others = [user.name for user in value_users(producer) if user is not call.node]
+        others = [label(user) for user in value_users(producer) if user is not call.node]
         if others:
             raise _Left(f"the layer's output is also read by {', '.join(others)}")
         if layer.out_channels != call.channels:
@@ -155,10 +156,10 @@ class _FoldPass:
         if layer.kind not in INPUT_SIDE_LAYERS:
             raise _Left("a transposed convolution takes no input-side fold")
         if not self._reads_only_as_input(layer, call.node):
-            raise _Left(f"{consumer.name} reads it other than as its input")
+            raise _Left(f"{label(consumer)} reads it other than as its input")
         if layer.zero_padded:
             raise _Left(
-                f"{consumer.name} zero-pads its input (the padding would not be normalised)"
+                f"{label(consumer)} zero-pads its input (the padding would not be normalised)"
             )
         if layer.in_channels != call.channels:
             raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")

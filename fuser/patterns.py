@@ -308,14 +308,14 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
         args = normalized_args(node, names, FUNCTIONAL_DEFAULTS)
         weight = _constant(gm, args.get("weight"))
         if weight is None:
-            return f"{node.name}'s weight is not a constant of the module"
+            return f"{label(node)}'s weight is not a constant of the module"
         bias_node = args.get("bias")
         bias = _constant(gm, bias_node)
         if bias_node is not None and bias is None:
-            return f"{node.name}'s bias is not a constant of the module"
+            return f"{label(node)}'s bias is not a constant of the module"
         groups = args.get("groups", 1)
         if not isinstance(groups, int):
-            return f"{node.name}'s groups is not a constant"
+            return f"{label(node)}'s groups is not a constant"
         padding = args.get("padding", 0)
         if isinstance(padding, fx.Node):
             zero_padded = True
@@ -333,7 +333,16 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
             bias_node=bias_node,
             arg_names=names,
         )
-    return f"{node.name} is not a conv or linear layer"
+    return f"{label(node)} is not a conv or linear layer"
+
+
+def label(node: fx.Node) -> str:
+    """How to name a node to a person: a module call by its module's qualified name."""
+    if node.op == "call_module":
+        return node.target
+    if node.op == "placeholder":
+        return f"the input {node.name}"
+    return node.name
 
 
 def _pads(padding: Any, kernel_size: Any, dilation: Any) -> bool:
