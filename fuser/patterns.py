@@ -342,6 +342,8 @@ def label(node: fx.Node) -> str:
         return node.target
     if node.op == "placeholder":
         return f"the input {node.name}"
+    if node.op == "output":
+        return "the model's output"
     return node.name
 
 
