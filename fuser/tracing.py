@@ -8,6 +8,8 @@ the smallest untraceable submodules become opaque leaves so that the rest of the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -42,8 +44,39 @@ class FoldTracer(fx.Tracer):
 
 def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) -> fx.GraphModule:
     tracer = FoldTracer(opaque)
-    graph = tracer.trace(module)
+    with _attributes_restored(module):
+        graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _attributes_restored(module: nn.Module) -> Iterator[None]:
+    """Undo what running ``forward`` on proxies did to the modules' attributes.
+
+    Tracing runs user code, and user code caches things: torchvision's ``MultiScaleRoIAlign``
+    stores its scales on first call, so a trace (even a failed one) leaves proxies behind that
+    break the next real call. Every module's attributes are put back as they were.
+    """
+    saved = [
+        (
+            m,
+            dict(m.__dict__),
+            [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None],
+        )
+        for m in module.modules()
+    ]
+    try:
+        yield
+    finally:
+        for m, attributes, inner in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for original, contents in inner:
+                original.clear()
+                original.update(contents)
 
 
 def _try_trace(module: nn.Module, opaque: set[int]) -> fx.GraphModule | str:
