@@ -14,10 +14,15 @@ from torch import fx, nn
 
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
+from .graph_edit import set_attr
 from .patterns import has_hooks
 from .report import FusionReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
-from .tracing import is_foldable_layer_or_batch_norm, is_leaf, trace_with_opaque_submodules
+from .tracing import (
+    is_foldable_layer_or_batch_norm,
+    is_library_leaf,
+    trace_with_opaque_submodules,
+)
 
 
 def fuse(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
@@ -91,6 +96,7 @@ class _Fuser:
         self.report.sites.extend(fold_batch_norms(gm, path))
         if leaves_to_enter:
             self._fuse_inside_leaves(gm, path, outcome.opaque)
+        _carry_over(module, gm)
         return gm
 
     def fuse_children(self, module: nn.Module, path: str) -> None:
@@ -99,25 +105,34 @@ class _Fuser:
             child_path = f"{path}.{name}" if path else name
             if is_foldable_layer_or_batch_norm(child):
                 continue
-            if has_hooks(child) or is_leaf(child):
+            if is_library_leaf(child):  # torch.nn's own modules and containers: look inside
                 self.fuse_children(child, child_path)
                 continue
             fused = self.fuse_module(child, child_path)
             if fused is not child:
-                _keep_plain_attributes(child, fused)
                 setattr(module, name, fused)
 
     def _fuse_inside_leaves(self, gm: fx.GraphModule, path: str, opaque: set[int]) -> None:
-        """Opaque and hooked modules stay single calls; what is inside them is still fused."""
+        """Opaque and hooked modules stay single calls in ``gm``; they are fused on their own.
+
+        A hooked module is traced and folded by itself and keeps its hooks; an opaque one cannot
+        be traced, so its children are fused instead.
+        """
         done: set[int] = set()
         for node in gm.graph.nodes:
             if node.op != "call_module":
                 continue
             module = gm.get_submodule(node.target)
-            inside = id(module) in opaque or has_hooks(module)
-            if inside and id(module) not in done and not is_foldable_layer_or_batch_norm(module):
-                done.add(id(module))
-                self.fuse_children(module, f"{path}.{node.target}" if path else node.target)
+            if id(module) in done or is_foldable_layer_or_batch_norm(module):
+                continue
+            done.add(id(module))
+            module_path = f"{path}.{node.target}" if path else node.target
+            if id(module) in opaque:
+                self.fuse_children(module, module_path)
+            elif has_hooks(module) and not is_library_leaf(module):
+                fused = self.fuse_module(module, module_path)
+                if fused is not module:
+                    set_attr(gm, node.target, fused)
 
     def _record_inputs(self, module: nn.Module) -> None:
         """Record every submodule's inputs once, by running the model on its example inputs."""
@@ -137,8 +152,15 @@ class _Fuser:
                 raise
 
 
-def _keep_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
-    """Carry plain public attributes (``out_channels`` and the like) over to the fused module."""
+def _carry_over(original: nn.Module, fused: nn.Module) -> None:
+    """Give the fused module what tracing does not keep: hooks and plain attributes.
+
+    Hooks run only on module calls, so a traced module loses its own; they are moved to the
+    fused module (the same hook dicts, so their handles still remove them). Plain public
+    attributes (``out_channels`` and the like) are copied for code that reads them.
+    """
     for name, value in vars(original).items():
-        if not name.startswith("_") and not hasattr(fused, name):
+        is_hook_dict = name.startswith(("_forward", "_backward")) and "hooks" in name
+        is_new_plain_attribute = not name.startswith("_") and not hasattr(fused, name)
+        if is_hook_dict or is_new_plain_attribute:
             setattr(fused, name, value)

@@ -18,16 +18,19 @@ from .patterns import fetch_attr
 
 
 def referenced_objects(gm: fx.GraphModule, node: fx.Node) -> list[object]:
-    """The modules and tensors a node reads: a called module with everything inside it."""
-    if node.op == "call_module":
-        target = gm.get_submodule(node.target)
-    elif node.op == "get_attr":
-        target = fetch_attr(gm, node.target)
-    else:
+    """The modules and tensors a node reads.
+
+    A called module counts with everything inside it; an attribute read counts with the modules on
+    its path, since ``get_attr("bn.weight")`` needs the module ``bn`` to stay where it is.
+    """
+    if node.op not in ("call_module", "get_attr"):
         return []
+    atoms = node.target.split(".")
+    owners = [gm.get_submodule(".".join(atoms[:i])) for i in range(1, len(atoms))]
+    target = fetch_attr(gm, node.target)
     if isinstance(target, nn.Module):
-        return module_objects(target)
-    return [target]
+        return [*owners, *module_objects(target)]
+    return [*owners, target]
 
 
 def module_objects(module: nn.Module) -> list[object]:

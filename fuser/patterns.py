@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 # Layer modules by the kind of fold math they take.
 LAYER_MODULES: dict[type[nn.Module], str] = {
@@ -289,6 +290,8 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
             return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"
         if has_hooks(module):
             return f"layer {node.target} has hooks"
+        if parametrize.is_parametrized(module):
+            return f"layer {node.target}'s parameters are parametrized (torch.nn.utils.parametrize)"
         groups = getattr(module, "groups", 1)
         zero_padded = kind == "conv" and (
             module.padding_mode == "zeros"

@@ -87,6 +87,11 @@ def _try_trace(module: nn.Module, opaque: set[int]) -> fx.GraphModule | str:
         return _describe(error)
 
 
+def is_library_leaf(module: nn.Module) -> bool:
+    """torch.nn's own modules (and containers), which FX keeps as calls and never looks inside."""
+    return fx.Tracer().is_leaf_module(module, "")
+
+
 def is_leaf(module: nn.Module) -> bool:
     """Would the tracer keep this module as a single call even if it could trace it?"""
     return FoldTracer().is_leaf_module(module, "")
