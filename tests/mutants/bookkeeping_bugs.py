@@ -1,0 +1,110 @@
+"""Mutants in the bookkeeping: the folds are right, but what the fuser hands back is not.
+
+The returned model, the caller's model and the report are all part of the contract: a fuser that
+edits the caller's model, leaves dead BatchNorm calls in the graph, or reports sites wrongly is
+broken even when some output is numerically right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from unittest import mock
+
+from torch import fx, nn
+
+from fuser.fold_pass import _FoldPass, fold_batch_norms
+from fuser.patterns import BatchNormCall
+from fuser.report import OUTPUT_SIDE, SiteReport
+
+from ._patching import fuse_patched
+
+__all__ = [
+    "dead_batch_norm_left_in_graph",
+    "input_model_mutated",
+    "recompile_forgotten",
+    "report_call_index_always_zero",
+    "report_input_side_as_output_side",
+    "report_path_prefix_dropped",
+]
+
+
+def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: the caller's model is traced and folded without a deep copy; ``fx.GraphModule`` shares
+    the caller's submodules, so the caller's convs get the folded weights (and the caller's model,
+    still running its BNs, now applies every folded BN twice). Caught by: the input model is
+    untouched.
+    """
+    patches = {"fuser.fuse.copy": types.SimpleNamespace(deepcopy=lambda module: module)}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def dead_batch_norm_left_in_graph(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug (completeness): a folded BN's users are rerouted to the layer output
+    (``replace_all_uses_with``) but the BN node is never erased, so the BN still runs on every
+    forward (its result unused) while the report says folded. Output values are right. Caught by:
+    the completeness properties (a BatchNorm call is left for a foldable site).
+    """
+
+    def reroute_only(self: _FoldPass, call: BatchNormCall, replacement: fx.Node) -> None:
+        call.node.replace_all_uses_with(replacement)
+
+    patches = {"fuser.fold_pass._FoldPass._remove_batch_norm": reroute_only}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def recompile_forgotten(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: the graph is edited but ``gm.recompile()`` is never called, so the GraphModule keeps its
+    old generated ``forward``, which still calls the deleted BN modules (or, where a BN survived,
+    applies it on top of already-folded weights). Caught by: fused output matches the original
+    (the fused model raises or is wrong).
+    """
+
+    def fold_without_recompile(gm: fx.GraphModule, path: str = ""):
+        with mock.patch.object(fx.GraphModule, "recompile", lambda self: None):
+            return fold_batch_norms(gm, path)
+
+    return fuse_patched(
+        model, example_inputs, {"fuser.fuse.fold_batch_norms": fold_without_recompile}
+    )
+
+
+def report_input_side_as_output_side(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug (report): every fold is reported as an output-side fold (a copy-pasted side constant).
+    The fused model is right. Caught by: the report agrees with the oracle (side of each fold).
+    """
+    return fuse_patched(model, example_inputs, {"fuser.fold_pass.INPUT_SIDE": OUTPUT_SIDE})
+
+
+def report_call_index_always_zero(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug (report): sites are numbered per graph node rather than per BN, so a BN module called
+    twice reports two sites both named ``(bn, call_index=0)`` and its second call cannot be looked
+    up. The fused model is right. Needs a BN called at two sites. Caught by: the report agrees with
+    the oracle.
+    """
+    reports = _FoldPass._reports
+
+    def numbered_per_node(self: _FoldPass, calls, outcomes) -> list[SiteReport]:
+        return [dataclasses.replace(site, call_index=0) for site in reports(self, calls, outcomes)]
+
+    patches = {"fuser.fold_pass._FoldPass._reports": numbered_per_node}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def report_path_prefix_dropped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug (report): sites inside a submodule fused on its own (the children of an untraceable or
+    hooked module) are named relative to that submodule (``bn1``) instead of the caller's model
+    (``layer1.0.bn1``). The fused model is right. Needs BNs inside a module the fuser must enter
+    separately. Caught by: the report agrees with the oracle (site names).
+    """
+
+    def fold_unqualified(gm: fx.GraphModule, path: str = ""):
+        return fold_batch_norms(gm, "")
+
+    return fuse_patched(model, example_inputs, {"fuser.fuse.fold_batch_norms": fold_unqualified})

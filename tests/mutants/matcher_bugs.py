@@ -1,0 +1,327 @@
+"""Mutants in the matcher: the real fuser folding a site it must leave, or leaving one it must fold.
+
+Folding a site that must stay is a soundness bug (the output changes: caught by "fused output
+matches the original"); leaving a foldable site is a completeness bug (the output is right, but a
+BatchNorm the README promises to remove is still there and the report disagrees with the oracle:
+caught by the completeness properties).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from unittest import mock
+
+import torch
+from torch import fx, nn
+
+from fuser.fold_math import fold_into_input, fold_into_output
+from fuser.fold_pass import _FoldPass, _Left
+from fuser.patterns import (
+    BatchNormCall,
+    LayerCall,
+    batch_norm_module_behaves_as_base,
+    describe_batch_norm,
+    describe_layer,
+    has_hooks,
+    is_batch_norm_module,
+    known_rank,
+    label,
+    value_users,
+)
+
+from ._patching import fuse_patched
+
+__all__ = [
+    "bn_hooks_ignored",
+    "bn_subclass_matched_by_isinstance",
+    "functional_bn_not_recognised",
+    "functional_training_bn_folded",
+    "input_side_into_transposed_conv",
+    "input_side_through_zero_padding",
+    "input_side_with_several_users",
+    "layer_hooks_ignored",
+    "linear_rank_unchecked",
+    "metadata_users_block_folds",
+    "missing_running_stats_taken_as_identity",
+    "other_users_of_layer_output_ignored",
+    "training_mode_bn_folded",
+]
+
+
+# --- rule 2: the output side ------------------------------------------------------------------
+
+
+class _FoldPassIgnoringOtherReaders(_FoldPass):
+    def _fold_output_side(self, call: BatchNormCall) -> str:
+        """``_FoldPass._fold_output_side`` without the "layer output read elsewhere" check."""
+        producer = call.input
+        if producer is None:
+            raise _Left("its input is not a graph value")
+        layer = describe_layer(self.gm, producer)
+        if isinstance(layer, str):
+            raise _Left(f"its input is not a conv/linear output ({layer})")
+        if layer.out_channels != call.channels:
+            raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
+        self._check_rank(layer, producer)
+        scale, shift = self._scale_shift(call)
+        weight, bias = fold_into_output(
+            layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
+        )
+        into = self._write_layer(layer, weight, bias)
+        self._remove_batch_norm(call, replacement=producer)
+        return into
+
+
+def other_users_of_layer_output_ignored(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: a BN is folded into the layer before it even when that layer's output is also read
+    elsewhere (a residual add, a concat): the other reader now sees BN-scaled values. Needs value
+    taps on layer outputs, or a layer read twice. Caught by: fused output matches the original.
+    """
+    patches = {"fuser.fold_pass._FoldPass": _FoldPassIgnoringOtherReaders}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def metadata_users_block_folds(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug (completeness): every user of a node counts as a reader of its values, so a shape
+    assert (``torch._assert(x.ndim == 4)``, ``x.shape[1]``, as in timm) on a conv output blocks
+    the fold. Sound but incomplete. Needs metadata-only taps. Caught by: the completeness
+    properties (a foldable BN is left; the report disagrees with the oracle).
+    """
+
+    def every_user(node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+    return fuse_patched(model, example_inputs, {"fuser.fold_pass.value_users": every_user})
+
+
+def linear_rank_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: a Linear is assumed to run on ``(N, features)``, so a BN after a Linear on a 3-D input
+    ``(N, C, L)`` is folded per output feature while it normalises dimension 1. Needs Linear
+    layers on 3-D inputs whose out_features equal the BN's channels. Caught by: fused output
+    matches the original.
+    """
+
+    def check_convolution_rank_only(layer: LayerCall, value: fx.Node) -> None:
+        rank = known_rank(value)
+        if layer.kind != "linear" and rank is not None and rank != layer.batched_rank:
+            raise _Left(f"the convolution runs unbatched ({rank}-D), so channels are not dim 1")
+
+    patches = {"fuser.fold_pass._FoldPass._check_rank": staticmethod(check_convolution_rank_only)}
+    return fuse_patched(model, example_inputs, patches)
+
+
+# --- rule 3: the input side -------------------------------------------------------------------
+
+
+def input_side_through_zero_padding(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: ``BN -> conv`` is folded on the input side even when the conv zero-pads its input: the
+    padded border sees 0, not ``shift``, so border outputs get a bias they should not. Needs a BN
+    before a zero-padded conv. Caught by: fused output matches the original.
+    """
+
+    def describe_without_padding_check(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
+        layer = describe_layer(gm, node)
+        return layer if isinstance(layer, str) else dataclasses.replace(layer, zero_padded=False)
+
+    patches = {"fuser.fold_pass.describe_layer": describe_without_padding_check}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def _fold_into_input_or_transposed(weight, bias, scale, shift, *, layer, groups=1):
+    """Input-side fold extended to transposed convs: weight ``(in, out / groups, *kernel)`` is
+    scaled per input channel (dim 0); each output channel's bias gains the sum of its taps times
+    the shift of their input channels. Exact only where every output position sees every tap."""
+    if layer != "conv_transpose":
+        return fold_into_input(weight, bias, scale, shift, layer=layer, groups=groups)
+    w = weight.detach().double()
+    in_channels, out_per_group = w.shape[0], w.shape[1]
+    kernel = [1] * (w.ndim - 1)
+    taps = (w * shift.reshape(-1, *kernel)).sum(dim=tuple(range(2, w.ndim)))  # (in, out/groups)
+    per_output = taps.reshape(groups, in_channels // groups, out_per_group).sum(dim=1).flatten()
+    b = w.new_zeros(per_output.shape) if bias is None else bias.detach().double()
+    return w * scale.reshape(-1, *kernel), b + per_output
+
+
+def input_side_into_transposed_conv(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: ``BN -> ConvTranspose`` is folded on the input side. The weight part is exact, but the
+    bias part is not: border outputs (and, with stride > 1, whole phases of outputs) see fewer
+    than all kernel taps, so the folded shift is not uniform over positions (README rule 3).
+    Needs a BN before a transposed conv. Caught by: fused output matches the original.
+    """
+    patches = {
+        "fuser.fold_pass.INPUT_SIDE_LAYERS": ("conv", "conv_transpose", "linear"),
+        "fuser.fold_pass.fold_into_input": _fold_into_input_or_transposed,
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+class _FoldPassTakingFirstReader(_FoldPass):
+    def _fold_input_side(self, call: BatchNormCall) -> str:
+        """``_FoldPass._fold_input_side`` folding into the first value reader, not the only one."""
+        users = value_users(call.node)
+        if not users:
+            raise _Left("its output has no value users")
+        consumer = users[0]
+        layer = describe_layer(self.gm, consumer)
+        if isinstance(layer, str):
+            raise _Left(f"its output does not feed a conv/linear ({layer})")
+        if layer.kind not in ("conv", "linear"):
+            raise _Left("a transposed convolution takes no input-side fold")
+        if not self._reads_only_as_input(layer, call.node):
+            raise _Left(f"{label(consumer)} reads it other than as its input")
+        if layer.zero_padded:
+            raise _Left(f"{label(consumer)} zero-pads its input")
+        if layer.in_channels != call.channels:
+            raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")
+        self._check_rank(layer, call.node)
+        scale, shift = self._scale_shift(call)
+        weight, bias = fold_into_input(
+            layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
+        )
+        into = self._write_layer(layer, weight, bias)
+        self._remove_batch_norm(call, replacement=call.input)
+        return into
+
+
+def input_side_with_several_users(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: on the input side the BN folds into its first reader without checking it is the only
+    reader; every other reader then sees the un-normalised input. Needs a BN whose output is read
+    by a layer and by something else (a layer called twice on it, a residual). Caught by: fused
+    output matches the original.
+    """
+    patches = {"fuser.fold_pass._FoldPass": _FoldPassTakingFirstReader}
+    return fuse_patched(model, example_inputs, patches)
+
+
+# --- rule 1: what is a foldable BatchNorm -----------------------------------------------------
+
+
+def _module_problem(*, check_training: bool = True, check_hooks: bool = True):
+    """``patterns._module_batch_norm_problem`` with one of its checks optionally left out."""
+
+    def problem(module: nn.Module) -> str | None:
+        if not batch_norm_module_behaves_as_base(module):
+            return f"{type(module).__name__} overrides forward"
+        if check_hooks and has_hooks(module):
+            return "the BatchNorm module has hooks"
+        if check_training and module.training:
+            return "the BatchNorm module is in training mode"
+        if module.running_mean is None or module.running_var is None:
+            return "no running statistics (track_running_stats=False)"
+        return None
+
+    return problem
+
+
+def training_mode_bn_folded(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: only the top-level ``model.training`` is checked; a BN submodule left in training mode
+    (it normalises with batch statistics) is folded with its running statistics. Needs a
+    training-mode BN inside an eval-mode model. Caught by: fused output matches the original.
+    """
+    patches = {"fuser.patterns._module_batch_norm_problem": _module_problem(check_training=False)}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def functional_training_bn_folded(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: ``F.batch_norm(..., training=True)`` on registered running statistics is folded as if it
+    were an eval-mode call (the ``training`` argument is never read). Needs functional BNs with
+    ``training=True``. Caught by: fused output matches the original.
+    """
+    from fuser.patterns import _functional_batch_norm_problem
+
+    def problem_ignoring_training(gm: fx.GraphModule, args: dict) -> str | None:
+        return _functional_batch_norm_problem(gm, {**args, "training": False})
+
+    patches = {"fuser.patterns._functional_batch_norm_problem": problem_ignoring_training}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def bn_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: a BN module with a forward hook or forward pre-hook is folded; the BN call disappears
+    and its hooks (which change values) never run. Needs hooked BNs. Caught by: fused output
+    matches the original.
+    """
+    patches = {"fuser.patterns._module_batch_norm_problem": _module_problem(check_hooks=False)}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def layer_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: a conv/linear module with a forward hook takes a fold; its hook now sees (and adds to)
+    BN-scaled values, ``hook(s * conv(x) + t)`` instead of ``s * hook(conv(x)) + t``. Needs hooked
+    layers next to a BN. Caught by: fused output matches the original.
+    """
+
+    def describe_ignoring_hooks(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
+        with mock.patch("fuser.patterns.has_hooks", return_value=False):
+            return describe_layer(gm, node)
+
+    patches = {"fuser.fold_pass.describe_layer": describe_ignoring_hooks}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def missing_running_stats_taken_as_identity(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: a BN without running statistics (``track_running_stats=False``, so it normalises with
+    batch statistics even in eval mode) is folded with PyTorch's initial statistics, mean 0 and
+    variance 1 (``running_mean if running_mean is not None else zeros``). Needs BNs with
+    ``track_running_stats=False``. Caught by: fused output matches the original.
+    """
+    problem = _module_problem()
+
+    def problem_without_stats_check(module: nn.Module) -> str | None:
+        reason = problem(module)
+        return None if reason is not None and reason.startswith("no running statistics") else reason
+
+    def describe_with_default_stats(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+        with mock.patch("fuser.patterns._module_batch_norm_problem", problem_without_stats_check):
+            call = describe_batch_norm(gm, node)
+        if call is not None and call.not_foldable is None and call.running_mean is None:
+            module = gm.get_submodule(call.module_target)
+            call.running_mean = torch.zeros(module.num_features)
+            call.running_var = torch.ones(module.num_features)
+        return call
+
+    patches = {"fuser.fold_pass.describe_batch_norm": describe_with_default_stats}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def bn_subclass_matched_by_isinstance(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: BatchNorms are matched with ``isinstance``, so a subclass that overrides ``forward``
+    (timm's ``BatchNormAct2d`` adds an activation; others add a constant) is folded as a plain BN
+    and whatever its ``forward`` adds is lost. Needs BN subclasses overriding forward. Caught by:
+    fused output matches the original.
+    """
+    patches = {
+        "fuser.patterns.batch_norm_module_behaves_as_base": is_batch_norm_module,
+        "fuser.tracing.batch_norm_module_behaves_as_base": is_batch_norm_module,
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def functional_bn_not_recognised(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug (completeness): only BN modules are matched; ``F.batch_norm`` calls (on registered
+    statistics, or inside a traced BN subclass like timm's ``BatchNormAct2d``) are never folded,
+    nor reported. Sound but incomplete. Needs functional BNs. Caught by: the completeness
+    properties.
+    """
+
+    def describe_modules_only(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+        return describe_batch_norm(gm, node) if node.op == "call_module" else None
+
+    patches = {"fuser.fold_pass.describe_batch_norm": describe_modules_only}
+    return fuse_patched(model, example_inputs, patches)

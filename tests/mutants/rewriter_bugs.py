@@ -1,0 +1,197 @@
+"""Mutants in the rewriter: the right site, the right numbers, written to the wrong place.
+
+These are the bugs of editing a shared, live object graph: writing into a module other call sites
+still run, reading weights from a table made before the edits, losing a dtype on the way back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fuser.fold_pass import _FoldPass, _Left
+from fuser.graph_edit import set_attr
+from fuser.patterns import BatchNormCall, LayerCall, describe_layer, fetch_attr
+
+from ._patching import fuse_patched
+
+__all__ = [
+    "chain_folds_only_first",
+    "float16_overflow_unchecked",
+    "folded_weights_left_float64",
+    "functional_layer_new_bias_not_passed",
+    "requires_grad_dropped",
+    "shared_module_folded_in_place",
+    "stale_parameter_table",
+    "tied_weight_replaced_in_place",
+]
+
+
+def shared_module_folded_in_place(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: a layer module called at two sites (or whose weight is also read by a functional call)
+    is folded in place, so the other site runs with this site's BN folded in. The fold must go
+    into a copy used by this site only (README rule 5). Needs a layer read twice. Caught by: fused
+    output matches the original.
+    """
+
+    def module_of(self: _FoldPass, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    patches = {"fuser.fold_pass._FoldPass._exclusive_module": module_of}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def tied_weight_replaced_in_place(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: a functional layer's weight attribute is overwritten with the folded weight even when
+    another node (the module that owns the weight) still reads it: tied weights must be copied.
+    Needs ``F.conv*(x, self.conv.weight, ...)`` next to an unfolded call of ``self.conv``. Caught
+    by: fused output matches the original.
+    """
+    replace_constant = _FoldPass._replace_constant
+
+    def replace_in_place(self: _FoldPass, layer: LayerCall, name: str, old_node, value) -> None:
+        if old_node is None:
+            replace_constant(self, layer, name, old_node, value)
+            return
+        old = fetch_attr(self.gm, old_node.target)
+        set_attr(self.gm, old_node.target, value)
+        self.usage.release([old])
+        self.usage.add([value])
+
+    patches = {"fuser.fold_pass._FoldPass._replace_constant": replace_in_place}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def functional_layer_new_bias_not_passed(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> nn.Module:
+    """Bug: a functional layer called with ``bias=None`` gets a folded bias computed, but the call
+    is never given it (only existing constants are replaced), so the BN's shift is lost. Needs
+    ``F.conv*``/``F.linear`` without bias followed by a BN. Caught by: fused output matches the
+    original.
+    """
+    replace_constant = _FoldPass._replace_constant
+
+    def replace_existing_only(self: _FoldPass, layer: LayerCall, name: str, old_node, value):
+        if old_node is not None:
+            replace_constant(self, layer, name, old_node, value)
+
+    patches = {"fuser.fold_pass._FoldPass._replace_constant": replace_existing_only}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def stale_parameter_table(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug (the seed tutorial's chain bug, in this fuser's shape): layer weights are read from
+    ``dict(gm.named_parameters())`` built before the first rewrite, so the second fold into the
+    same layer starts from the original weights and the first fold is lost. Needs two folds into
+    one layer: ``conv -> bn -> bn``, ``bn -> bn -> conv``, or ``bn -> conv -> bn``. Caught by: fused
+    output matches the original.
+    """
+    tables: dict[fx.GraphModule, dict[str, torch.Tensor]] = {}
+
+    def describe_from_table(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
+        table = tables.setdefault(gm, dict(gm.named_parameters()))
+        layer = describe_layer(gm, node)
+        if isinstance(layer, str) or layer.module_target is None:
+            return layer
+        target = layer.module_target
+        layer.weight = table.get(f"{target}.weight", layer.weight)
+        layer.bias = table.get(f"{target}.bias", layer.bias)
+        return layer
+
+    patches = {"fuser.fold_pass.describe_layer": describe_from_table}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def chain_folds_only_first(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug (completeness): a layer that has taken one fold is marked done, as a one-pass
+    ``(conv, bn)`` pattern matcher would, so in ``conv -> bn -> bn`` (or ``bn -> bn -> conv``) only
+    one BN folds; README rule 4 says chains fold fully. Sound but incomplete. Needs BN chains.
+    Caught by: the completeness properties.
+    """
+    fold_output_side = _FoldPass._fold_output_side
+    fold_input_side = _FoldPass._fold_input_side
+    done: set[fx.Node] = set()
+
+    def once(fold, layer_node_of):
+        def fold_once(self: _FoldPass, call: BatchNormCall) -> str:
+            layer_node = layer_node_of(call)
+            if layer_node in done:
+                raise _Left("the layer has already taken a fold")
+            into = fold(self, call)
+            done.add(layer_node)
+            return into
+
+        return fold_once
+
+    def consumer(call: BatchNormCall) -> Any:
+        users = list(call.node.users)
+        return users[0] if users else None
+
+    patches = {
+        "fuser.fold_pass._FoldPass._fold_output_side": once(fold_output_side, lambda c: c.input),
+        "fuser.fold_pass._FoldPass._fold_input_side": once(fold_input_side, consumer),
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def _tensor_like(
+    value: torch.Tensor,
+    like: torch.Tensor | None,
+    reference: torch.Tensor,
+    *,
+    cast: bool = True,
+    requires_grad: bool | None = None,
+) -> torch.Tensor:
+    """``graph_edit.tensor_like`` with the dtype cast or the requires_grad flag optionally lost."""
+    template = like if like is not None else reference
+    result = value.to(dtype=template.dtype if cast else value.dtype, device=template.device)
+    if isinstance(template, nn.Parameter):
+        flag = template.requires_grad if requires_grad is None else requires_grad
+        return nn.Parameter(result, requires_grad=flag)
+    return result
+
+
+def folded_weights_left_float64(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: the folded weights, computed in float64, are never cast back to the layer's dtype, so a
+    float32 model gets float64 parameters (and fails, or silently runs in float64). Needs float32
+    (or float16/bfloat16) models. Caught by: output dtype preserved / fused output matches the
+    original (a dtype mismatch raises in the conv).
+    """
+
+    def keep_float64(value, like, reference):
+        return _tensor_like(value, like, reference, cast=False)
+
+    return fuse_patched(model, example_inputs, {"fuser.fold_pass.tensor_like": keep_float64})
+
+
+def requires_grad_dropped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: folded parameters are created with ``requires_grad=False`` (as ``torch.no_grad()``
+    habits suggest), so fine-tuning the fused model silently freezes every folded layer; the README
+    promises ``requires_grad`` is kept. Caught by: a check that every parameter keeps its
+    ``requires_grad`` (output values are unchanged).
+    """
+
+    def frozen(value, like, reference):
+        return _tensor_like(value, like, reference, requires_grad=False)
+
+    return fuse_patched(model, example_inputs, {"fuser.fold_pass.tensor_like": frozen})
+
+
+def float16_overflow_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Bug: folded weights are cast to float16 without checking they fit (max 65504): a BN with a
+    tiny running variance makes ``weight * gamma / sqrt(var + eps)`` overflow to inf. Needs float16
+    models with small running variances. Caught by: fused output matches the original (inf/nan).
+    """
+
+    def finiteness_only(value: torch.Tensor, dtype: torch.dtype) -> str | None:
+        return None if torch.isfinite(value).all() else "the folded weights are not finite"
+
+    patches = {"fuser.fold_pass.overflow_reason": finiteness_only}
+    return fuse_patched(model, example_inputs, patches)
