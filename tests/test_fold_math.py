@@ -1,0 +1,301 @@
+"""The fold math against a direct float64 formula.
+
+Each test computes BN(layer(x)) or layer(BN(x)) in float64 with plain torch ops, folds the BN into the
+layer's parameters with ``fuser.fold_math``, runs the folded layer in float64, and compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fuser.fold_math import bn_scale_shift, fold_into_input, fold_into_output
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class BatchNormStats:
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def scale_shift(self):
+        return bn_scale_shift(self.running_mean, self.running_var, self.eps, self.weight, self.bias)
+
+    def apply_float64(self, x: torch.Tensor) -> torch.Tensor:
+        """The BN formula itself, in float64, on channel dimension 1."""
+        shape = [1, -1] + [1] * (x.dim() - 2)
+
+        def per_channel(t):
+            return t.to(F64).reshape(shape)
+
+        y = (x - per_channel(self.running_mean)) / torch.sqrt(
+            per_channel(self.running_var) + self.eps
+        )
+        if self.weight is not None:
+            y = y * per_channel(self.weight)
+        if self.bias is not None:
+            y = y + per_channel(self.bias)
+        return y
+
+
+def random_bn(channels: int, *, affine: bool = True, dtype=torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal():
+        return torch.randn(channels, generator=generator).to(dtype)
+
+    log_var = torch.rand(channels, generator=generator) * 3 - 2
+    return BatchNormStats(
+        running_mean=normal(),
+        running_var=(10.0**log_var).to(dtype),
+        eps=1e-3,
+        weight=normal() if affine else None,
+        bias=normal() if affine else None,
+    )
+
+
+def random(*shape, seed: int = 1, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(F64)
+
+
+def assert_close_float64(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == F64, f"folded layer computed in {actual.dtype}, expected float64"
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * max(scale, 1.0))
+
+
+def assert_float64_parameters(weight, bias):
+    assert weight.dtype == F64, f"folded weight is {weight.dtype}, expected float64"
+    assert bias is not None, "a fold always produces a bias"
+    assert bias.dtype == F64, f"folded bias is {bias.dtype}, expected float64"
+
+
+# --- bn_scale_shift ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "weight-and-bias-None"])
+def test_scale_and_shift_reproduce_batch_norm(affine):
+    bn = random_bn(6, affine=affine)
+    x = random(5, 6, dtype=F64)
+    scale, shift = bn.scale_shift()
+    assert scale.dtype == F64 and shift.dtype == F64
+    assert_close_float64(x * scale + shift, bn.apply_float64(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_scale_and_shift_are_float64_whatever_the_statistics_dtype(dtype):
+    bn = random_bn(4, dtype=dtype)
+    scale, shift = bn.scale_shift()
+    assert scale.dtype == F64 and shift.dtype == F64
+    x = random(3, 4, dtype=F64)
+    assert_close_float64(x * scale + shift, bn.apply_float64(x))
+
+
+# --- output side: BN(layer(x)) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    output_padding: int = 0  # transposed convs only
+
+    def input(self, batch: int = 2, size: int = 7):
+        return random(batch, self.in_channels, *([size] * self.dims), dtype=F64)
+
+
+CONV_CASES = {
+    "conv1d": ConvCase(1, 4, 6, padding=1),
+    "conv1d-groups-stride-dilation": ConvCase(1, 4, 6, stride=2, dilation=2, groups=2, padding=2),
+    "conv2d": ConvCase(2, 3, 5, padding=1),
+    "conv2d-depthwise": ConvCase(2, 4, 4, groups=4, stride=2, padding=1),
+    "conv2d-depthwise-multiplier": ConvCase(2, 3, 6, groups=3, dilation=2),
+    "conv3d": ConvCase(3, 2, 3, kernel=2, padding=1),
+    "conv3d-groups-stride": ConvCase(3, 4, 6, groups=2, stride=2),
+}
+
+CONV_TRANSPOSE_CASES = {
+    "conv_transpose1d": ConvCase(1, 4, 6, padding=1),
+    "conv_transpose1d-groups-stride-output_padding": ConvCase(
+        1, 4, 6, groups=2, stride=2, output_padding=1
+    ),
+    "conv_transpose2d": ConvCase(2, 3, 5),
+    "conv_transpose2d-depthwise-stride-dilation": ConvCase(
+        2, 4, 4, groups=4, stride=2, dilation=2, padding=1, output_padding=1
+    ),
+    "conv_transpose2d-groups-3": ConvCase(2, 6, 9, groups=3, stride=3, output_padding=2),
+    "conv_transpose3d": ConvCase(3, 2, 3, kernel=2),
+    "conv_transpose3d-groups-stride-output_padding": ConvCase(
+        3, 4, 6, kernel=2, groups=2, stride=2, output_padding=1
+    ),
+}
+
+# Layer bias and BN weight/bias each may be None; one variant of each is enough to cover both.
+BIAS_VARIANTS = pytest.mark.parametrize(
+    ("has_bias", "affine"),
+    [(True, True), (False, True), (True, False)],
+    ids=["with-biases", "layer-bias-None", "bn-weight-and-bias-None"],
+)
+
+
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+@BIAS_VARIANTS
+def test_folding_after_a_conv_matches_batch_norm_of_the_conv(case, has_bias, affine):
+    conv = CONV[case.dims]
+    weight = random(case.out_channels, case.in_channels // case.groups, *[case.kernel] * case.dims)
+    bias = random(case.out_channels, seed=2) if has_bias else None
+    bn = random_bn(case.out_channels, affine=affine)
+    geometry = dict(
+        stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups
+    )
+    x = case.input()
+
+    expected = bn.apply_float64(conv(x, f64(weight), f64(bias), **geometry))
+    folded_weight, folded_bias = fold_into_output(
+        weight, bias, *bn.scale_shift(), layer="conv", groups=case.groups
+    )
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert folded_weight.shape == weight.shape
+    assert_close_float64(conv(x, folded_weight, folded_bias, **geometry), expected)
+
+
+@pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES.values(), ids=CONV_TRANSPOSE_CASES.keys())
+@BIAS_VARIANTS
+def test_folding_after_a_transposed_conv_matches_batch_norm_of_it(case, has_bias, affine):
+    conv_transpose = CONV_TRANSPOSE[case.dims]
+    weight = random(case.in_channels, case.out_channels // case.groups, *[case.kernel] * case.dims)
+    bias = random(case.out_channels, seed=2) if has_bias else None
+    bn = random_bn(case.out_channels, affine=affine)
+    geometry = dict(
+        stride=case.stride,
+        padding=case.padding,
+        output_padding=case.output_padding,
+        dilation=case.dilation,
+        groups=case.groups,
+    )
+    x = case.input(size=5)
+
+    expected = bn.apply_float64(conv_transpose(x, f64(weight), f64(bias), **geometry))
+    folded_weight, folded_bias = fold_into_output(
+        weight, bias, *bn.scale_shift(), layer="conv_transpose", groups=case.groups
+    )
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert folded_weight.shape == weight.shape
+    assert_close_float64(conv_transpose(x, folded_weight, folded_bias, **geometry), expected)
+
+
+@BIAS_VARIANTS
+def test_folding_after_a_linear_matches_batch_norm_of_the_linear(has_bias, affine):
+    weight = random(7, 5)
+    bias = random(7, seed=2) if has_bias else None
+    bn = random_bn(7, affine=affine)
+    x = random(4, 5, seed=3, dtype=F64)
+
+    expected = bn.apply_float64(F.linear(x, f64(weight), f64(bias)))
+    folded_weight, folded_bias = fold_into_output(weight, bias, *bn.scale_shift(), layer="linear")
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert_close_float64(F.linear(x, folded_weight, folded_bias), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_folding_after_a_conv_is_float64_whatever_the_layer_dtype(dtype):
+    weight, bias = random(3, 2, 3, 3, dtype=dtype), random(3, seed=2, dtype=dtype)
+    bn = random_bn(3, dtype=dtype)
+    x = random(2, 2, 6, 6, seed=3, dtype=F64)
+
+    expected = bn.apply_float64(F.conv2d(x, f64(weight), f64(bias)))
+    folded_weight, folded_bias = fold_into_output(weight, bias, *bn.scale_shift(), layer="conv")
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert_close_float64(F.conv2d(x, folded_weight, folded_bias), expected)
+
+
+# --- input side: layer(BN(x)) --------------------------------------------------------------------
+
+INPUT_SIDE_CASES = {
+    "conv1d": ConvCase(1, 4, 6),
+    "conv1d-groups-stride-dilation": ConvCase(1, 4, 6, stride=2, dilation=2, groups=2),
+    "conv2d": ConvCase(2, 3, 5),
+    "conv2d-depthwise-stride": ConvCase(2, 4, 4, groups=4, stride=2),
+    "conv2d-groups-multiplier": ConvCase(2, 6, 4, groups=2, dilation=2),
+    "conv3d": ConvCase(3, 2, 3, kernel=2),
+    "conv3d-groups": ConvCase(3, 4, 6, groups=2, stride=2),
+}
+PADDING_MODES = ["none", "reflect", "replicate", "circular"]
+
+
+@pytest.mark.parametrize("case", INPUT_SIDE_CASES.values(), ids=INPUT_SIDE_CASES.keys())
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@BIAS_VARIANTS
+def test_folding_before_an_unpadded_conv_matches_the_conv_of_batch_norm(
+    case, padding_mode, has_bias, affine
+):
+    conv = CONV[case.dims]
+    weight = random(case.out_channels, case.in_channels // case.groups, *[case.kernel] * case.dims)
+    bias = random(case.out_channels, seed=2) if has_bias else None
+    bn = random_bn(case.in_channels, affine=affine)
+    geometry = dict(stride=case.stride, dilation=case.dilation, groups=case.groups)
+    x = case.input()
+
+    def pad(t):
+        # Non-zero padding modes commute with a per-channel affine map, so BN folds through them.
+        return t if padding_mode == "none" else F.pad(t, [1] * (2 * case.dims), mode=padding_mode)
+
+    expected = conv(pad(bn.apply_float64(x)), f64(weight), f64(bias), **geometry)
+    folded_weight, folded_bias = fold_into_input(
+        weight, bias, *bn.scale_shift(), layer="conv", groups=case.groups
+    )
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert folded_weight.shape == weight.shape
+    assert_close_float64(conv(pad(x), folded_weight, folded_bias, **geometry), expected)
+
+
+@BIAS_VARIANTS
+def test_folding_before_a_linear_matches_the_linear_of_batch_norm(has_bias, affine):
+    weight = random(7, 5)
+    bias = random(7, seed=2) if has_bias else None
+    bn = random_bn(5, affine=affine)
+    x = random(4, 5, seed=3, dtype=F64)
+
+    expected = F.linear(bn.apply_float64(x), f64(weight), f64(bias))
+    folded_weight, folded_bias = fold_into_input(weight, bias, *bn.scale_shift(), layer="linear")
+
+    assert_float64_parameters(folded_weight, folded_bias)
+    assert folded_weight.shape == weight.shape
+    assert_close_float64(F.linear(x, folded_weight, folded_bias), expected)
+
+
+def test_folding_leaves_its_inputs_untouched():
+    weight, bias = random(6, 2, 3, 3), random(6, seed=2)
+    bn = random_bn(6)
+    scale, shift = bn.scale_shift()
+    before = [t.clone() for t in (weight, bias, scale, shift)]
+
+    fold_into_output(weight, bias, scale, shift, layer="conv", groups=2)
+    fold_into_input(random(4, 3, 1, 1), None, scale[:3], shift[:3], layer="conv")
+
+    for original, now in zip(before, (weight, bias, scale, shift), strict=True):
+        assert torch.equal(original, now), "a fold function modified its input in place"
