@@ -1,0 +1,813 @@
+"""One small hand-written model per rule of the README's foldability definition, and per reason a
+BatchNorm is left. Each test checks the report (folded or left, side, reason) and that the fused
+model computes what the original does (against a float64 reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    assert_equivalent,
+    assert_folded,
+    assert_left,
+    randomise_bn_stats,
+    remaining_batch_norms,
+)
+from torch import nn
+from torchvision.models.video.resnet import Conv3DSimple
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from fuser import fuse_with_report
+from fuser.report import INPUT_SIDE, OUTPUT_SIDE
+
+
+def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics, eval mode."""
+    return randomise_bn_stats(model, seed=seed).eval()
+
+
+def fused_and_checked(model: nn.Module, *inputs: torch.Tensor, example_inputs=None):
+    """Fuse ``model`` and check the fused model against the original; return (fused, report)."""
+    fused, report = fuse_with_report(model, example_inputs=example_inputs)
+    assert_equivalent(model, fused, *inputs)
+    return fused, report
+
+
+class Chain(nn.Module):
+    """``layers`` applied in order, named as given (``Chain(conv=..., bn=...)``)."""
+
+    def __init__(self, **layers: nn.Module):
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+    def forward(self, x):
+        for layer in self.children():
+            x = layer(x)
+        return x
+
+
+def image(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- rule 2: output side, module layers ----------------------------------------------------------
+
+CONV_THEN_BN = {
+    "conv1d": (lambda: Chain(conv=nn.Conv1d(3, 4, 3), bn=nn.BatchNorm1d(4)), (2, 3, 9)),
+    "conv2d": (
+        lambda: Chain(conv=nn.Conv2d(3, 4, 3, padding=1), bn=nn.BatchNorm2d(4)),
+        (2, 3, 7, 7),
+    ),
+    "conv3d": (
+        lambda: Chain(conv=nn.Conv3d(2, 4, 2, bias=False), bn=nn.BatchNorm3d(4)),
+        (2, 2, 4, 4, 4),
+    ),
+    "conv2d-depthwise-reflect": (
+        lambda: Chain(
+            conv=nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect"),
+            bn=nn.BatchNorm2d(4),
+        ),
+        (2, 4, 6, 6),
+    ),
+    "conv_transpose1d": (
+        lambda: Chain(conv=nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), bn=nn.BatchNorm1d(6)),
+        (2, 4, 5),
+    ),
+    "conv_transpose2d-depthwise": (
+        lambda: Chain(
+            conv=nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, output_padding=1, dilation=2),
+            bn=nn.BatchNorm2d(4),
+        ),
+        (2, 4, 5, 5),
+    ),
+    "conv_transpose3d": (
+        lambda: Chain(
+            conv=nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2, bias=False),
+            bn=nn.BatchNorm3d(6),
+        ),
+        (1, 4, 3, 3, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize(("build", "input_shape"), CONV_THEN_BN.values(), ids=CONV_THEN_BN.keys())
+def test_batchnorm_module_after_a_conv_module_folds_into_it_on_the_output_side(build, input_shape):
+    model = prepared(build())
+    fused, report = fused_and_checked(model, image(*input_shape))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_subclass_that_keeps_forward_is_a_batchnorm():
+    class MyBatchNorm(nn.BatchNorm2d):
+        pass
+
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 1), bn=MyBatchNorm(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_frozen_batchnorm_folds():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=FrozenBatchNorm2d(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_sync_batchnorm_folds_in_eval_mode_on_cpu():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.SyncBatchNorm(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_conv3d_subclass_that_keeps_forward_folds_like_torchvision_conv3dsimple():
+    model = prepared(Chain(conv=Conv3DSimple(2, 4), bn=nn.BatchNorm3d(4)))
+    fused, report = fused_and_checked(model, image(1, 2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_conv_subclass_that_overrides_forward_is_not_folded_into():
+    class DoubledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = prepared(Chain(conv=DoubledConv(3, 4, 1), bn=nn.BatchNorm2d(4)))
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert not report.site("bn").folded, report
+
+
+def test_conv_subclass_that_overrides_conv_forward_is_not_folded_into():
+    class ScaledWeightConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight * 3, bias)
+
+    model = prepared(Chain(conv=ScaledWeightConv(3, 4, 1), bn=nn.BatchNorm2d(4)))
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert not report.site("bn").folded, report
+
+
+# --- rule 1 and 2: functional forms --------------------------------------------------------------
+
+
+class FunctionalConvBatchNorm(nn.Module):
+    """F.conv2d then F.batch_norm, all on registered parameters and buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(4))
+        self.register_buffer("bn_mean", torch.randn(4))
+        self.register_buffer("bn_var", torch.rand(4) * 3 + 0.05)
+        self.bn_gamma = nn.Parameter(torch.randn(4))
+        self.bn_beta = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight, self.bias, padding=1)
+        return F.batch_norm(
+            y, self.bn_mean, self.bn_var, self.bn_gamma, self.bn_beta, training=False, eps=1e-3
+        )
+
+
+def test_functional_batch_norm_after_functional_conv_folds():
+    model = FunctionalConvBatchNorm().eval()
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5))
+    assert_folded(report, "bn_mean", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+def test_functional_batch_norm_in_training_mode_is_left():
+    class TrainingFunctionalBatchNorm(FunctionalConvBatchNorm):
+        def forward(self, x):
+            y = F.conv2d(x, self.weight, self.bias)
+            return F.batch_norm(y, self.bn_mean, self.bn_var, training=True, momentum=0.0)
+
+    model = TrainingFunctionalBatchNorm().eval()
+    _, report = fused_and_checked(model, image(4, 3, 5, 5))
+    assert_left(report, "bn_mean", because=("train",))
+
+
+def test_functional_batch_norm_on_computed_statistics_is_left():
+    class ComputedStatistics(FunctionalConvBatchNorm):
+        def forward(self, x):
+            y = F.conv2d(x, self.weight, self.bias)
+            mean = self.bn_mean * x.mean()  # depends on the input: not a constant
+            return F.batch_norm(y, mean, self.bn_var, training=False)
+
+    model = ComputedStatistics().eval()
+    _, report = fused_and_checked(model, image(2, 3, 5, 5))
+    assert len(report.sites) == 1, report
+    assert report.folded == [], report
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, trimmed: a BN subclass whose forward asserts the rank, calls
+    F.batch_norm on its own buffers, then an activation."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            0.0 if self.momentum is None else self.momentum,
+            self.eps,
+        )
+        return self.act(x)
+
+
+def test_conv_module_then_timm_style_functional_batch_norm_folds():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=BatchNormAct2d(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn.running_mean", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+class FunctionalTransposedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.bias = nn.Parameter(torch.randn(6))
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        # positional: stride, padding, output_padding, groups, dilation
+        return self.bn(F.conv_transpose2d(x, self.weight, self.bias, 2, 1, 1, 2, 2))
+
+
+def test_functional_transposed_conv_with_positional_groups_and_dilation_folds():
+    model = prepared(FunctionalTransposedConv())
+    fused, report = fused_and_checked(model, image(2, 4, 5, 5))
+    assert_folded(report, "bn", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4))
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(F.linear(x, self.weight))
+
+
+def test_functional_linear_then_batchnorm1d_folds_on_2d_example_inputs():
+    model = prepared(FunctionalLinear())
+    x = image(3, 4)
+    fused, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_folded(report, "bn", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_before_a_functional_grouped_conv_folds_on_the_input_side():
+    class BatchNormThenFunctionalConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.weight = nn.Parameter(torch.randn(6, 2, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(self.bn(x), self.weight, None, 1, "same", 1, 2)
+
+    model = prepared(BatchNormThenFunctionalConv())
+    fused, report = fused_and_checked(model, image(2, 4, 5, 5))
+    assert_folded(report, "bn", side=INPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+# --- rule 1: what is not a BatchNorm to fold -----------------------------------------------------
+
+
+def test_batchnorm_in_training_mode_is_left():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4), head=nn.Conv2d(4, 2, 1)))
+    model.bn.train()
+    _, report = fused_and_checked(model, image(4, 3, 6, 6))
+    assert_left(report, "bn", because=("train",))
+
+
+def test_batchnorm_without_running_statistics_is_left():
+    model = prepared(
+        Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4, track_running_stats=False))
+    )
+    _, report = fused_and_checked(model, image(4, 3, 6, 6))
+    assert_left(report, "bn", because=("running", "statistic", "stats"))
+
+
+@pytest.mark.parametrize("hook_kind", ["forward_hook", "forward_pre_hook"])
+def test_batchnorm_with_a_hook_is_left_and_the_hook_still_fires(hook_kind):
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)))
+    calls = []
+    if hook_kind == "forward_hook":
+        model.bn.register_forward_hook(lambda module, args, output: calls.append("hook"))
+    else:
+        model.bn.register_forward_pre_hook(lambda module, args: calls.append("hook"))
+
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_left(report, "bn", because=("hook",))
+
+    calls.clear()
+    fused(image(2, 3, 6, 6))
+    assert calls == ["hook"], "the BN's hook did not fire in the fused model"
+
+
+def test_batchnorm_subclass_calling_super_forward_is_left_and_the_rest_still_folds():
+    class LoggingBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x)  # BatchNorm.forward branches on the input's rank
+
+    model = prepared(
+        Chain(
+            conv1=nn.Conv2d(3, 4, 3),
+            bn1=nn.BatchNorm2d(4),
+            conv2=nn.Conv2d(4, 4, 1),
+            odd=LoggingBatchNorm(4),
+            conv3=nn.Conv2d(4, 5, 1),
+            bn3=nn.BatchNorm2d(5),
+        )
+    )
+    _, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn1", side=OUTPUT_SIDE, into="conv1")
+    assert_folded(report, "bn3", side=OUTPUT_SIDE, into="conv3")
+    odd_sites = [site for site in report.sites if site.bn.startswith("odd")]
+    assert not any(site.folded for site in odd_sites), report
+    assert odd_sites or any(u.name == "odd" for u in report.untraced), (
+        f"the report says nothing about the opaque BN subclass 'odd'\n{report}"
+    )
+
+
+# --- rule 2: the layer's other users -------------------------------------------------------------
+
+
+def test_conv_output_read_by_another_op_is_left():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = prepared(Residual())
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_left(report, "bn", because=("user", "used", "read"))
+
+
+def test_conv_output_read_only_for_its_metadata_still_folds():
+    class ShapeChecks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            torch._assert(y.ndim == 4, "expected 4D")
+            torch._assert(y.dim() == 4, "expected 4D")
+            torch._assert(y.numel() > 0, "expected elements")
+            batch, channels = y.shape[0], y.size(1)
+            z = self.bn(y).to(y.dtype).to(y.device)
+            return z.reshape(batch, channels, -1)
+
+    model = prepared(ShapeChecks())
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+# --- rule 2: Linear needs proven 2-D outputs ------------------------------------------------------
+
+
+def linear_then_bn() -> nn.Module:
+    return prepared(Chain(fc=nn.Linear(4, 5), bn=nn.BatchNorm1d(5)))
+
+
+def test_linear_then_batchnorm1d_folds_on_2d_example_inputs():
+    model = linear_then_bn()
+    x = image(3, 4)
+    fused, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="fc")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_linear_then_batchnorm1d_on_3d_example_inputs_is_left():
+    model = linear_then_bn()  # on (N, 5, 4) the BN normalises dim 1, not the Linear's features
+    x = image(3, 5, 4)
+    _, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_left(report, "bn", because=("2-d", "3-d", "rank", "axis"))
+
+
+def test_linear_then_batchnorm1d_without_example_inputs_is_left_for_want_of_them():
+    model = linear_then_bn()
+    _, report = fused_and_checked(model, image(3, 4))
+    assert_left(report, "bn", because=("example input", "example_input"))
+
+
+def test_unbatched_conv1d_then_batchnorm1d_is_left_given_example_inputs():
+    model = prepared(Chain(conv=nn.Conv1d(4, 5, 1), bn=nn.BatchNorm1d(5)))
+    x = image(4, 5)  # unbatched: the conv's (5, 5) output is read by BN1d as (N=5, C=5)
+    _, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert not report.site("bn").folded, report
+
+
+# --- rule 3: input side ---------------------------------------------------------------------------
+
+UNPADDED_CONVS = {
+    "conv1d-stride-dilation-groups": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2),
+        nn.BatchNorm1d,
+        (2, 4, 11),
+    ),
+    "conv2d-padding-0": (lambda: nn.Conv2d(4, 5, 3), nn.BatchNorm2d, (2, 4, 6, 6)),
+    "conv2d-same-1x1": (lambda: nn.Conv2d(4, 5, 1, padding="same"), nn.BatchNorm2d, (2, 4, 5, 5)),
+    "conv2d-valid-depthwise": (
+        lambda: nn.Conv2d(4, 4, 3, padding="valid", groups=4),
+        nn.BatchNorm2d,
+        (2, 4, 6, 6),
+    ),
+    "conv2d-reflect": (
+        lambda: nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect"),
+        nn.BatchNorm2d,
+        (2, 4, 6, 6),
+    ),
+    "conv2d-replicate-groups": (
+        lambda: nn.Conv2d(4, 6, 3, padding=2, padding_mode="replicate", groups=2, stride=2),
+        nn.BatchNorm2d,
+        (2, 4, 7, 7),
+    ),
+    "conv3d-circular": (
+        lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.BatchNorm3d,
+        (1, 2, 4, 4, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("build_conv", "batch_norm", "input_shape"), UNPADDED_CONVS.values(), ids=UNPADDED_CONVS.keys()
+)
+def test_batchnorm_before_a_conv_without_zero_padding_folds_on_the_input_side(
+    build_conv, batch_norm, input_shape
+):
+    model = prepared(Chain(bn=batch_norm(input_shape[1]), conv=build_conv()))
+    fused, report = fused_and_checked(model, image(*input_shape))
+    assert_folded(report, "bn", side=INPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+@pytest.mark.parametrize(
+    "build_conv",
+    [lambda: nn.Conv2d(4, 5, 3, padding=1), lambda: nn.Conv2d(4, 5, 3, padding="same")],
+    ids=["padding-1", "same-3x3"],
+)
+def test_batchnorm_before_a_zero_padded_conv_is_left(build_conv):
+    model = prepared(Chain(bn=nn.BatchNorm2d(4), conv=build_conv()))
+    _, report = fused_and_checked(model, image(2, 4, 5, 5))
+    assert_left(report, "bn", because=("pad",))
+
+
+def test_batchnorm_before_a_transposed_conv_is_left():
+    model = prepared(Chain(bn=nn.BatchNorm2d(4), conv=nn.ConvTranspose2d(4, 3, 3, stride=2)))
+    _, report = fused_and_checked(model, image(2, 4, 5, 5))
+    assert not report.site("bn").folded, report
+
+
+def test_batchnorm_before_a_linear_on_2d_inputs_folds_on_the_input_side():
+    model = prepared(Chain(bn=nn.BatchNorm1d(4), fc=nn.Linear(4, 3)))
+    x = image(5, 4)
+    fused, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_folded(report, "bn", side=INPUT_SIDE, into="fc")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_before_a_linear_without_example_inputs_is_left():
+    model = prepared(Chain(bn=nn.BatchNorm1d(4), fc=nn.Linear(4, 3)))
+    _, report = fused_and_checked(model, image(5, 4))
+    assert_left(report, "bn", because=("example input", "example_input"))
+
+
+def test_output_side_is_preferred_when_both_sides_could_fold():
+    model = prepared(
+        Chain(conv1=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4), conv2=nn.Conv2d(4, 2, 1))
+    )
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv1")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_folds_on_the_input_side_when_the_layer_output_has_other_readers():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.conv2 = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            return self.conv2(self.bn(y)) + y
+
+    model = prepared(Branch())
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=INPUT_SIDE, into="conv2")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_whose_output_is_read_twice_is_left():
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.conv(y) + y
+
+    model = prepared(TwoReaders())
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert not report.site("bn").folded, report
+
+
+# --- rule 4: chains -------------------------------------------------------------------------------
+
+
+def test_conv_bn_bn_chain_folds_both_into_the_conv_on_the_output_side():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn1=nn.BatchNorm2d(4), bn2=nn.BatchNorm2d(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn1", side=OUTPUT_SIDE, into="conv")
+    assert_folded(report, "bn2", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_bn_bn_conv_chain_folds_both_into_the_conv_on_the_input_side():
+    model = prepared(Chain(bn1=nn.BatchNorm2d(3), bn2=nn.BatchNorm2d(3), conv=nn.Conv2d(3, 4, 3)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn1", side=INPUT_SIDE, into="conv")
+    assert_folded(report, "bn2", side=INPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorms_on_both_sides_of_one_conv_both_fold_into_it():
+    model = prepared(Chain(bn1=nn.BatchNorm2d(3), conv=nn.Conv2d(3, 4, 3), bn2=nn.BatchNorm2d(4)))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "bn1", side=INPUT_SIDE, into="conv")
+    assert_folded(report, "bn2", side=OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+# --- rule 5: shared layers are copied, never skipped ----------------------------------------------
+
+
+def test_conv_module_called_twice_folds_each_call_with_its_own_batchnorm():
+    class CalledTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(3)
+            self.bn2 = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            x = self.bn1(self.conv(x))
+            return self.bn2(self.conv(x))
+
+    model = prepared(CalledTwice())
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5))
+    assert report.site("bn1").folded and report.site("bn2").folded, report
+    assert remaining_batch_norms(fused) == []
+
+
+def test_conv_whose_weight_is_also_read_functionally_folds_into_a_copy():
+    class TiedWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            tied = F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+            return self.bn(self.conv(x)) + tied
+
+    model = prepared(TiedWeights())
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5))
+    assert_folded(report, "bn", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+def test_functional_weight_shared_by_two_convs_folds_each_with_its_own_batchnorm():
+    class SharedFunctionalWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 3, 1, 1))
+            self.bn1 = nn.BatchNorm2d(3)
+            self.bn2 = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            a = self.bn1(F.conv2d(x, self.weight))
+            b = self.bn2(F.conv2d(x * 2, self.weight))
+            return a + b
+
+    model = prepared(SharedFunctionalWeight())
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn1", side=OUTPUT_SIDE)
+    assert_folded(report, "bn2", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+def test_two_conv_modules_sharing_one_weight_each_fold_their_own_batchnorm():
+    class TiedConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+            self.conv2, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+            self.conv2.weight = self.conv1.weight
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+    model = prepared(TiedConvs())
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn1", side=OUTPUT_SIDE)
+    assert_folded(report, "bn2", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
+class BatchNormCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 1)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+
+def test_batchnorm_module_called_twice_folds_at_each_call_site():
+    class BothAfterConvs(BatchNormCalledTwice):
+        def forward(self, x):
+            return self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+
+    model = prepared(BothAfterConvs())
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv1", call_index=0)
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv2", call_index=1)
+    assert remaining_batch_norms(fused) == []
+
+
+def test_batchnorm_module_called_twice_folds_one_call_and_keeps_itself_for_the_other():
+    class OneAfterAConv(BatchNormCalledTwice):
+        def forward(self, x):
+            return self.bn(self.conv1(x)) * self.bn(x)
+
+    model = prepared(OneAfterAConv())
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv1", call_index=0)
+    assert not report.site("bn", call_index=1).folded, report
+
+
+def test_batchnorm_whose_weight_is_also_read_elsewhere_folds_and_keeps_that_read_working():
+    class ReadsBatchNormWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.bn.weight.reshape(1, -1, 1, 1)
+
+    model = prepared(ReadsBatchNormWeight())
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+
+
+class Doubled(nn.Module):
+    """A parametrization without a right inverse: the conv's weight cannot be assigned."""
+
+    def forward(self, weight):
+        return weight * 2
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "no-right-inverse"])
+def test_conv_with_a_parametrized_weight_is_folded_correctly_or_left_never_an_error(parametrize):
+    model = Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4))
+    if parametrize == "weight_norm":
+        nn.utils.parametrizations.weight_norm(model.conv)
+    else:
+        nn.utils.parametrize.register_parametrization(model.conv, "weight", Doubled())
+    model = prepared(model)
+
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    site = report.site("bn")
+    assert site.folded or site.reason, report
+
+
+def test_conv_and_batchnorm_inside_a_hooked_container_fold_and_the_hook_still_fires():
+    class HookedBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    model = prepared(HookedBlock())
+    seen = []
+    model.block.register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    x = image(2, 3, 4, 4)
+
+    fused, report = fused_and_checked(model, x)
+    assert_folded(report, "block.1", side=OUTPUT_SIDE)  # neither the conv nor the BN has hooks
+    assert remaining_batch_norms(fused) == []
+
+    seen.clear()
+    fused(x)
+    assert len(seen) == 1, "the container's hook did not fire exactly once in the fused model"
+    torch.testing.assert_close(seen[0], model.block(x))
+
+
+# --- rule 6: never wrong --------------------------------------------------------------------------
+
+
+def test_conv_with_a_forward_hook_is_not_folded_into_and_its_hook_sees_the_unfolded_output():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)))
+    seen = []
+    model.conv.register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    x = image(2, 3, 6, 6)
+
+    fused, report = fused_and_checked(model, x)
+    assert_left(report, "bn", because=("hook",))
+
+    seen.clear()
+    fused(x)
+    expected = F.conv2d(x, model.conv.weight, model.conv.bias)
+    assert len(seen) == 1, "the conv's hook did not fire exactly once in the fused model"
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_fold_that_would_overflow_float16_is_left():
+    model = Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.conv.weight.fill_(1000.0)
+        model.bn.running_var.fill_(1.0)
+        model.bn.weight.fill_(100.0)  # folded weight 1e5 > float16 max 65504
+    model.half()
+    x = image(2, 3, 4, 4).half() * 1e-3
+
+    _, report = fused_and_checked(model, x)
+    assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
+
+
+# --- numerics: what the fused parameters keep -----------------------------------------------------
+
+
+def test_fused_conv_weights_keep_the_channels_last_memory_format():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)))
+    model.to(memory_format=torch.channels_last)
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert report.site("bn").folded, report
+    for name, parameter in fused.named_parameters():
+        if parameter.dim() == 4:
+            assert parameter.is_contiguous(memory_format=torch.channels_last), name
+
+
+def test_fused_parameters_keep_requires_grad():
+    model = prepared(
+        Chain(
+            frozen=nn.Conv2d(3, 4, 3),
+            bn1=nn.BatchNorm2d(4),
+            trainable=nn.Conv2d(4, 5, 1),
+            bn2=nn.BatchNorm2d(5),
+        )
+    )
+    model.frozen.requires_grad_(False)
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert report.site("bn1").folded and report.site("bn2").folded, report
+
+    requires_grad = {name: p.requires_grad for name, p in fused.named_parameters()}
+    frozen = [name for name, flag in requires_grad.items() if not flag]
+    trainable = [name for name, flag in requires_grad.items() if flag]
+    assert sorted(frozen) == ["frozen.bias", "frozen.weight"], requires_grad
+    assert sorted(trainable) == ["trainable.bias", "trainable.weight"], requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_parameters_keep_their_dtype_and_device(dtype):
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))).to(dtype)
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6).to(dtype))
+    assert report.site("bn").folded, report
+    for name, tensor in [*fused.named_parameters(), *fused.named_buffers()]:
+        assert tensor.dtype == dtype, f"{name} is {tensor.dtype}, expected {dtype}"
+        assert tensor.device == model.conv.weight.device, name
