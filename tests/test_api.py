@@ -1,0 +1,304 @@
+"""The public API's promises: errors, the caller's model left alone, what the fused model is and
+what it works with, and fuse time linear in the graph's size."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import (
+    assert_equivalent,
+    randomise_bn_stats,
+    remaining_batch_norms,
+    tutorial_model,
+)
+from torch import nn
+
+from fuser import FuserError, FusionReport, fuse, fuse_with_report
+
+
+def conv_bn_relu(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, 3, padding=1),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(),
+    )
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn_relu(3, 4), conv_bn_relu(4, 4), nn.Conv2d(4, 2, 1))
+    return randomise_bn_stats(model).eval()
+
+
+def image(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("not_a_module", [lambda x: x, "resnet18", None, torch.zeros(2)])
+def test_anything_but_a_module_raises_type_error(not_a_module):
+    with pytest.raises(TypeError):
+        fuse(not_a_module)
+
+
+def test_fuser_error_is_a_value_error():
+    assert issubclass(FuserError, ValueError)
+
+
+def test_model_in_training_mode_raises_fuser_error_asking_for_eval():
+    model = small_net().train()
+    with pytest.raises(FuserError, match=r"\.eval\(\)"):
+        fuse(model)
+
+
+def test_torchscript_module_raises_a_clear_error():
+    scripted = torch.jit.script(small_net())
+    with pytest.raises((TypeError, FuserError), match=r"(?i)script"):
+        fuse(scripted)
+
+
+# --- the caller's model is never modified ---------------------------------------------------------
+
+
+class Everything(nn.Module):
+    """A bit of every rule: plain folds, a conv called twice, a hooked BN, a BN kept in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_relu(3, 4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.hooked = nn.BatchNorm2d(4)
+        self.training_bn = nn.BatchNorm2d(4)
+        self.pre_bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.bn_a(self.shared(x))
+        x = self.hooked(self.bn_b(self.shared(x)))
+        x = self.training_bn(x)
+        return self.head(self.pre_bn(x))
+
+
+def everything() -> Everything:
+    torch.manual_seed(0)
+    model = randomise_bn_stats(Everything()).eval()
+    model.training_bn.train()
+    model.hooked.register_forward_hook(lambda module, args, output: None)
+    model.head.register_forward_pre_hook(lambda module, args: None)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "tensors": {
+            name: (t, t.detach().clone()) for name, t in model.state_dict(keep_vars=True).items()
+        },
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "structure": [(name, type(m)) for name, m in model.named_modules()],
+        "training": {name: m.training for name, m in model.named_modules()},
+        "hooks": {
+            name: (dict(m._forward_hooks), dict(m._forward_pre_hooks))
+            for name, m in model.named_modules()
+        },
+    }
+
+
+@pytest.mark.parametrize("with_example_inputs", [False, True], ids=["traced", "shape-propagated"])
+def test_fusing_never_modifies_the_callers_model(with_example_inputs):
+    model = everything()
+    x = image(2, 3, 6, 6)
+    before = snapshot(model)
+
+    fused = fuse(model, example_inputs=(x,) if with_example_inputs else None)
+    with torch.no_grad():
+        fused(x)  # running the fused model must not touch the original either
+
+    after = snapshot(model)
+    assert after["structure"] == before["structure"]
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (tensor, saved) in before["tensors"].items():
+        now, _ = after["tensors"][name]
+        assert now is tensor, f"{name} was replaced on the caller's model"
+        assert torch.equal(now, saved), f"{name} changed value on the caller's model"
+
+
+# --- what the fused model is ----------------------------------------------------------------------
+
+
+def test_fuse_returns_a_graph_module_equivalent_to_the_original():
+    model = small_net()
+    fused = fuse(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert_equivalent(model, fused, image(2, 3, 6, 6))
+
+
+def test_fuse_with_report_returns_the_model_and_a_report_of_every_site():
+    model = small_net()
+    fused, report = fuse_with_report(model)
+    assert isinstance(report, FusionReport)
+    assert sorted(site.bn for site in report.sites) == ["0.1", "1.1"]
+    assert len(report.folded) == 2
+    assert "2 BatchNorm call sites folded, 0 left" in str(report)
+    assert report.to_dict()["folded"] == 2
+    assert_equivalent(model, fused, image(2, 3, 6, 6))
+
+
+def test_folded_batchnorms_are_deleted_from_the_fused_state_dict():
+    model = small_net()
+    fused = fuse(model)
+    keys = fused.state_dict().keys()
+    leftovers = [key for key in keys if key.startswith(("0.1.", "1.1."))]
+    assert leftovers == [], f"folded BatchNorm entries remain in the state_dict: {leftovers}"
+    assert {"0.0.weight", "0.0.bias", "1.0.weight", "2.weight"} <= set(keys)
+
+
+def test_fusing_a_fused_model_folds_nothing_more_and_stays_equivalent():
+    model = everything()
+    model.training_bn.eval()  # leave only sites that stay left for a reason of their own
+    fused = fuse(model)
+    refused, report = fuse_with_report(fused)
+    assert report.folded == [], f"a second fuse folded more:\n{report}"
+    assert_equivalent(model, refused, image(2, 3, 6, 6))
+
+
+def test_a_forward_hook_on_the_model_itself_still_fires_in_the_fused_model():
+    model = small_net()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append("pre-hook"))
+    model.register_forward_hook(lambda module, args, output: calls.append("hook"))
+
+    fused = fuse(model)
+    calls.clear()
+    fused(image(2, 3, 6, 6))
+    assert calls == ["pre-hook", "hook"], "the model's own hooks do not fire in the fused model"
+
+
+# --- untraceable models ---------------------------------------------------------------------------
+
+
+class DataDependentTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positive = conv_bn_relu(3, 4)
+        self.negative = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.positive(x)
+        return self.negative(x)
+
+
+def test_untraceable_model_fuses_its_children_and_reports_the_untraced_part():
+    torch.manual_seed(0)
+    model = randomise_bn_stats(DataDependentTop()).eval()
+
+    fused, report = fuse_with_report(model)
+
+    assert report.untraced, f"the report does not name the untraced model\n{report}"
+    assert report.site("positive.1").folded, report
+    assert report.site("negative.1").folded, report
+    assert remaining_batch_norms(fused) == []
+    x = image(2, 3, 5, 5)
+    positive, negative = x.abs() + 0.1, -x.abs() - 0.1
+    assert_equivalent(model, fused, positive)
+    assert_equivalent(model, fused, negative)
+
+
+def test_untraceable_child_is_named_and_the_traceable_rest_fuses():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.inner(x) if x.mean() > 0 else -x
+
+    class WithGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn_relu(3, 4)
+            self.gate = Gate()
+            self.head = nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+
+        def forward(self, x):
+            return self.head(self.gate(self.stem(x)))
+
+    torch.manual_seed(0)
+    model = randomise_bn_stats(WithGate()).eval()
+    fused, report = fuse_with_report(model)
+
+    assert "gate" in [module.name for module in report.untraced], report
+    for bn in ("stem.1", "gate.inner.1", "head.1"):
+        assert report.site(bn).folded, report
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, image(2, 3, 5, 5))
+
+
+# --- the fused model works with torch's compilers -------------------------------------------------
+
+
+def test_fused_tutorial_model_works_with_torch_jit_script():
+    model = tutorial_model()
+    scripted = torch.jit.script(fuse(model))
+    assert_equivalent(model, scripted, image(5, 1, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_fused_model_works_with_torch_compile(backend):
+    torch._dynamo.reset()
+    model = small_net()
+    compiled = torch.compile(fuse(model), backend=backend)
+    assert_equivalent(model, compiled, image(2, 3, 6, 6))
+
+
+def test_fused_model_works_with_torch_export():
+    model = small_net()
+    x = image(2, 3, 6, 6)
+    exported = torch.export.export(fuse(model), (x,))
+    assert_equivalent(model, exported.module(), x)
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert not any("batch_norm" in target for target in targets), targets
+
+
+# --- fuse time is linear in the graph's size ------------------------------------------------------
+
+
+def conv_bn_chain(pairs: int) -> nn.Module:
+    layers = []
+    for _ in range(pairs):
+        layers += [nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)]
+    return nn.Sequential(*layers).eval()
+
+
+def seconds_to_fuse(model: nn.Module, pairs: int) -> float:
+    start = time.perf_counter()
+    _, report = fuse_with_report(model)
+    elapsed = time.perf_counter() - start
+    assert len(report.folded) == pairs
+    return elapsed
+
+
+def test_fuse_time_grows_linearly_with_the_graph():
+    small, large = conv_bn_chain(200), conv_bn_chain(1600)
+    small_times, large_times = [], []
+    for _ in range(2):  # interleaved, best of each: robust to a busy machine
+        small_times += [seconds_to_fuse(small, 200) / 200 for _ in range(3)]
+        large_times.append(seconds_to_fuse(large, 1600) / 1600)
+    small_per_pair, large_per_pair = min(small_times), min(large_times)
+    assert large_per_pair <= 3 * small_per_pair, (
+        f"fusing 1600 conv/bn pairs took {large_per_pair * 1e3:.2f} ms per pair, "
+        f"200 pairs {small_per_pair * 1e3:.2f} ms per pair: fuse time grows faster than the graph"
+    )
