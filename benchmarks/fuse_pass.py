@@ -171,11 +171,12 @@ def chain_tables(sizes: Sequence[int], repeats: int, memory: bool, threads: int)
     text = markdown_table(headers, per_pair_rows)
 
     if memory:
-        memory_rows = []
+        memory_rows, methods = [], set()
         for pairs in sizes:
             row = [pairs]
             for fuser in FUSERS:
                 measured = measure_memory_in_subprocess(fuser, pairs, threads)
+                methods.add(measured["method"])
                 row += [
                     f"{measured['rss_delta_kib'] / 1024:.1f}",
                     f"{measured['traced_kib'] / 1024:.1f}",
@@ -184,7 +185,10 @@ def chain_tables(sizes: Sequence[int], repeats: int, memory: bool, threads: int)
         headers = ["conv/BN pairs"]
         for fuser in FUSERS:
             headers += [f"{fuser} peak RSS delta MiB", f"{fuser} tracemalloc peak MiB"]
-        text += "\n\nPeak memory of one call, each in a fresh subprocess:\n\n"
+        text += (
+            "\n\nPeak memory of one call, each in a fresh subprocess (peak RSS from "
+            f"{' and '.join(sorted(methods))}; tracemalloc counts Python allocations only):\n\n"
+        )
         text += markdown_table(headers, memory_rows)
     return text
 
