@@ -170,8 +170,9 @@ def run_model(
         model = build_model(name, size=size, frames=frames, seed=seed).to(device)
     except Exception as error:  # the builder's or the model's own complaint about the input size
         shape = "x".join(str(n) for n in inputs[0].shape)
+        options = "--size or --frames" if family == "video" else "--size"
         raise UsageError(
-            f"{name} cannot run on an input of shape {shape}: {error} (try another --size)"
+            f"{name} cannot run on an input of shape {shape}: {error} (try another {options})"
         ) from error
 
     fused, report = fuse_with_report(model, example_inputs=inputs)

@@ -63,15 +63,10 @@ def supported_models() -> dict[str, list[str]]:
 
 
 def model_family(name: str) -> str:
-    """The family of a model name, or ``UnknownModelError`` saying why it is not accepted.
-
-    The classification namespace is asked last: ``list_models(module=torchvision.models)`` lists only
-    the top-level classification builders, but checking the narrower families first keeps the answer
-    unambiguous should that ever change.
-    """
+    """The family of a model name, or ``UnknownModelError`` saying why it is not accepted."""
     by_family = supported_models()
-    for family in ("video", "segmentation", "classification"):
-        if name in by_family[family]:
+    for family, names in by_family.items():
+        if name in names:
             return family
     for kind, module in UNSUPPORTED_MODULES.items():
         if name in torchvision.models.list_models(module=module):
@@ -167,7 +162,7 @@ def match_batchnorm_statistics(
         x = args[0]
         if module.running_mean is None:
             return
-        mean, std = x.mean().item(), x.std().item()
+        mean, std = x.mean().item(), x.std(correction=0).item()
         channels = module.running_mean.shape
         offset = 0.5 * torch.randn(channels, generator=generator)
         log_factor = torch.empty(channels).uniform_(-1.0, 1.0, generator=generator)
