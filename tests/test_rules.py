@@ -417,6 +417,13 @@ def test_linear_then_batchnorm1d_without_example_inputs_is_left_for_want_of_them
     assert_left(report, "bn", because=("example input", "example_input"))
 
 
+def test_batchnorm_whose_channel_count_differs_from_the_conv_is_left():
+    model = prepared(Chain(conv=nn.Conv1d(4, 5, 1), bn=nn.BatchNorm1d(7)))
+    # unbatched: the conv's (5, 7) output is read by BN1d as (N=5, C=7)
+    _, report = fused_and_checked(model, image(4, 7))
+    assert_left(report, "bn", because=("channel",))
+
+
 def test_unbatched_conv1d_then_batchnorm1d_is_left_given_example_inputs():
     model = prepared(Chain(conv=nn.Conv1d(4, 5, 1), bn=nn.BatchNorm1d(5)))
     x = image(4, 5)  # unbatched: the conv's (5, 5) output is read by BN1d as (N=5, C=5)
@@ -498,6 +505,40 @@ def test_batchnorm_before_a_linear_without_example_inputs_is_left():
     model = prepared(Chain(bn=nn.BatchNorm1d(4), fc=nn.Linear(4, 3)))
     _, report = fused_and_checked(model, image(5, 4))
     assert_left(report, "bn", because=("example input", "example_input"))
+
+
+def test_batchnorm_before_a_linear_on_3d_inputs_is_left():
+    model = prepared(Chain(bn=nn.BatchNorm1d(4), fc=nn.Linear(4, 3)))
+    x = image(5, 4, 4)  # BN normalises dim 1, the Linear mixes the last dim
+    _, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_left(report, "bn", because=("2-d", "3-d", "rank", "axis"))
+
+
+def test_batchnorm_whose_channel_count_differs_from_the_next_conv_is_left():
+    model = prepared(Chain(bn=nn.BatchNorm1d(6), conv=nn.Conv1d(5, 3, 1)))
+    # BN1d reads (5, 6) as (N=5, C=6); the conv reads it unbatched as (C=5, L=6)
+    _, report = fused_and_checked(model, image(5, 6))
+    assert_left(report, "bn", because=("channel",))
+
+
+def test_input_side_fold_stays_right_when_the_batchnorm_input_is_then_changed_in_place():
+    class InPlaceAfterBatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.act = nn.ReLU(inplace=True)
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            y = self.bn(h)
+            h = self.act(h)  # overwrites the BN's input before the conv reads the BN's output
+            return self.conv(y) + h
+
+    model = prepared(InPlaceAfterBatchNorm())
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=INPUT_SIDE, into="conv")
 
 
 def test_output_side_is_preferred_when_both_sides_could_fold():
@@ -757,17 +798,36 @@ def test_conv_with_a_forward_hook_is_not_folded_into_and_its_hook_sees_the_unfol
     torch.testing.assert_close(seen[0], expected)
 
 
-def test_fold_that_would_overflow_float16_is_left():
-    model = Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4)).eval()
+def test_fold_whose_weight_would_overflow_float16_is_left():
+    model = Chain(conv=nn.Conv2d(3, 4, 1, bias=False), bn=nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
         model.conv.weight.fill_(1000.0)
-        model.bn.running_var.fill_(1.0)
         model.bn.weight.fill_(100.0)  # folded weight 1e5 > float16 max 65504
     model.half()
     x = image(2, 3, 4, 4).half() * 1e-3
 
     _, report = fused_and_checked(model, x)
     assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
+
+
+def test_fold_whose_bias_would_overflow_float16_is_left():
+    model = Chain(conv=nn.Conv2d(3, 4, 1, bias=False), bn=nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.conv.weight.fill_(300.0)  # folded weight 3e4 fits float16
+        model.bn.running_mean.fill_(900.0)  # the conv's output is close to the mean ...
+        model.bn.weight.fill_(100.0)  # ... but the folded bias is -9e4 < float16 min
+    model.half()
+    x = (1 + image(2, 3, 4, 4) * 1e-3).half()
+
+    _, report = fused_and_checked(model, x)
+    assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
+
+
+def test_float16_fold_within_range_folds_and_stays_accurate():
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))).half()
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6).half())
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert fused.conv.weight.dtype == torch.float16
 
 
 # --- numerics: what the fused parameters keep -----------------------------------------------------
