@@ -244,6 +244,63 @@ def test_untraceable_child_is_named_and_the_traceable_rest_fuses():
     assert_equivalent(model, fused, image(2, 3, 5, 5))
 
 
+class Untraceable(nn.Module):
+    """A model whose forward branches on data, so FX cannot trace it whole."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.body(x)
+
+
+def test_untraceable_model_that_iterates_a_sequential_child_still_runs_the_same():
+    class IteratesChild(Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.features = conv_bn_relu(3, 4)
+
+        def body(self, x):
+            for layer in self.features:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model = randomise_bn_stats(IteratesChild()).eval()
+    assert_equivalent(model, fuse(model), image(2, 3, 5, 5))
+
+
+def test_untraceable_model_that_calls_a_childs_conv_directly_still_runs_the_same():
+    class CallsGrandchild(Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.block = conv_bn_relu(3, 4)
+
+        def body(self, x):
+            return self.block(x) + self.block[0](x)
+
+    torch.manual_seed(0)
+    model = randomise_bn_stats(CallsGrandchild()).eval()
+    assert_equivalent(model, fuse(model), image(2, 3, 5, 5))
+
+
+def test_conv_shared_by_two_children_of_an_untraceable_model_folds_into_copies():
+    class SharedAcrossChildren(Untraceable):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Conv2d(3, 3, 1)
+            self.block1 = nn.Sequential(shared, nn.BatchNorm2d(3))
+            self.block2 = nn.Sequential(shared, nn.BatchNorm2d(3))
+
+        def body(self, x):
+            return self.block1(x) + self.block2(x)
+
+    torch.manual_seed(0)
+    model = randomise_bn_stats(SharedAcrossChildren()).eval()
+    fused, report = fuse_with_report(model)
+    assert report.site("block1.1").folded and report.site("block2.1").folded, report
+    assert_equivalent(model, fused, image(2, 3, 5, 5))
+
+
 # --- the fused model works with torch's compilers -------------------------------------------------
 
 

@@ -779,6 +779,27 @@ def test_conv_and_batchnorm_inside_a_hooked_container_fold_and_the_hook_still_fi
     torch.testing.assert_close(seen[0], model.block(x))
 
 
+def test_conv_shared_by_two_hooked_containers_folds_into_copies():
+    class SharedAcrossHookedBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Conv2d(3, 3, 1)
+            self.block1 = nn.Sequential(shared, nn.BatchNorm2d(3))
+            self.block2 = nn.Sequential(shared, nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            return self.block1(x) + self.block2(x)
+
+    model = prepared(SharedAcrossHookedBlocks())
+    model.block1.register_forward_hook(lambda module, args, output: None)
+    model.block2.register_forward_hook(lambda module, args, output: None)
+
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "block1.1", side=OUTPUT_SIDE)
+    assert_folded(report, "block2.1", side=OUTPUT_SIDE)
+    assert remaining_batch_norms(fused) == []
+
+
 # --- rule 6: never wrong --------------------------------------------------------------------------
 
 
