@@ -26,8 +26,10 @@ from fuser.timing import interleaved_medians, without_batchnorm
 from fuser.zoo import (
     DEFAULT_FRAMES,
     DEFAULT_SIZE,
+    MODEL_INPUT_DEFAULTS,
     UnknownModelError,
     build_model,
+    default_input_size,
     example_input,
     model_family,
     supported_models,
@@ -114,18 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the valid model names and exit")
     parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    size_exceptions = ", ".join(
+        f"{name} {size}" for name, (size, _) in MODEL_INPUT_DEFAULTS.items()
+    )
+    frame_exceptions = ", ".join(f"{name} {n}" for name, (_, n) in MODEL_INPUT_DEFAULTS.items())
+    family_sizes = ", ".join(f"{size} for {family}" for family, size in DEFAULT_SIZE.items())
     parser.add_argument(
         "--size",
         type=positive_int,
-        help="input height and width (default: "
-        + ", ".join(f"{size} for {family}" for family, size in DEFAULT_SIZE.items())
-        + ")",
+        help=f"input height and width (default: {family_sizes}; except {size_exceptions})",
     )
     parser.add_argument(
         "--frames",
         type=positive_int,
-        default=DEFAULT_FRAMES,
-        help=f"clip length T of video inputs (N, 3, T, H, W) (default {DEFAULT_FRAMES})",
+        help=f"clip length T of video inputs (N, 3, T, H, W) "
+        f"(default {DEFAULT_FRAMES}, except {frame_exceptions})",
     )
     parser.add_argument(
         "--repeats", type=positive_int, default=20, help="timed runs per model (default 20)"
@@ -150,7 +155,7 @@ def run_model(
     *,
     batch: int = 1,
     size: int | None = None,
-    frames: int = DEFAULT_FRAMES,
+    frames: int | None = None,
     repeats: int = 20,
     device: str = "cpu",
     seed: int = 0,
@@ -162,7 +167,9 @@ def run_model(
         raise UsageError(str(error)) from error
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device here")
-    size = DEFAULT_SIZE[family] if size is None else size
+    default_size, default_frames = default_input_size(name)
+    size = default_size if size is None else size
+    frames = default_frames if frames is None else frames
 
     inputs = (example_input(family, batch=batch, size=size, frames=frames, seed=seed).to(device),)
     try:

@@ -44,6 +44,14 @@ DEFAULT_SIZE: dict[str, int] = {"classification": 224, "video": 112, "segmentati
 #: Clip length T of a video input (N, 3, T, H, W) used when ``--frames`` is not given.
 DEFAULT_FRAMES = 8
 
+#: (size, frames) for the models that cannot take their family's defaults: S3D ends in a fixed
+#: (2, 7, 7) average pool, and the MViT builders fix their position encoding to 16 x 224 x 224.
+MODEL_INPUT_DEFAULTS: dict[str, tuple[int, int]] = {
+    "s3d": (224, 16),
+    "mvit_v1_b": (224, 16),
+    "mvit_v2_s": (224, 16),
+}
+
 #: What counts as a BatchNorm when statistics are randomised and when the BN-free bound is built.
 BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
@@ -80,12 +88,17 @@ def model_family(name: str) -> str:
     raise UnknownModelError(f"unknown model {name!r}{suggestion} ({LIST_HINT})")
 
 
+def default_input_size(name: str) -> tuple[int, int]:
+    """The (size, frames) the command line uses for ``name`` when it is not told otherwise."""
+    return MODEL_INPUT_DEFAULTS.get(name, (DEFAULT_SIZE[model_family(name)], DEFAULT_FRAMES))
+
+
 def build_model(name: str, *, size: int, frames: int = DEFAULT_FRAMES, seed: int = 0) -> nn.Module:
     """The named model with random weights and randomised BN statistics, in eval mode, on the CPU.
 
-    ``size`` and ``frames`` are passed to the few builders whose architecture is tied to the input
-    size (ViT's position embedding, MaxViT's partitions, MViT's position encoding), so that any size
-    the architecture allows can be checked, not only the one it was published with.
+    ``size`` is passed to the builders whose architecture is tied to the input size and that take
+    it as an option (ViT's position embedding, MaxViT's partitions), so that any size the
+    architecture allows can be checked, not only the one it was published with.
     """
     family = model_family(name)
     builder = torchvision.models.get_model_builder(name)
@@ -100,9 +113,6 @@ def build_model(name: str, *, size: int, frames: int = DEFAULT_FRAMES, seed: int
         kwargs["image_size"] = size
     elif name.startswith("maxvit_"):
         kwargs["input_size"] = (size, size)
-    elif name.startswith("mvit_"):
-        kwargs["spatial_size"] = (size, size)
-        kwargs["temporal_size"] = frames
 
     torch.manual_seed(seed)
     model = builder(**kwargs).eval()
