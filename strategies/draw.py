@@ -1,0 +1,474 @@
+"""Hypothesis strategies for network specs.
+
+Structure is drawn before details: the number and kinds of blocks first, then each block's
+packaging and op kinds, then each op's options given the shape flowing into it. Every option
+shrinks towards the plainest choice (first element of each ``sampled_from``), so a failure shrinks
+to one or two small layers. Options are repaired into validity rather than filtered, which keeps
+generation fast and shrinking effective.
+
+Every feature listed in issue 3 is drawn with a probability of at least a few percent per op;
+``tests/test_strategies.py`` checks each one is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cache
+
+from hypothesis import strategies as st
+
+from strategies.spec import (
+    ADD,
+    CAT,
+    CONV,
+    CONV_TRANSPOSE,
+    FORWARD_HOOK,
+    FORWARD_PRE_HOOK,
+    FUNCTIONAL,
+    HOOKED,
+    INLINE,
+    LINEAR,
+    METADATA_TAPS,
+    MODULE,
+    OPAQUE_SUBCLASS,
+    SEQUENTIAL,
+    TRACED_SUBCLASS,
+    TRAINING,
+    UNTRACEABLE,
+    WRAPPER,
+    Act,
+    Chain,
+    Flatten,
+    Layer,
+    NetSpec,
+    Norm,
+    Op,
+    Tap,
+    TwoCalls,
+)
+
+MAX_CHANNELS = 8
+# Largest spatial extent per dimension, by number of spatial dimensions (kept small for speed).
+MAX_SIZE = {1: 8, 2: 6, 3: 4}
+PADDING_MODES = ("zeros", "zeros", "reflect", "replicate", "circular")
+OP_KINDS = ("layer", "norm", "act", "flatten")
+# Chains where folds (and their near misses) happen, drawn as often as fully random chains.
+TEMPLATES = (
+    ("layer", "norm"),
+    ("layer", "norm", "norm"),
+    ("act", "norm", "layer"),
+    ("act", "norm", "norm", "layer"),
+    ("norm", "layer"),
+    ("layer", "norm", "act"),
+    ("layer", "act", "norm", "layer"),
+    ("flatten", "layer", "norm"),
+)
+ACTIVATIONS = ("relu", "tanh", "gelu", "leaky_relu", "hardswish", "identity")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The batched tensor flowing between ops: ``(batch, channels, *spatial)``."""
+
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return 2 + len(self.spatial)
+
+    @property
+    def numel(self) -> int:
+        count = self.batch * self.channels
+        for size in self.spatial:
+            count *= size
+        return count
+
+
+@cache
+def chance(numerator: int, denominator: int) -> st.SearchStrategy[bool]:
+    """True with roughly the given probability; shrinks to False."""
+    return st.sampled_from((False,) * (denominator - numerator) + (True,) * numerator)
+
+
+@cache
+def one_of_values(values: tuple) -> st.SearchStrategy:
+    """``sampled_from`` built once per tuple: building strategies inside every draw costs more
+    than drawing from them, and speed is part of what this suite is measured on."""
+    return st.sampled_from(values)
+
+
+@cache
+def integers(low: int, high: int) -> st.SearchStrategy[int]:
+    """``st.integers`` built once per range (see ``one_of_values``)."""
+    return st.integers(low, high)
+
+
+@cache
+def lists_of(values: tuple, min_size: int, max_size: int) -> st.SearchStrategy[list]:
+    """``st.lists(st.sampled_from(values))`` built once per shape (see ``one_of_values``)."""
+    return st.lists(st.sampled_from(values), min_size=min_size, max_size=max_size)
+
+
+@cache
+def op_kind_sequences(max_ops: int) -> st.SearchStrategy:
+    """The kinds of a chain's ops: a fold-shaped template or a random sequence."""
+    templates = tuple(t for t in TEMPLATES if len(t) <= max_ops)
+    return st.one_of(st.sampled_from(templates), lists_of(OP_KINDS, 1, max_ops))
+
+
+BOOLEANS = st.booleans()
+EPS_EXPONENTS = st.floats(-5.0, 0.0)
+
+
+def net_specs(
+    *,
+    dtypes: tuple[str, ...] = ("float32", "float64"),
+    devices: tuple[str, ...] = ("cpu",),
+    max_blocks: int = 4,
+    max_ops: int = 4,
+) -> st.SearchStrategy[NetSpec]:
+    """Random networks of ``1..max_blocks`` blocks (chains of ``1..max_ops`` ops, or a layer
+    read twice), on ``(N, C)`` inputs or batched 1-D/2-D/3-D feature maps."""
+    return _net_specs(dtypes, devices, max_blocks, max_ops)
+
+
+@st.composite
+def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
+    spatial_dims = draw(one_of_values((2, 1, 3, 0)))
+    kinds = draw(lists_of(("chain", "chain", "chain", "two_calls"), 1, max_blocks))
+    dtype = draw(one_of_values(dtypes))
+    device = draw(one_of_values(devices))
+    batch = draw(integers(2, 3))
+    channels = draw(integers(1, MAX_CHANNELS))
+    spatial = ()
+    if spatial_dims:
+        sizes = integers(3, MAX_SIZE[spatial_dims])
+        spatial = tuple(draw(sizes) for _ in range(spatial_dims))
+    shape = Shape(batch, channels, spatial)
+    blocks = []
+    for kind in kinds:
+        if kind == "chain":
+            block, shape = draw(chains(shape, max_ops))
+        else:
+            block, shape = draw(two_calls(shape))
+        blocks.append(block)
+    seed = draw(integers(0, 2**16 - 1))
+    return NetSpec((batch, channels, *spatial), tuple(blocks), dtype, device, seed)
+
+
+@st.composite
+def chains(draw, shape: Shape, max_ops: int = 4) -> tuple[Chain, Shape]:
+    """A chain of ops on ``shape``, and the shape it produces."""
+    packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
+    if packaging == INLINE:
+        boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
+    else:
+        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE)))
+    categories = draw(op_kind_sequences(max_ops))
+    in_sequential = packaging == SEQUENTIAL
+    ops: list[Op] = []
+    shapes = []
+    for category in categories:
+        if category == "flatten" and not shape.spatial:
+            category = "act"
+        if category == "layer":
+            op, shape = draw(layers(shape, allow_functional=not in_sequential))
+        elif category == "norm":
+            op = draw(norms(shape, allow_functional=not in_sequential))
+        elif category == "act":
+            op = draw(activations(allow_functional=not in_sequential))
+        else:
+            op, shape = draw(flattens(shape))
+        ops.append(op)
+        shapes.append(shape)
+    depth = draw(one_of_values((3, 1, 2, 4))) if in_sequential else 1
+    tap = None
+    if not in_sequential and draw(chance(2, 5)):
+        tap = draw(taps(ops, shapes))
+        if tap.kind == CAT:
+            shape = replace(shape, channels=2 * shape.channels)
+    return Chain(tuple(ops), packaging, depth, tap, boundary), shape
+
+
+@st.composite
+def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
+    """An extra user of one op's output: one that reads values (a residual add or a concat,
+    which blocks folds into that op) or one that reads only metadata (which blocks nothing).
+    Layer outputs are the likeliest to be tapped."""
+    reads_values = draw(BOOLEANS)
+    positions = range(len(ops))
+    if reads_values:  # the chain's result must keep the tapped shape to be added to it
+        positions = [
+            k for k in positions if all(isinstance(op, (Norm, Act)) for op in ops[k + 1 :])
+        ]
+    positions = sorted(positions, key=lambda k: not isinstance(ops[k], Layer))
+    after = draw(one_of_values(tuple(positions)))
+    shape = shapes[after]
+    if reads_values:
+        kinds = (ADD, CAT) if shape.channels <= MAX_CHANNELS // 2 else (ADD,)
+    else:
+        kinds = METADATA_TAPS
+    kind = draw(one_of_values(kinds))
+    expected = {
+        "ndim": shape.ndim,
+        "dim": shape.ndim,
+        "shape": shape.channels,
+        "size": shape.channels,
+        "numel": shape.numel,
+    }.get(kind, 0)
+    return Tap(after, kind, expected)
+
+
+@st.composite
+def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
+    """A layer module read twice on the same input (called again, or its weight read by a
+    functional call), each branch followed by norms, the branches added."""
+    packaging = draw(one_of_values((INLINE, WRAPPER)))
+    second = draw(one_of_values((MODULE, FUNCTIONAL)))
+    layer, out = draw(layers(shape, allow_functional=False))
+    if second == FUNCTIONAL and layer.padding_mode != "zeros":
+        layer = replace(layer, padding_mode="zeros")
+    shared = draw(BOOLEANS)
+    first = tuple(draw(st.lists(norms(out), min_size=1, max_size=2)))
+    second_norms = None if shared else tuple(draw(st.lists(norms(out), max_size=2)))
+    return TwoCalls(layer, second, first, second_norms, packaging), out
+
+
+@st.composite
+def layers(draw, shape: Shape, allow_functional: bool = True) -> tuple[Layer, Shape]:
+    """A convolution, transposed convolution or linear layer reading ``shape``."""
+    if shape.spatial:
+        kind = draw(one_of_values((CONV, CONV, CONV_TRANSPOSE, CONV_TRANSPOSE, LINEAR)))
+    else:
+        kind = LINEAR
+    functional = allow_functional and draw(chance(1, 4))
+    hooked = not functional and draw(chance(1, 8))
+    frozen = draw(chance(1, 8))
+    bias = draw(BOOLEANS)
+    if kind == LINEAR:
+        layer, out = draw(_linear(shape, functional, hooked, bias))
+    else:
+        layer, out = draw(_convolution(shape, kind, functional, hooked, bias))
+    return (replace(layer, frozen=True) if frozen else layer), out
+
+
+@st.composite
+def _linear(draw, shape: Shape, functional: bool, hooked: bool, bias: bool):
+    in_features = shape.spatial[-1] if shape.spatial else shape.channels
+    if shape.spatial and draw(BOOLEANS):
+        # Matching the channel count tempts a fuser to fold a BN over dim 1 per output feature.
+        out_features = shape.channels
+    else:
+        out_features = draw(integers(1, MAX_CHANNELS))
+    layer = Layer(
+        LINEAR,
+        0,
+        shape.ndim,
+        in_features,
+        out_features,
+        bias=bias,
+        functional=functional,
+        hooked=hooked,
+    )
+    if shape.spatial:
+        return layer, replace(shape, spatial=(*shape.spatial[:-1], out_features))
+    return layer, replace(shape, channels=out_features)
+
+
+@st.composite
+def _groups_and_out_channels(draw, in_channels: int) -> tuple[int, int]:
+    """Groups 1, depthwise, or any divisor; output channels a multiple of the groups."""
+    style = draw(one_of_values(("one", "depthwise", "divisor")))
+    divisors = [g for g in range(1, in_channels + 1) if in_channels % g == 0]
+    groups = {"one": 1, "depthwise": in_channels}.get(style) or draw(one_of_values(tuple(divisors)))
+    multiplier = draw(integers(1, max(1, MAX_CHANNELS // groups)))
+    return groups, groups * multiplier
+
+
+def _per_dim(draw, dims: int, values: st.SearchStrategy[int]) -> tuple[int, ...]:
+    """Equal in every dimension, or (sometimes) drawn per dimension."""
+    if dims > 1 and draw(chance(1, 3)):
+        return tuple(draw(values) for _ in range(dims))
+    return (draw(values),) * dims
+
+
+@st.composite
+def _convolution(draw, shape: Shape, kind: str, functional: bool, hooked: bool, bias: bool):
+    dims = len(shape.spatial)
+    groups, out_channels = draw(_groups_and_out_channels(shape.channels))
+    kernel = _per_dim(draw, dims, integers(1, 3))
+    stride = _per_dim(draw, dims, integers(1, 2))
+    dilation = _per_dim(draw, dims, integers(1, 2))
+    if kind == CONV:
+        padding_style = draw(one_of_values(("int", "same", "valid")))
+        padding = _per_dim(draw, dims, integers(0, 2)) if padding_style == "int" else padding_style
+        mode = "zeros" if functional else draw(one_of_values(PADDING_MODES))
+        return _valid_conv(
+            shape,
+            out_channels,
+            groups,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            mode,
+            bias,
+            functional,
+            hooked,
+        )
+    padding = _per_dim(draw, dims, integers(0, 2))
+    output_padding = tuple(
+        draw(integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
+    )
+    return _valid_conv_transpose(
+        shape,
+        out_channels,
+        groups,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        output_padding,
+        bias,
+        functional,
+        hooked,
+    )
+
+
+def _valid_conv(
+    shape, out_channels, groups, kernel, stride, padding, dilation, mode, bias, functional, hooked
+) -> tuple[Layer, Shape]:
+    """Repair drawn convolution options into a valid layer (never filtered: shrinks better)."""
+    kernel, stride, dilation = list(kernel), list(stride), list(dilation)
+    if padding == "same":
+        stride = [1] * len(stride)
+    out_sizes = []
+    for i, size in enumerate(shape.spatial):
+        pad = padding[i] if isinstance(padding, tuple) else 0
+        if dilation[i] * (kernel[i] - 1) + 1 > size + 2 * pad:
+            dilation[i] = 1
+            kernel[i] = min(kernel[i], size + 2 * pad)
+        if padding == "same":
+            total = dilation[i] * (kernel[i] - 1)
+            widest = total - total // 2
+            out_sizes.append(size)
+        else:
+            widest = pad
+            out_sizes.append((size + 2 * pad - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1)
+        if (mode == "reflect" and widest >= size) or (mode == "circular" and widest > size):
+            mode = "replicate"
+    layer = Layer(
+        CONV,
+        len(shape.spatial),
+        shape.ndim,
+        shape.channels,
+        out_channels,
+        tuple(kernel),
+        tuple(stride),
+        padding,
+        tuple(dilation),
+        groups,
+        bias,
+        mode,
+        (),
+        functional,
+        hooked,
+    )
+    return layer, Shape(shape.batch, out_channels, tuple(out_sizes))
+
+
+def _valid_conv_transpose(
+    shape,
+    out_channels,
+    groups,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    output_padding,
+    bias,
+    functional,
+    hooked,
+) -> tuple[Layer, Shape]:
+    """Repair transposed-convolution options so the output is non-empty and stays small."""
+    limit = MAX_SIZE[len(shape.spatial)]
+    kernel, stride, padding = list(kernel), list(stride), list(padding)
+    dilation, output_padding = list(dilation), list(output_padding)
+
+    def out_size(i: int) -> int:
+        return (
+            (shape.spatial[i] - 1) * stride[i]
+            - 2 * padding[i]
+            + dilation[i] * (kernel[i] - 1)
+            + output_padding[i]
+            + 1
+        )
+
+    out_sizes = []
+    for i in range(len(shape.spatial)):
+        if out_size(i) > limit:
+            stride[i], dilation[i], output_padding[i] = 1, 1, 0
+            padding[i] = (kernel[i] - 1) // 2
+        if out_size(i) > limit:
+            kernel[i], padding[i] = 1, 0
+        if out_size(i) < 1:
+            padding[i] = 0
+        out_sizes.append(out_size(i))
+    layer = Layer(
+        CONV_TRANSPOSE,
+        len(shape.spatial),
+        shape.ndim,
+        shape.channels,
+        out_channels,
+        tuple(kernel),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        bias,
+        "zeros",
+        tuple(output_padding),
+        functional,
+        hooked,
+    )
+    return layer, Shape(shape.batch, out_channels, tuple(out_sizes))
+
+
+@st.composite
+def norms(draw, shape: Shape, allow_functional: bool = True) -> Norm:
+    """A BatchNorm call on ``shape``: module, functional or subclass, sometimes unfoldable."""
+    styles = [MODULE, MODULE, MODULE, TRACED_SUBCLASS, OPAQUE_SUBCLASS]
+    if allow_functional:
+        styles += [FUNCTIONAL, FUNCTIONAL]
+    style = draw(one_of_values(tuple(styles)))
+    affine = draw(one_of_values((True, True, True, False)))
+    track = style == TRACED_SUBCLASS or draw(one_of_values((True,) * 6 + (False,)))
+    eps = 10.0 ** draw(EPS_EXPONENTS)
+    momentum = draw(one_of_values((0.1, None, 0.01, 0.5)))
+    defect = None
+    if style in (MODULE, FUNCTIONAL) and draw(chance(1, 4)):
+        defects = (TRAINING, FORWARD_HOOK, FORWARD_PRE_HOOK) if style == MODULE else (TRAINING,)
+        defect = draw(one_of_values(defects))
+    return Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect)
+
+
+@st.composite
+def activations(draw, allow_functional: bool = True) -> Act:
+    """An activation or ``nn.Identity``, as a module or a functional call."""
+    kind = draw(one_of_values(ACTIVATIONS))
+    functional = allow_functional and kind != "identity" and draw(BOOLEANS)
+    return Act(kind, functional)
+
+
+@st.composite
+def flattens(draw, shape: Shape) -> tuple[Flatten, Shape]:
+    """Flatten to ``(N, features)`` or, from 2-D/3-D maps, to ``(N, C, length)``."""
+    start_dim = draw(one_of_values((1, 2))) if len(shape.spatial) >= 2 else 1
+    length = 1
+    for size in shape.spatial:
+        length *= size
+    if start_dim == 1:
+        return Flatten(1), Shape(shape.batch, shape.channels * length, ())
+    return Flatten(2), Shape(shape.batch, shape.channels, (length,))

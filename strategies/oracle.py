@@ -1,0 +1,275 @@
+"""The oracle: which BatchNorm call sites of a spec are foldable, read from the spec alone.
+
+It implements the README's foldability definition independently of ``fuser/`` (which it never
+imports), so a matcher bug cannot hide by agreeing with the test. The spec is lowered to a small
+dataflow graph (layers, norms, other value readers, metadata-only readers, the output), then the
+rules are applied until nothing changes: output-side folds first, input-side folds on what is left
+(README rules 2-4). Sharing (rule 5) never blocks a fold, so the graph does not model it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from strategies.naming import chain_names, site_name, two_calls_names
+from strategies.spec import (
+    ADD,
+    CAT,
+    CONV,
+    FORWARD_HOOK,
+    FORWARD_PRE_HOOK,
+    FUNCTIONAL,
+    INLINE,
+    LINEAR,
+    METADATA_TAPS,
+    OPAQUE_SUBCLASS,
+    TRACED_SUBCLASS,
+    TRAINING,
+    UNTRACEABLE,
+    Chain,
+    Layer,
+    NetSpec,
+    Norm,
+    TwoCalls,
+)
+
+OUTPUT_SIDE = "output"
+INPUT_SIDE = "input"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One BatchNorm call site and the oracle's verdict on it.
+
+    ``bn`` and ``call_index`` follow ``fuser/report.py``; ``bn`` is ``None`` for a functional call
+    without running statistics (the report names those by graph node). ``into`` names the layer
+    it folds into (its module, or the weight tensor of a functional layer).
+    """
+
+    bn: str | None
+    call_index: int
+    foldable: bool
+    side: str | None
+    into: str | None
+    reason: str
+
+    def describe(self) -> str:
+        name = self.bn or "<functional batch_norm without running stats>"
+        site = f"{name} (call {self.call_index})"
+        if self.foldable:
+            return f"{site}: foldable into {self.into} ({self.side} side)"
+        return f"{site}: not foldable ({self.reason})"
+
+
+@dataclass(eq=False)
+class _Node:
+    """A value in the lowered graph. ``kind``: input, layer, norm, value (any other op reading
+    values), metadata (reads only shape facts) or output."""
+
+    kind: str
+    inputs: list[_Node] = field(default_factory=list)
+    layer: Layer | None = None
+    layer_name: str | None = None
+    norm: Norm | None = None
+    bn: str | None = None
+    call_index: int = 0
+    candidate_reason: str | None = None
+    folded_side: str | None = None
+    folded_into: str | None = None
+
+
+class _Graph:
+    """The lowered spec: nodes in execution order."""
+
+    def __init__(self) -> None:
+        self.nodes: list[_Node] = []
+        self.calls: dict[str, int] = {}
+
+    def add(self, node: _Node) -> _Node:
+        self.nodes.append(node)
+        return node
+
+    def norm(self, norm: Norm, qualname: str, value: _Node, opaque: str | None = None) -> _Node:
+        """A norm call; ``opaque`` says why it runs where the fuser cannot look."""
+        bn = site_name(qualname, norm)
+        index = self.calls.get(bn, 0) if bn is not None else 0
+        if bn is not None:
+            self.calls[bn] = index + 1
+        node = self.add(
+            _Node(
+                "norm",
+                [value],
+                norm=norm,
+                bn=bn,
+                call_index=index,
+                candidate_reason=_unfoldable_reason(norm) or opaque,
+            )
+        )
+        if norm.style == TRACED_SUBCLASS:
+            return self.add(_Node("value", [node]))  # the ReLU inside its forward
+        return node
+
+    def layer(self, layer: Layer, name: str, value: _Node) -> _Node:
+        return self.add(_Node("layer", [value], layer=layer, layer_name=name))
+
+    def value_users(self, node: _Node) -> list[_Node]:
+        return [user for user in self.nodes if node in user.inputs and user.kind != "metadata"]
+
+    def bypass(self, node: _Node) -> None:
+        """Remove a folded norm: its readers now read its input."""
+        replacement = node.inputs[0]
+        for user in self.nodes:
+            user.inputs = [replacement if value is node else value for value in user.inputs]
+        self.nodes.remove(node)
+
+
+def _unfoldable_reason(norm: Norm) -> str | None:
+    """README rule 1: why this call is not a foldable BatchNorm at all, or ``None``."""
+    if norm.style == OPAQUE_SUBCLASS:
+        return "BatchNorm subclass whose forward FX cannot trace (runs opaque)"
+    if norm.defect == TRAINING:
+        return "training mode"
+    if not norm.track_running_stats:
+        return "no running statistics"
+    if norm.defect in (FORWARD_HOOK, FORWARD_PRE_HOOK):
+        return f"has a {norm.defect.replace('_', ' ')}"
+    return None
+
+
+def _lower(spec: NetSpec) -> _Graph:
+    graph = _Graph()
+    value = graph.add(_Node("input"))
+    for index, block in enumerate(spec.blocks):
+        if isinstance(block, Chain):
+            value = _lower_chain(graph, index, block, value)
+        else:
+            value = _lower_two_calls(graph, index, block, value)
+    graph.add(_Node("output", [value]))
+    return graph
+
+
+def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node:
+    """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
+    and output) and, in the enclosing graph, a single opaque call. Behind an untraceable boundary
+    an inline chain's ops are children of the guard module, each fused alone: nothing folds."""
+    if chain.boundary is None:
+        return _lower_chain_ops(graph, index, chain, value)
+    opaque = None
+    if chain.boundary == UNTRACEABLE and chain.packaging == INLINE:
+        opaque = "called from the forward of a module FX cannot trace"
+    inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
+    graph.add(_Node("output", [inner_output]))
+    return graph.add(_Node("value", [value]))
+
+
+def _lower_chain_ops(
+    graph: _Graph, index: int, chain: Chain, value: _Node, opaque: str | None = None
+) -> _Node:
+    tapped = None
+    for position, (op, name) in enumerate(zip(chain.ops, chain_names(index, chain), strict=True)):
+        if isinstance(op, Layer):
+            weight = name if not op.functional else f"{name}.weight"
+            value = graph.layer(op, weight, value)
+        elif isinstance(op, Norm):
+            value = graph.norm(op, name, value, opaque)
+        else:
+            value = graph.add(_Node("value", [value]))
+        if chain.tap is not None and chain.tap.after == position:
+            if chain.tap.kind in METADATA_TAPS:
+                graph.add(_Node("metadata", [value]))
+            else:
+                tapped = value
+    if chain.tap is not None and chain.tap.kind in (ADD, CAT):
+        value = graph.add(_Node("value", [value, tapped]))
+    return value
+
+
+def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -> _Node:
+    names = two_calls_names(index, block)
+    first = graph.layer(block.layer, names.layer, value)
+    for norm, name in zip(block.first_norms, names.first_norms, strict=True):
+        first = graph.norm(norm, name, first)
+    layer_name = names.layer if block.second != FUNCTIONAL else f"{names.layer}.weight"
+    second = graph.layer(block.layer, layer_name, value)
+    second_norms = block.first_norms if block.second_norms is None else block.second_norms
+    for norm, name in zip(second_norms, names.second_norms, strict=True):
+        second = graph.norm(norm, name, second)
+    return graph.add(_Node("value", [first, second]))
+
+
+def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
+    """Rule 2: the norm reads a layer's output, and nothing else reads that output's values."""
+    producer = norm_node.inputs[0]
+    if producer.kind != "layer" or producer.layer.hooked:
+        return False
+    if graph.value_users(producer) != [norm_node]:
+        return False
+    layer = producer.layer
+    if layer.kind == LINEAR and layer.input_ndim != 2:
+        return False
+    return layer.out_channels == norm_node.norm.num_features
+
+
+def _pads_with_zeros(layer: Layer) -> bool:
+    if layer.padding_mode != "zeros" or layer.padding == "valid":
+        return False
+    if layer.padding == "same":
+        return any(size != 1 for size in layer.kernel_size)
+    return any(pad != 0 for pad in layer.padding)
+
+
+def _takes_input_fold(graph: _Graph, norm_node: _Node) -> _Node | None:
+    """Rule 3: the norm's only value reader is a layer reading it as input; that layer."""
+    users = graph.value_users(norm_node)
+    if len(users) != 1 or users[0].kind != "layer" or users[0].layer.hooked:
+        return None
+    layer = users[0].layer
+    if layer.kind == CONV and not _pads_with_zeros(layer):
+        return users[0] if layer.in_channels == norm_node.norm.num_features else None
+    if layer.kind == LINEAR and layer.input_ndim == 2:
+        return users[0] if layer.in_channels == norm_node.norm.num_features else None
+    return None
+
+
+def _fold_until_stable(graph: _Graph, side: str) -> None:
+    """Rule 4: apply one side's rule until nothing changes (chains fold fully)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.kind != "norm" or node.candidate_reason is not None:
+                continue
+            if side == OUTPUT_SIDE and _takes_output_fold(graph, node):
+                into = node.inputs[0].layer_name
+            elif side == INPUT_SIDE and (consumer := _takes_input_fold(graph, node)):
+                into = consumer.layer_name
+            else:
+                continue
+            node.folded_side, node.folded_into = side, into
+            graph.bypass(node)
+            changed = True
+
+
+def foldable_sites(spec: NetSpec) -> list[Site]:
+    """Every BatchNorm call site of the spec in execution order, with the oracle's verdict."""
+    graph = _lower(spec)
+    norms = [node for node in graph.nodes if node.kind == "norm"]
+    _fold_until_stable(graph, OUTPUT_SIDE)
+    _fold_until_stable(graph, INPUT_SIDE)
+    sites = []
+    for node in norms:
+        if node.folded_side is not None:
+            reason = f"{node.folded_side}-side fold"
+        else:
+            reason = node.candidate_reason or "no layer to fold into on either side"
+        sites.append(
+            Site(
+                node.bn,
+                node.call_index,
+                node.folded_side is not None,
+                node.folded_side,
+                node.folded_into,
+                reason,
+            )
+        )
+    return sites

@@ -1,0 +1,474 @@
+"""Render a spec as a standalone Python program that builds the network and its inputs.
+
+The rendered program is the network: ``build`` executes exactly this text, so a failure report that
+prints it hands over a reproduction that cannot drift from what was tested. Weights, BN statistics
+and inputs come from ``torch.Generator`` seeded with the spec's seed, so the program needs no data.
+"""
+
+from __future__ import annotations
+
+from strategies.naming import chain_names, local_name, two_calls_names
+from strategies.spec import (
+    ADD,
+    CAT,
+    CONV,
+    CONV_TRANSPOSE,
+    FORWARD_HOOK,
+    FORWARD_PRE_HOOK,
+    FUNCTIONAL,
+    HOOKED,
+    INLINE,
+    OPAQUE_SUBCLASS,
+    SEQUENTIAL,
+    TRACED_SUBCLASS,
+    TRAINING,
+    UNTRACEABLE,
+    WRAPPER,
+    Act,
+    Block,
+    Chain,
+    Layer,
+    NetSpec,
+    Norm,
+    Op,
+    TwoCalls,
+)
+
+INDENT = "    "
+RANK_GUARD = ["if x.dim() < 2:", '    raise ValueError("expected a batched input")']
+
+HEADER = '''\
+"""A network drawn by the convbn-fuser property suite. Run it: it builds `model` and `inputs`."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+'''
+
+HELPERS = {
+    "BatchNormStats": '''
+class BatchNormStats(nn.Module):
+    """Statistics and affine parameters read by a functional F.batch_norm call."""
+
+    def __init__(self, num_features, affine, track_running_stats):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        stats = track_running_stats
+        self.register_buffer("running_mean", torch.zeros(num_features) if stats else None)
+        self.register_buffer("running_var", torch.ones(num_features) if stats else None)
+''',
+    "LayerWeights": '''
+class LayerWeights(nn.Module):
+    """Weight and bias read by a functional F.conv*/F.linear call."""
+
+    def __init__(self, weight_shape, bias_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(bias_features)) if bias_features else None
+''',
+    "shift_output": '''
+def shift_output(module, args, output):
+    """Forward hook that changes values, so skipping it is visible."""
+    return output + 0.25
+''',
+    "scale_input": '''
+def scale_input(module, args):
+    """Forward pre-hook that changes values, so skipping it is visible."""
+    return (args[0] * 0.5,)
+''',
+}
+
+for _dims in (1, 2, 3):
+    HELPERS[f"TracedBatchNorm{_dims}d"] = f'''
+class TracedBatchNorm{_dims}d(nn.BatchNorm{_dims}d):
+    """Overrides forward with F.batch_norm then ReLU (like timm's BatchNormAct2d): traceable."""
+
+    def forward(self, x):
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return F.relu(x)
+'''
+    HELPERS[f"OpaqueBatchNorm{_dims}d"] = f'''
+class OpaqueBatchNorm{_dims}d(nn.BatchNorm{_dims}d):
+    """Overrides forward through super().forward, which FX cannot trace (it checks the rank)."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.125
+'''
+
+RANDOMIZE = '''
+def randomize(model, seed):
+    """Deterministic values from the seed: activations stay O(1), BN statistics far from defaults
+    (running_var log-uniform over 1e-4..1e2, running_mean away from zero, gamma and beta of both
+    signs and sometimes zero, gamma scaled by sqrt(running_var) so outputs stay O(1))."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, low, high):
+        return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    def signs(shape):
+        return torch.where(uniform(shape, 0, 1) < 0.5, -1.0, 1.0).double()
+
+    def sometimes_zero(values):
+        return torch.where(uniform(values.shape, 0, 1) < 0.125, 0.0, values)
+
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{stats_class})
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, norms):
+                count = module.num_features
+                var = torch.ones(count, dtype=torch.float64)
+                if module.running_var is not None:
+                    var = torch.exp(uniform(count, math.log(1e-4), math.log(1e2)))
+                    module.running_var.copy_(var)
+                    module.running_mean.copy_(signs(count) * uniform(count, 0.5, 1.5))
+                if module.weight is not None:
+                    gamma = signs(count) * uniform(count, 0.25, 2.0) * var.sqrt()
+                    module.weight.copy_(sometimes_zero(gamma))
+                    module.bias.copy_(sometimes_zero(uniform(count, -1.0, 1.0)))
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if name == "weight":
+                    fan_in = param[0].numel()
+                    values = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                    param.copy_(values / fan_in**0.5)
+                else:
+                    param.copy_(uniform(param.shape, -0.5, 0.5))
+'''
+
+
+def render_source(spec: NetSpec) -> str:
+    """A runnable program that builds ``model`` (eval mode, hooks and training flags set) and
+    ``inputs`` (a tuple) for this spec, deterministically from its seed."""
+    renderer = _Renderer(spec)
+    return renderer.program()
+
+
+def _literal(value: object) -> str:
+    """A compact Python literal: ``(3, 3)`` becomes ``3``."""
+    if isinstance(value, tuple) and value and all(v == value[0] for v in value):
+        return repr(value[0])
+    return repr(value)
+
+
+def _batchnorm_class(norm: Norm) -> str:
+    dims = {2: 1, 3: 1, 4: 2, 5: 3}[norm.input_ndim]
+    prefix = {TRACED_SUBCLASS: "Traced", OPAQUE_SUBCLASS: "Opaque"}.get(norm.style, "nn.")
+    return f"{prefix}BatchNorm{dims}d"
+
+
+def _weight_shape(layer: Layer) -> tuple[int, ...]:
+    if layer.kind == CONV:
+        return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    if layer.kind == CONV_TRANSPOSE:
+        return (layer.in_channels, layer.out_channels // layer.groups, *layer.kernel_size)
+    return (layer.out_channels, layer.in_channels)
+
+
+def _layer_options(layer: Layer, functional: bool) -> list[str]:
+    """Keyword arguments that differ from the defaults, in the order torch documents them."""
+    options = []
+    if layer.kind == CONV_TRANSPOSE:
+        names = ("stride", "padding", "output_padding", "groups", "dilation")
+    else:
+        names = ("stride", "padding", "dilation", "groups")
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+    for name in names:
+        value = getattr(layer, name)
+        if _literal(value) != repr(defaults[name]):
+            options.append(f"{name}={_literal(value)}")
+    if not functional:
+        if not layer.bias:
+            options.append("bias=False")
+        if layer.padding_mode != "zeros":
+            options.append(f"padding_mode={layer.padding_mode!r}")
+    return options
+
+
+def _constructor(op: Op) -> str | None:
+    """The expression that creates an op's submodule (or holder), ``None`` when it has none."""
+    if isinstance(op, Layer):
+        if op.functional:
+            bias = op.out_channels if op.bias else 0
+            return f"LayerWeights({_weight_shape(op)!r}, {bias})"
+        if op.kind == "linear":
+            bias = "" if op.bias else ", bias=False"
+            return f"nn.Linear({op.in_channels}, {op.out_channels}{bias})"
+        name = "Conv" if op.kind == CONV else "ConvTranspose"
+        options = [f"kernel_size={_literal(op.kernel_size)}", *_layer_options(op, False)]
+        args = ", ".join([str(op.in_channels), str(op.out_channels), *options])
+        return f"nn.{name}{op.spatial_dims}d({args})"
+    if isinstance(op, Norm):
+        if op.style == FUNCTIONAL:
+            return (
+                f"BatchNormStats({op.num_features}, affine={op.affine}, "
+                f"track_running_stats={op.track_running_stats})"
+            )
+        options = [f"eps={op.eps!r}", f"momentum={op.momentum!r}"]
+        if not op.affine:
+            options.append("affine=False")
+        if not op.track_running_stats:
+            options.append("track_running_stats=False")
+        return f"{_batchnorm_class(op)}({op.num_features}, {', '.join(options)})"
+    if isinstance(op, Act):
+        return {
+            "relu": "nn.ReLU()",
+            "tanh": "nn.Tanh()",
+            "gelu": "nn.GELU()",
+            "leaky_relu": "nn.LeakyReLU(0.1)",
+            "hardswish": "nn.Hardswish()",
+            "identity": "nn.Identity()",
+        }[op.kind]
+    return f"nn.Flatten({op.start_dim})"
+
+
+def _functional_layer_call(layer: Layer, value: str, owner: str) -> str:
+    """``F.conv*``/``F.linear`` on ``owner.weight`` and ``owner.bias``."""
+    args = [value, f"{owner}.weight", f"{owner}.bias"]
+    if layer.kind == "linear":
+        return f"F.linear({', '.join(args)})"
+    name = "conv" if layer.kind == CONV else "conv_transpose"
+    args += _layer_options(layer, True)
+    return f"F.{name}{layer.spatial_dims}d({', '.join(args)})"
+
+
+def _call(op: Op, value: str, owner: str | None) -> str:
+    """The expression applying an op to ``value``; ``owner`` is its submodule's expression."""
+    if isinstance(op, Layer) and op.functional:
+        return _functional_layer_call(op, value, owner)
+    if isinstance(op, Norm) and op.style == FUNCTIONAL:
+        training = op.defect == TRAINING or not op.track_running_stats
+        momentum = 0.1 if op.momentum is None else op.momentum
+        stats = f"{owner}.running_mean, {owner}.running_var, {owner}.weight, {owner}.bias"
+        return f"F.batch_norm({value}, {stats}, {training}, {momentum!r}, {op.eps!r})"
+    if isinstance(op, Act) and op.functional:
+        return {
+            "relu": f"F.relu({value})",
+            "tanh": f"torch.tanh({value})",
+            "gelu": f"F.gelu({value})",
+            "leaky_relu": f"F.leaky_relu({value}, 0.1)",
+            "hardswish": f"F.hardswish({value})",
+        }[op.kind]
+    if owner is None:
+        return f"{value}.flatten({op.start_dim})"
+    return f"{owner}({value})"
+
+
+def _submodule(qualname: str) -> str:
+    """``model.a.b``, or ``model.get_submodule("a.0.1")`` where a name part is a number."""
+    if all(part.isidentifier() for part in qualname.split(".")):
+        return f"model.{qualname}"
+    return f"model.get_submodule({qualname!r})"
+
+
+def _metadata_assert(kind: str, value: str, expected: int) -> str:
+    read = {
+        "ndim": f"{value}.ndim",
+        "shape": f"{value}.shape[1]",
+        "size": f"{value}.size(1)",
+        "dim": f"{value}.dim()",
+        "numel": f"{value}.numel()",
+    }[kind]
+    return f'torch._assert({read} == {expected}, "metadata check on {value}")'
+
+
+class _Renderer:
+    """Collects the pieces of one program: helper definitions, classes, root attributes,
+    forward lines and the post-construction steps (training flags, hooks)."""
+
+    def __init__(self, spec: NetSpec) -> None:
+        self.spec = spec
+        self.helpers: set[str] = set()
+        self.classes: list[str] = []
+        self.root_init: list[str] = []
+        self.root_forward: list[str] = []
+        self.setup: list[str] = []
+        for index, block in enumerate(spec.blocks):
+            self._block(index, block)
+
+    def program(self) -> str:
+        helper_order = [name for name in HELPERS if name in self.helpers]
+        parts = [HEADER, *(HELPERS[name] for name in helper_order), *self.classes]
+        parts.append(self._class("Net", "The drawn network.", self.root_init, self.root_forward))
+        stats_class = ", BatchNormStats" if "BatchNormStats" in self.helpers else ""
+        parts.append(RANDOMIZE.replace("{stats_class}", stats_class))
+        parts.append(self._make_network())
+        parts.append("\nmodel, inputs = make_network()\n")
+        return "".join(parts)
+
+    def _class(self, name: str, doc: str, init: list[str], forward: list[str]) -> str:
+        body = [f"class {name}(nn.Module):", f'{INDENT}"""{doc}"""', ""]
+        body += [f"{INDENT}def __init__(self):", f"{INDENT * 2}super().__init__()"]
+        body += [INDENT * 2 + line for line in init]
+        body += ["", f"{INDENT}def forward(self, x):"]
+        body += [INDENT * 2 + line for line in forward]
+        body.append(f"{INDENT * 2}return x")
+        return "\n\n" + "\n".join(body) + "\n"
+
+    def _make_network(self) -> str:
+        spec = self.spec
+        target = f"device={spec.device!r}, dtype=torch.{spec.dtype}"
+        lines = [
+            "def make_network():",
+            "model = Net()",
+            f"model = model.to({target}).eval()",
+            f"randomize(model, seed={spec.seed})",
+            *self.setup,
+            f"generator = torch.Generator().manual_seed({spec.seed + 1})",
+            f"x = torch.randn({spec.input_shape!r}, generator=generator, dtype=torch.float64)",
+            f"return model, (x.to({target}),)",
+        ]
+        return "\n\n" + "\n".join(lines[:1] + [INDENT + line for line in lines[1:]]) + "\n"
+
+    def _note_helpers(self, op: Op, qualname: str | None) -> None:
+        """Record helper definitions an op needs and its post-construction steps."""
+        if isinstance(op, Layer):
+            if op.functional:
+                self.helpers.add("LayerWeights")
+            if op.frozen:
+                self.setup.append(f"{_submodule(qualname)}.requires_grad_(False)")
+            if op.hooked:
+                self.helpers.add("shift_output")
+                self.setup.append(f"{_submodule(qualname)}.register_forward_hook(shift_output)")
+        if isinstance(op, Norm):
+            if op.style == FUNCTIONAL:
+                self.helpers.add("BatchNormStats")
+            elif op.style != "module":
+                self.helpers.add(_batchnorm_class(op))
+            if op.defect == TRAINING and op.style != FUNCTIONAL:
+                self.setup.append(f"{_submodule(qualname)}.train()")
+            if op.defect == FORWARD_HOOK:
+                self.helpers.add("shift_output")
+                self.setup.append(f"{_submodule(qualname)}.register_forward_hook(shift_output)")
+            if op.defect == FORWARD_PRE_HOOK:
+                self.helpers.add("scale_input")
+                self.setup.append(f"{_submodule(qualname)}.register_forward_pre_hook(scale_input)")
+
+    def _block(self, index: int, block: Block) -> None:
+        if isinstance(block, Chain):
+            self._chain_block(index, block)
+            return
+        init: list[str] = []
+        forward: list[str] = []
+        self._two_calls_lines(index, block, init, forward)
+        if block.packaging == INLINE:
+            self.root_init += init
+            self.root_forward += forward
+        else:
+            self._place(index, self._wrapper_class(f"Block{index}", init, forward))
+
+    def _place(self, index: int, module: str) -> None:
+        """Put a block's module on the root as ``b{index}`` and call it."""
+        self.root_init.append(f"self.b{index} = {module}")
+        self.root_forward.append(f"x = self.b{index}(x)")
+
+    def _wrapper_class(self, name: str, init: list[str], forward: list[str]) -> str:
+        doc = "A custom wrapper holding its layers and norms as attributes."
+        self.classes.append(self._class(name, doc, init, forward))
+        return f"{name}()"
+
+    def _chain_block(self, index: int, chain: Chain) -> None:
+        module = None  # the expression creating the module that runs the chain, if any
+        if chain.packaging == SEQUENTIAL:
+            for op, name in zip(chain.ops, chain_names(index, chain), strict=True):
+                self._note_helpers(op, name)
+            module = _nested_sequential([_constructor(op) for op in chain.ops], chain.depth)
+        elif chain.packaging == WRAPPER:
+            init, forward = self._chain_lines(index, chain)
+            module = self._wrapper_class(f"Block{index}", init, forward)
+        if chain.boundary == UNTRACEABLE:
+            if module is None:
+                init, forward = self._chain_lines(index, chain)
+            else:
+                init, forward = [f"self.inner = {module}"], ["x = self.inner(x)"]
+            doc = "Checks the input's rank in Python control flow, which FX cannot trace."
+            self.classes.append(self._class(f"Guarded{index}", doc, init, [*RANK_GUARD, *forward]))
+            module = f"Guarded{index}()"
+        if module is None:
+            init, forward = self._chain_lines(index, chain)
+            self.root_init += init
+            self.root_forward += forward
+        else:
+            self._place(index, module)
+        if chain.boundary == HOOKED:
+            self.helpers.add("shift_output")
+            self.setup.append(f"model.b{index}.register_forward_hook(shift_output)")
+
+    def _chain_lines(self, index: int, chain: Chain) -> tuple[list[str], list[str]]:
+        """``__init__`` and ``forward`` lines of a chain whose ops are attributes of one module."""
+        init: list[str] = []
+        forward: list[str] = []
+        names = chain_names(index, chain)
+        for position, (op, name) in enumerate(zip(chain.ops, names, strict=True)):
+            self._note_helpers(op, name)
+            owner = None
+            if name is not None:
+                attribute = local_name(name)
+                init.append(f"self.{attribute} = {_constructor(op)}")
+                owner = "self." + attribute
+            forward.append(f"x = {_call(op, 'x', owner)}")
+            tap = chain.tap
+            if tap is not None and tap.after == position:
+                if tap.kind in (ADD, CAT):
+                    forward.append("tap = x")
+                else:
+                    forward.append(_metadata_assert(tap.kind, "x", tap.expected))
+        if chain.tap is not None and chain.tap.kind == ADD:
+            forward.append("x = x + tap")
+        if chain.tap is not None and chain.tap.kind == CAT:
+            forward.append("x = torch.cat([x, tap], 1)")
+        return init, forward
+
+    def _two_calls_lines(
+        self, index: int, block: TwoCalls, init: list[str], forward: list[str]
+    ) -> None:
+        names = two_calls_names(index, block)
+        layer_attribute = local_name(names.layer)
+        self._note_helpers(block.layer, names.layer)
+        init.append(f"self.{layer_attribute} = {_constructor(block.layer)}")
+        layer = "self." + layer_attribute
+        forward.append(f"a = {layer}(x)")
+        self._norm_lines(index, block, block.first_norms, names.first_norms, "a", init, forward)
+        if block.second == FUNCTIONAL:
+            forward.append(f"b = {_functional_layer_call(block.layer, 'x', layer)}")
+        else:
+            forward.append(f"b = {layer}(x)")
+        if block.second_norms is None:
+            norms = block.first_norms
+            self._norm_lines(index, block, norms, names.second_norms, "b", None, forward)
+        else:
+            norms = block.second_norms
+            self._norm_lines(index, block, norms, names.second_norms, "b", init, forward)
+        forward.append("x = a + b")
+
+    def _norm_lines(
+        self,
+        index: int,
+        block: TwoCalls,
+        norms: tuple[Norm, ...],
+        names: list[str],
+        value: str,
+        init: list[str] | None,
+        forward: list[str],
+    ) -> None:
+        """Norms applied to one branch; ``init=None`` reuses modules created for the other."""
+        for norm, name in zip(norms, names, strict=True):
+            attribute = local_name(name)
+            if init is not None:
+                self._note_helpers(norm, name)
+                init.append(f"self.{attribute} = {_constructor(norm)}")
+            forward.append(f"{value} = {_call(norm, value, 'self.' + attribute)}")
+
+
+def _nested_sequential(expressions: list[str], depth: int) -> str:
+    """``nn.Sequential`` staircase matching ``naming.staircase``."""
+    if depth <= 1:
+        return f"nn.Sequential({', '.join(expressions)})"
+    if len(expressions) == 1:
+        return f"nn.Sequential({_nested_sequential(expressions, depth - 1)})"
+    return f"nn.Sequential({expressions[0]}, {_nested_sequential(expressions[1:], depth - 1)})"

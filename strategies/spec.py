@@ -1,0 +1,190 @@
+"""The network description: plain, frozen data that says everything about one random network.
+
+A spec holds no torch objects, so it can be printed, compared, pinned as a Python literal in a
+regression test (``repr(spec)`` is valid Python once these classes are imported), and read by the
+oracle without building anything. Every op records the shape facts it was drawn for (input rank,
+channel counts), so the renderer and the oracle never have to re-run shape inference and cannot
+disagree about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+
+CONV = "conv"
+CONV_TRANSPOSE = "conv_transpose"
+LINEAR = "linear"
+
+MODULE = "module"
+FUNCTIONAL = "functional"
+TRACED_SUBCLASS = "traced_subclass"
+OPAQUE_SUBCLASS = "opaque_subclass"
+
+TRAINING = "training"
+FORWARD_HOOK = "forward_hook"
+FORWARD_PRE_HOOK = "forward_pre_hook"
+
+INLINE = "inline"
+SEQUENTIAL = "sequential"
+WRAPPER = "wrapper"
+
+HOOKED = "hooked"
+UNTRACEABLE = "untraceable"
+
+ADD = "add"
+CAT = "cat"
+METADATA_TAPS = ("ndim", "shape", "size", "dim", "numel")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A convolution, transposed convolution or linear layer.
+
+    ``spatial_dims`` is 1, 2 or 3 for convolutions and 0 for linear layers. ``input_ndim`` is the
+    rank of the (batched) tensor it reads: the oracle needs it to decide whether a Linear sees a
+    2-D input. Functional layers are ``F.conv*``/``F.linear`` calls on registered parameters;
+    they only support ``padding_mode="zeros"``. A hooked layer carries a forward hook that changes
+    its output, so folding into it would be visible. A frozen layer's parameters have
+    ``requires_grad=False``, which its folded parameters must keep.
+    """
+
+    kind: str
+    spatial_dims: int
+    input_ndim: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()
+    functional: bool = False
+    hooked: bool = False
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A BatchNorm call site.
+
+    ``style``: ``module`` (``nn.BatchNormNd``), ``functional`` (``F.batch_norm`` on registered
+    buffers), ``traced_subclass`` (a BatchNorm subclass whose forward calls ``F.batch_norm`` then
+    ReLU, like timm's ``BatchNormAct2d``) or ``opaque_subclass`` (a subclass whose forward calls
+    ``super().forward(x)`` and adds a constant: FX cannot trace it). ``defect`` makes a site
+    unfoldable on purpose: ``training`` (a training-mode module, or ``training=True`` in the
+    functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values).
+    """
+
+    input_ndim: int
+    num_features: int
+    affine: bool = True
+    track_running_stats: bool = True
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    style: str = MODULE
+    defect: str | None = None
+
+
+@dataclass(frozen=True)
+class Act:
+    """An elementwise activation, or ``identity`` (``nn.Identity`` as a module)."""
+
+    kind: str
+    functional: bool = False
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """``x.flatten(start_dim)``: leads from convolutions to Linear heads on 2-D or 3-D inputs."""
+
+    start_dim: int
+
+
+Op = Layer | Norm | Act | Flatten
+
+
+@dataclass(frozen=True)
+class Tap:
+    """An extra user of the output of ``ops[after]`` in a chain.
+
+    ``add``/``cat`` read values (the chain's result is added to or concatenated with it), which
+    blocks an output-side fold into that op. The metadata kinds (``ndim``, ``shape``, ``size``,
+    ``dim``, ``numel``) only read shape facts through ``torch._assert`` and block nothing;
+    ``expected`` is the value the assertion checks.
+    """
+
+    after: int
+    kind: str
+    expected: int = 0
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Ops applied one after another, packaged inline in the root module, as an ``nn.Sequential``
+    nested ``depth`` levels deep, or as a custom wrapper module holding the ops as attributes.
+
+    ``boundary`` puts the chain behind a module the fuser must fuse on its own: ``hooked`` (the
+    Sequential or wrapper has a forward hook that changes values) or ``untraceable`` (the chain sits
+    in a module whose forward checks the input's rank in Python, which FX cannot trace; a Sequential
+    or wrapper chain is its child ``inner``, an inline chain's ops are its own attributes).
+    """
+
+    ops: tuple[Op, ...]
+    packaging: str = INLINE
+    depth: int = 1
+    tap: Tap | None = None
+    boundary: str | None = None
+
+
+@dataclass(frozen=True)
+class TwoCalls:
+    """One layer module read twice on the same input, then the two branches are added.
+
+    The second read is either a second call of the same module (``second="module"``) or a
+    functional call on the module's own weight and bias (``second="functional"``: tied weights).
+    ``second_norms=None`` calls the first branch's norm modules again (a BN with two call sites).
+    """
+
+    layer: Layer
+    second: str
+    first_norms: tuple[Norm, ...]
+    second_norms: tuple[Norm, ...] | None
+    packaging: str = INLINE
+
+
+Block = Chain | TwoCalls
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A whole network: its input shape (batched, channels on dim 1), blocks, dtype, device and
+    the seed from which every weight, BN statistic and input value is derived."""
+
+    input_shape: tuple[int, ...]
+    blocks: tuple[Block, ...]
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+
+def literal(value: object) -> str:
+    """Python source for a spec value that leaves out fields at their defaults.
+
+    ``repr`` of these dataclasses is already valid Python; this is the short form used to pin a
+    failing network in a regression test.
+    """
+    if is_dataclass(value) and not isinstance(value, type):
+        parts = []
+        for spec_field in fields(value):
+            current = getattr(value, spec_field.name)
+            if spec_field.default is not MISSING and current == spec_field.default:
+                continue
+            parts.append(f"{spec_field.name}={literal(current)}")
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if isinstance(value, tuple):
+        items = [literal(item) for item in value]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    return repr(value)
