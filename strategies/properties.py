@@ -1,0 +1,356 @@
+"""The properties a fuser must satisfy, as plain functions over one drawn network.
+
+``tests/test_properties.py`` turns each into a Hypothesis test; the benchmark calls
+``check_network`` to time draw + build + fuse + check. A violated property raises
+``PropertyViolation``, whose message names the property, the BatchNorm site(s), the error against
+what is allowed, the oracle's verdicts, the fuser's report, the network as runnable Python, and
+the spec literal to pin it as a regression.
+
+Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
+``input_model_untouched``, ``output_signature_preserved``, ``idempotent``,
+``training_model_refused_or_equivalent``. Completeness (folds everything the README promises):
+``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import given, seed, settings
+from torch import nn
+
+from strategies.batchnorm_calls import batchnorm_calls
+from strategies.build import build_from_source
+from strategies.draw import net_specs
+from strategies.fuser_under_test import FuserUnderTest
+from strategies.oracle import Site, foldable_sites
+from strategies.snapshot import differences, snapshot
+from strategies.source import render_source
+from strategies.spec import NetSpec, literal
+from strategies.tolerance import Comparison, compare, perturb_constants
+
+RUNNING_MEAN = ".running_mean"
+_networks_checked = 0
+
+
+def networks_checked() -> int:
+    """How many networks this process has built and fused (the suite reports the total)."""
+    return _networks_checked
+
+
+def _count_network() -> None:
+    global _networks_checked
+    _networks_checked += 1
+
+
+class PropertyViolation(AssertionError):
+    """A property failed on one network; the message is a complete bug report."""
+
+
+class OutOfRange(Exception):
+    """The original network's own output is not finite in its dtype (float16 overflow): there
+    is nothing to compare against, so the example says nothing about the fuser."""
+
+
+@dataclass
+class Trial:
+    """One network, built, evaluated (original and float64 reference) and fused once."""
+
+    spec: NetSpec
+    fuser: FuserUnderTest
+    source: str
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    original_output: torch.Tensor
+    reference_output: torch.Tensor
+    perturbed_output: torch.Tensor
+    sites: list[Site]
+    touched: list[str]
+    fused: nn.Module | None = None
+    report: object | None = None
+    error: BaseException | None = None
+    _fused_output: torch.Tensor | None = field(default=None, repr=False)
+
+    def violation(self, prop: str, detail: str, sites: str | None = None) -> PropertyViolation:
+        """A ``PropertyViolation`` carrying everything needed to understand and reproduce it."""
+        lines = [f"property {prop} violated" + (f" at BatchNorm site {sites}" if sites else "")]
+        lines += [f"  {detail_line}" for detail_line in detail.splitlines()]
+        lines.append(f"fuser under test: {self.fuser.name}")
+        lines.append("oracle (README foldability definition):")
+        lines += [f"  {site.describe()}" for site in self.sites] or ["  no BatchNorm call sites"]
+        if self.report is not None:
+            lines.append("fuser's report:")
+            lines += [f"  {line}" for line in str(self.report).splitlines()]
+        lines += ["network (runnable Python: builds `model` and `inputs`):", "", self.source]
+        lines.append(f"pin it in tests/pinned.py:\n    {literal(self.spec)}")
+        return PropertyViolation("\n".join(lines))
+
+    def require_fused(self, prop: str) -> nn.Module:
+        """The fused module, or a violation when the fuser refused an eval-mode model."""
+        if self.error is not None:
+            detail = f"the fuser raised {type(self.error).__name__}: {self.error}"
+            raise self.violation(prop, detail + " (on an eval-mode model it must fuse)") from (
+                self.error
+            )
+        return self.fused
+
+    def fused_output(self, prop: str) -> torch.Tensor:
+        if self._fused_output is None:
+            self._fused_output = self.run_fused(prop, self.require_fused(prop))
+        return self._fused_output
+
+    def run_fused(self, prop: str, module: nn.Module) -> torch.Tensor:
+        """Evaluate a fused module; if it cannot even run, that is this property's violation."""
+        try:
+            return _evaluate(module, self.inputs)
+        except Exception as error:
+            detail = f"running the fused model raised {type(error).__name__}: {error}"
+            raise self.violation(prop, detail) from error
+
+    def compare(self, fused_output: torch.Tensor) -> Comparison:
+        """The tolerance rule (``strategies/tolerance.py``) applied to a fused output."""
+        return compare(
+            self.original_output, fused_output, self.reference_output, self.perturbed_output
+        )
+
+    def suspects(self) -> str:
+        """Sites a wrong output most likely comes from: what the fuser says it folded, else
+        what the oracle would fold."""
+        folded = getattr(self.report, "folded", None)
+        if folded:
+            return ", ".join(f"{site.bn} (call {site.call_index})" for site in folded)
+        names = [f"{s.bn} (call {s.call_index})" for s in self.sites if s.foldable]
+        return ", ".join(names) or None
+
+
+def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return module(*inputs)
+
+
+def _outputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: NetSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The original's output, its float64 reference, and the reference with every constant
+    perturbed by one rounding of the network's dtype (the inputs of the tolerance rule)."""
+    reference = copy.deepcopy(model).to(torch.float64)
+    reference_inputs = tuple(x.double() for x in inputs)
+    original_output = _evaluate(model, inputs)
+    reference_output = _evaluate(reference, reference_inputs)
+    if not (torch.isfinite(original_output).all() and torch.isfinite(reference_output).all()):
+        raise OutOfRange(f"the original network overflows in {spec.dtype}")
+    perturb_constants(reference, original_output.dtype, spec.seed)
+    return original_output, reference_output, _evaluate(reference, reference_inputs)
+
+
+def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False) -> Trial:
+    """Build the network, evaluate it and its float64 reference, snapshot it, fuse it, and
+    record whether fusing touched it. Raises ``OutOfRange`` for networks without a finite
+    output in their dtype."""
+    _count_network()
+    source = render_source(spec)
+    model, inputs = build_from_source(source)
+    outputs = _outputs(model, inputs, spec)
+    before = snapshot(model)
+    trial = Trial(spec, fuser, source, model, inputs, *outputs, foldable_sites(spec), touched=[])
+    try:
+        fuse = fuser.fuse_with_report if with_report else fuser.fuse
+        trial.fused, trial.report = fuse(model, inputs)
+    except Exception as error:  # the properties decide whether raising was allowed
+        trial.error = error
+    trial.touched = differences(before, snapshot(model))
+    return trial
+
+
+def check_fused_matches_original(trial: Trial) -> None:
+    """The fused model computes what the original computes, within the tolerance rule."""
+    prop = "fused_matches_original"
+    output = trial.fused_output(prop)
+    if output.shape != trial.original_output.shape:
+        detail = f"output shape {tuple(output.shape)} != {tuple(trial.original_output.shape)}"
+        raise trial.violation(prop, detail)
+    comparison = trial.compare(output)
+    if not comparison.ok:
+        raise trial.violation(prop, comparison.describe(), trial.suspects())
+
+
+def check_input_model_untouched(trial: Trial) -> None:
+    """Fusing left the caller's model bitwise identical: tensors, tree, flags, hooks."""
+    if trial.touched:
+        raise trial.violation("input_model_untouched", "\n".join(trial.touched))
+
+
+def check_output_signature_preserved(trial: Trial) -> None:
+    """The fused output has the original's dtype, device and shape, and every parameter the
+    fused model shares a name with keeps its dtype, device and ``requires_grad``."""
+    prop = "output_signature_preserved"
+    output, original = trial.fused_output(prop), trial.original_output
+    for what in ("dtype", "device", "shape"):
+        if getattr(output, what) != getattr(original, what):
+            detail = f"output {what} {getattr(output, what)} != original {getattr(original, what)}"
+            raise trial.violation(prop, detail)
+    before = dict(trial.model.named_parameters())
+    for name, parameter in trial.fused.named_parameters():
+        if name not in before:
+            continue
+        for what in ("dtype", "device", "requires_grad"):
+            if getattr(parameter, what) != getattr(before[name], what):
+                detail = (
+                    f"parameter {name}: {what} {getattr(parameter, what)} "
+                    f"!= original {getattr(before[name], what)}"
+                )
+                raise trial.violation(prop, detail)
+
+
+def check_idempotent(trial: Trial) -> None:
+    """Fusing the fused model again still matches the original, and (when the fuser reports)
+    folds nothing more."""
+    prop = "idempotent"
+    fused = trial.require_fused(prop)
+    try:
+        twice, report = trial.fuser.fuse_with_report(fused, trial.inputs)
+    except Exception as error:
+        detail = f"fusing the fused model raised {type(error).__name__}: {error}"
+        raise trial.violation(prop, detail) from error
+    output = trial.run_fused(prop, twice)
+    if output.shape != trial.original_output.shape:
+        raise trial.violation(prop, f"output shape changed to {tuple(output.shape)}")
+    comparison = trial.compare(output)
+    if not comparison.ok:
+        raise trial.violation(prop, "after a second fuse: " + comparison.describe())
+    folded = getattr(report, "folded", None)
+    if folded:
+        names = ", ".join(f"{site.bn} (call {site.call_index})" for site in folded)
+        raise trial.violation(prop, "the second fuse folded more", names)
+
+
+def check_training_model_refused_or_equivalent(spec: NetSpec, fuser: FuserUnderTest) -> None:
+    """A model in training mode is refused with a ``ValueError`` or left equivalent (BatchNorm
+    then normalises with batch statistics, which no fold can reproduce)."""
+    prop = "training_model_refused_or_equivalent"
+    _count_network()
+    source = render_source(spec)
+    model, inputs = build_from_source(source)
+    model.train()
+    outputs = _outputs(copy.deepcopy(model), inputs, spec)
+    trial = Trial(spec, fuser, source, model, inputs, *outputs, foldable_sites(spec), touched=[])
+    try:
+        fused, _ = fuser.fuse(model, inputs)
+    except ValueError:
+        return
+    except Exception as error:
+        detail = f"a training-mode model raised {type(error).__name__}: {error} (not a ValueError)"
+        raise trial.violation(prop, detail) from error
+    output = trial.run_fused(prop, fused)
+    if output.shape != trial.original_output.shape:
+        raise trial.violation(prop, f"output shape changed to {tuple(output.shape)}")
+    comparison = trial.compare(output)
+    if not comparison.ok:
+        detail = "the model was in training mode and was fused anyway: " + comparison.describe()
+        raise trial.violation(prop, detail, trial.suspects())
+
+
+def _site_of_call(name: str | None, site_names: set[str]) -> str | None:
+    """The oracle site a runtime batch norm call belongs to, from its running_mean's name."""
+    if name is None:
+        return None
+    module_name = name.removesuffix(RUNNING_MEAN)
+    if name.endswith(RUNNING_MEAN) and module_name in site_names:
+        return module_name
+    return name if name in site_names else None
+
+
+def check_no_foldable_batchnorm_remains(trial: Trial) -> None:
+    """No BatchNorm call the oracle calls foldable still runs in the fused model."""
+    prop = "no_foldable_batchnorm_remains"
+    fused = trial.require_fused(prop)
+    try:
+        calls = batchnorm_calls(fused, trial.inputs)
+    except Exception as error:
+        detail = f"running the fused model raised {type(error).__name__}: {error}"
+        raise trial.violation(prop, detail) from error
+    foldable = Counter(site.bn for site in trial.sites if site.foldable)
+    unfoldable = Counter(site.bn for site in trial.sites if not site.foldable)
+    site_names = {site.bn for site in trial.sites if site.bn is not None}
+    remaining = Counter(_site_of_call(name, site_names) for name in calls)
+    for name, count in remaining.items():
+        if name is not None and foldable[name] and count > unfoldable[name]:
+            verdicts = [s.describe() for s in trial.sites if s.bn == name]
+            detail = f"{count} batch_norm call(s) still run for it; oracle: " + "; ".join(verdicts)
+            raise trial.violation(prop, detail, name)
+    if len(calls) > sum(unfoldable.values()):
+        detail = (
+            f"the fused model runs {len(calls)} batch_norm calls ({calls}) but only "
+            f"{sum(unfoldable.values())} sites are unfoldable"
+        )
+        raise trial.violation(prop, detail, trial.suspects())
+
+
+def check_report_agrees_with_oracle(trial: Trial) -> None:
+    """Site by site, the fuser's report says folded (and on which side) exactly where the
+    oracle does. Fusers without a report pass trivially."""
+    prop = "report_agrees_with_oracle"
+    trial.require_fused(prop)
+    if trial.report is None:
+        return
+    reported = {(site.bn, site.call_index): site for site in trial.report.sites}
+    for site in trial.sites:
+        if site.bn is None:
+            continue
+        name = f"{site.bn} (call {site.call_index})"
+        got = reported.pop((site.bn, site.call_index), None)
+        if site.foldable and got is None:
+            raise trial.violation(prop, f"no report entry; oracle: {site.describe()}", name)
+        if site.foldable and not got.folded:
+            detail = f"report: left ({got.reason}); oracle: {site.describe()}"
+            raise trial.violation(prop, detail, name)
+        if site.foldable and got.side != site.side:
+            detail = f"report: folded on the {got.side} side; oracle: {site.describe()}"
+            raise trial.violation(prop, detail, name)
+        if not site.foldable and got is not None and got.folded:
+            detail = f"report: folded into {got.into} ({got.side} side); oracle: {site.describe()}"
+            raise trial.violation(prop, detail, name)
+    for (bn, index), got in reported.items():
+        if got.folded:
+            detail = f"report folds a site the oracle has no foldable BatchNorm for: {got}"
+            raise trial.violation(prop, detail, f"{bn} (call {index})")
+
+
+TRIAL_CHECKS = (
+    check_input_model_untouched,
+    check_fused_matches_original,
+    check_output_signature_preserved,
+    check_idempotent,
+    check_no_foldable_batchnorm_remains,
+    check_report_agrees_with_oracle,
+)
+
+
+def check_network(spec: NetSpec, fuser: FuserUnderTest) -> None:
+    """Every property on one network (one build, one fuse); raises the first violation."""
+    trial = run_trial(spec, fuser, with_report=True)
+    for check in TRIAL_CHECKS:
+        check(trial)
+    check_training_model_refused_or_equivalent(spec, fuser)
+
+
+def check_random_networks(fuser: FuserUnderTest, count: int, *, seed_value: int = 0) -> int:
+    """Draw, build, fuse and check ``count`` random networks (what the benchmark times);
+    returns how many were checked. Raises the (shrunk) violation if one is found."""
+    checked = []
+
+    @seed(seed_value)
+    @settings(max_examples=count, database=None, deadline=None)
+    @given(net_specs())
+    def check_one(spec: NetSpec) -> None:
+        try:
+            check_network(spec, fuser)
+        except OutOfRange:
+            return
+        checked.append(spec)
+
+    check_one()
+    return len(checked)

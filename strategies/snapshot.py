@@ -1,0 +1,105 @@
+"""A bitwise record of a module, to prove a fuser left its input alone.
+
+Records every parameter and buffer (bits, dtype, device, shape, ``requires_grad`` and identity),
+the module tree (names, types, identities, training flags) and the hooks of every module. Comparing
+two snapshots lists each difference in words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    identity: int
+    dtype: torch.dtype
+    device: torch.device
+    shape: tuple[int, ...]
+    requires_grad: bool
+    bits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What ``snapshot`` saw; compare two with ``differences``."""
+
+    tensors: dict[str, _TensorRecord]
+    modules: dict[str, tuple[type, int, bool]]
+    hooks: dict[str, tuple[tuple[int, ...], ...]]
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).clone().view(torch.uint8).cpu()
+
+
+def snapshot(model: nn.Module) -> ModelSnapshot:
+    """Record everything a fuser must not change in its input model."""
+    tensors = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        tensors[name] = _TensorRecord(
+            id(tensor),
+            tensor.dtype,
+            tensor.device,
+            tuple(tensor.shape),
+            tensor.requires_grad,
+            _bits(tensor),
+        )
+    modules = {}
+    hooks = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules[name] = (type(module), id(module), module.training)
+        hooks[name] = tuple(
+            tuple(id(hook) for hook in getattr(module, attribute).values())
+            for attribute in HOOK_DICTS
+        )
+    return ModelSnapshot(tensors, modules, hooks)
+
+
+def differences(before: ModelSnapshot, after: ModelSnapshot) -> list[str]:
+    """Every way ``after`` differs from ``before``, one line each (empty when untouched)."""
+    found = []
+    if before.modules.keys() != after.modules.keys():
+        added = sorted(after.modules.keys() - before.modules.keys())
+        removed = sorted(before.modules.keys() - after.modules.keys())
+        found.append(f"module tree changed: added {added}, removed {removed}")
+    for name, (kind, identity, training) in before.modules.items():
+        if name not in after.modules:
+            continue
+        now_kind, now_identity, now_training = after.modules[name]
+        label = name or "<root>"
+        if (kind, identity) != (now_kind, now_identity):
+            found.append(f"module {label} replaced ({kind.__name__} -> {now_kind.__name__})")
+        if training != now_training:
+            found.append(f"module {label} training flag changed {training} -> {now_training}")
+        if before.hooks[name] != after.hooks[name]:
+            found.append(f"module {label} hooks changed")
+    if before.tensors.keys() != after.tensors.keys():
+        added = sorted(after.tensors.keys() - before.tensors.keys())
+        removed = sorted(before.tensors.keys() - after.tensors.keys())
+        found.append(f"parameters/buffers changed: added {added}, removed {removed}")
+    for name, record in before.tensors.items():
+        now = after.tensors.get(name)
+        if now is None:
+            continue
+        if record.identity != now.identity:
+            found.append(f"tensor {name} replaced by another tensor object")
+        if (record.dtype, record.device, record.shape) != (now.dtype, now.device, now.shape):
+            found.append(
+                f"tensor {name} changed from {record.dtype} {record.shape} on {record.device} "
+                f"to {now.dtype} {now.shape} on {now.device}"
+            )
+        elif not torch.equal(record.bits, now.bits):
+            found.append(f"tensor {name} values changed")
+        if record.requires_grad != now.requires_grad:
+            found.append(f"tensor {name} requires_grad changed")
+    return found
