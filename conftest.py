@@ -1,0 +1,136 @@
+"""Pytest configuration for the whole repository: Hypothesis profiles, the example database, the
+``--fuser`` gate, and one CPU thread per test process.
+
+Profiles (``--hypothesis-profile NAME`` or ``HYPOTHESIS_PROFILE=NAME``; default ``dev``):
+
+- ``dev``: random exploration, ``DEV_EXAMPLES`` networks per property, failures saved to the example
+  database and replayed first on the next run.
+- ``ci``: derandomized (every run draws the same networks), ``CI_EXAMPLES`` per property, no deadline,
+  ``print_blob`` on. Hypothesis ties derandomize to ``database=None``, so CI never reads or writes the
+  database: failures found in CI are pinned in ``tests/pinned.py`` instead.
+- ``thorough``: like ``dev`` with ten times the examples (nightly, or before a release).
+- ``smoke``: a handful of examples, no database, no shrinking; for the suite's own test that a
+  broken fuser makes it fail.
+
+Example database (``dev`` and ``thorough``): ``CONVBN_HYPOTHESIS_DB=/shared/dir`` shares a
+``DirectoryBasedExampleDatabase`` between machines and workers (it is safe under ``pytest -n``);
+``CONVBN_HYPOTHESIS_REDIS=redis://host:6379/0`` uses Hypothesis's Redis database (install
+``hypothesis[redis]``), combined with the local or shared directory when both are set. Unset, Hypothesis
+uses ``.hypothesis/examples`` in the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import (
+    DirectoryBasedExampleDatabase,
+    ExampleDatabase,
+    MultiplexedDatabase,
+)
+
+from strategies import properties
+from strategies.fuser_under_test import FuserUnderTest
+
+DEFAULT_FUSER = "fuser:fuse"
+DEFAULT_FUSER_REPORT = "fuser:fuse_with_report"
+DEV_EXAMPLES = 100
+CI_EXAMPLES = 300  # x 7 property tests: 2,100 random networks per CI run
+DATABASE_DIRECTORY_ENV = "CONVBN_HYPOTHESIS_DB"
+DATABASE_REDIS_ENV = "CONVBN_HYPOTHESIS_REDIS"
+
+# The networks are tiny: with several threads per process, OpenMP's spinning threads of two xdist
+# workers (and anyone else's jobs) fight over the cores and every kernel gets ~100x slower.
+torch.set_num_threads(1)
+
+
+def example_database() -> ExampleDatabase | None:
+    """The database the exploring profiles save failures to (see the module docstring)."""
+    databases: list[ExampleDatabase] = []
+    directory = os.environ.get(DATABASE_DIRECTORY_ENV)
+    if directory:
+        databases.append(DirectoryBasedExampleDatabase(directory))
+    redis_url = os.environ.get(DATABASE_REDIS_ENV)
+    if redis_url:
+        import redis  # hypothesis[redis]
+        from hypothesis.extra.redis import RedisExampleDatabase
+
+        if not databases:
+            databases.append(DirectoryBasedExampleDatabase(".hypothesis/examples"))
+        databases.append(RedisExampleDatabase(redis.Redis.from_url(redis_url)))
+    if not databases:
+        return None
+    return databases[0] if len(databases) == 1 else MultiplexedDatabase(*databases)
+
+
+def _register_profiles() -> None:
+    database = example_database()
+    explore = {"database": database} if database is not None else {}
+    common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+    settings.register_profile("dev", max_examples=DEV_EXAMPLES, **common, **explore)
+    settings.register_profile("thorough", max_examples=10 * DEV_EXAMPLES, **common, **explore)
+    settings.register_profile(
+        "ci", max_examples=CI_EXAMPLES, derandomize=True, print_blob=True, **common
+    )
+    settings.register_profile(
+        "smoke",
+        max_examples=30,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        **common,
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+_register_profiles()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuser",
+        default=None,
+        metavar="package.module:function",
+        help="run the property suite against this fuser, called as fn(model) or "
+        f"fn(model, example_inputs=...) (default: {DEFAULT_FUSER}, report via "
+        f"{DEFAULT_FUSER_REPORT})",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuser_under_test(request: pytest.FixtureRequest) -> FuserUnderTest:
+    """The fuser every property runs against: ``--fuser``, or ours with its report."""
+    target = request.config.getoption("--fuser")
+    if target is None:
+        return FuserUnderTest.from_target(DEFAULT_FUSER, DEFAULT_FUSER_REPORT)
+    return FuserUnderTest.from_target(target)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    target = config.getoption("--fuser") or DEFAULT_FUSER
+    return f"fuser under test: {target}; hypothesis profile: {settings.get_current_profile_name()}"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the count to the controller
+        workeroutput["networks_checked"] = properties.networks_checked()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist controller: add up the networks each worker checked."""
+    count = getattr(node, "workeroutput", {}).get("networks_checked", 0)
+    node.config._convbn_networks_checked = (
+        getattr(node.config, "_convbn_networks_checked", 0) + count
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    count = getattr(config, "_convbn_networks_checked", 0) + properties.networks_checked()
+    if count:
+        terminalreporter.write_line(
+            f"property suite: {count} random networks built, fused and checked"
+        )

@@ -1,0 +1,145 @@
+"""The property suite: random conv/BN networks, fused by the fuser under test, checked against
+a float64 evaluation and against the oracle's reading of the README's foldability definition.
+
+``pytest --fuser=package.module:function`` runs all of it against another fuser;
+``-m soundness`` keeps the properties any correct fuser must satisfy, whatever it folds.
+Each property lives in ``strategies/properties.py``; its failure message is a complete bug report
+(property, site, error vs allowed, the network as runnable Python, the spec literal to pin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, reject
+
+from strategies import NetSpec, net_specs
+from strategies.fuser_under_test import FuserUnderTest
+from strategies.properties import (
+    OutOfRange,
+    Trial,
+    check_fused_matches_original,
+    check_idempotent,
+    check_input_model_untouched,
+    check_no_foldable_batchnorm_remains,
+    check_output_signature_preserved,
+    check_report_agrees_with_oracle,
+    check_training_model_refused_or_equivalent,
+    run_trial,
+)
+from tests.pinned import PINNED
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason="no CUDA device here: the cuda variants run where a GPU is present",
+        ),
+    ),
+]
+# Soundness sees every dtype; completeness leaves out float16, where the README lets a fold be
+# refused when its weights would overflow, which the spec alone cannot predict.
+SOUNDNESS_SPECS = net_specs(
+    dtypes=("float32", "float64", "float32", "float64", "bfloat16", "float16")
+)
+COMPLETENESS_SPECS = net_specs(dtypes=("float32", "float64", "bfloat16"))
+
+
+def trial_on(device: str, spec: NetSpec, fuser: FuserUnderTest, with_report: bool = False) -> Trial:
+    """Build, evaluate and fuse ``spec`` on ``device``; networks that overflow their own dtype
+    (float16) are rejected, as they say nothing about the fuser."""
+    try:
+        return run_trial(replace(spec, device=device), fuser, with_report=with_report)
+    except OutOfRange:
+        reject()
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS)
+def test_fused_matches_original(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_fused_matches_original(trial_on(device, spec, fuser_under_test))
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS)
+def test_input_model_is_untouched(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_input_model_untouched(trial_on(device, spec, fuser_under_test))
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS)
+def test_output_dtype_device_and_shape_are_preserved(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_output_signature_preserved(trial_on(device, spec, fuser_under_test))
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS)
+def test_fusing_twice_changes_nothing_more(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_idempotent(trial_on(device, spec, fuser_under_test))
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS)
+def test_training_mode_model_is_refused_or_left_equivalent(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    try:
+        check_training_model_refused_or_equivalent(replace(spec, device=device), fuser_under_test)
+    except OutOfRange:
+        reject()
+
+
+@pytest.mark.completeness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=COMPLETENESS_SPECS)
+def test_no_foldable_batchnorm_remains(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_no_foldable_batchnorm_remains(trial_on(device, spec, fuser_under_test))
+
+
+@pytest.mark.completeness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=COMPLETENESS_SPECS)
+def test_report_agrees_with_oracle(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_report_agrees_with_oracle(trial_on(device, spec, fuser_under_test, with_report=True))
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name: str) -> None:
+    """Every network that ever exposed a bug, replayed on every run."""
+    spec = PINNED[name]
+    trial = run_trial(spec, fuser_under_test)
+    check_input_model_untouched(trial)
+    check_fused_matches_original(trial)
+    check_output_signature_preserved(trial)
+    check_idempotent(trial)
+    check_training_model_refused_or_equivalent(spec, fuser_under_test)
+
+
+@pytest.mark.completeness
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, name: str) -> None:
+    trial = run_trial(PINNED[name], fuser_under_test, with_report=True)
+    check_no_foldable_batchnorm_remains(trial)
+    check_report_agrees_with_oracle(trial)
