@@ -1,0 +1,32 @@
+"""Deliberately broken fusers, small enough to read at a glance, for the gate's own tests.
+
+Each wraps our fuser and adds one bug through the gate's public calling convention
+(``fn(model, example_inputs=...)``), so ``pytest --fuser=tests.broken_fusers:NAME`` can run the
+suite against it. The broader mutant corpus (one bug inside the fuser's internals each) lives in
+``tests/mutants``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def ignores_eps(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Folds as if every BatchNorm module's eps were 0 (a classic hand-written fold bug).
+    Caught by: the fused output matches the original."""
+    from fuser import fuse
+
+    without_eps = copy.deepcopy(model)
+    for module in without_eps.modules():
+        if isinstance(module, _BatchNorm):
+            module.eps = 0.0
+    return fuse(without_eps, example_inputs=example_inputs)
+
+
+def folds_nothing(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Returns an untouched copy: sound, and complete only for networks with nothing to fold.
+    Caught by: no foldable BatchNorm remains."""
+    return copy.deepcopy(model)

@@ -1,0 +1,207 @@
+"""The oracle on hand-written networks, one README foldability rule at a time.
+
+The oracle is the yardstick of every completeness property, so it gets its own example-based
+tests; each case is small enough to check against the README by reading it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from strategies import Act, Chain, Layer, NetSpec, Norm, Tap, TwoCalls, foldable_sites
+
+MAP = (2, 3, 5, 5)  # a batched 2-D feature map with 3 channels
+
+
+def conv(cin: int = 3, cout: int = 3, padding=(1, 1), **options) -> Layer:
+    options.setdefault("kernel_size", (3, 3))
+    return Layer(
+        kind="conv",
+        spatial_dims=2,
+        input_ndim=4,
+        in_channels=cin,
+        out_channels=cout,
+        stride=(1, 1),
+        padding=padding,
+        dilation=(1, 1),
+        **options,
+    )
+
+
+def conv_transpose(cin: int = 3, cout: int = 3) -> Layer:
+    return Layer(
+        kind="conv_transpose",
+        spatial_dims=2,
+        input_ndim=4,
+        in_channels=cin,
+        out_channels=cout,
+        kernel_size=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        output_padding=(0, 0),
+    )
+
+
+def linear(fin: int, fout: int, input_ndim: int = 2) -> Layer:
+    return Layer(
+        kind="linear", spatial_dims=0, input_ndim=input_ndim, in_channels=fin, out_channels=fout
+    )
+
+
+def bn(channels: int = 3, input_ndim: int = 4, **options) -> Norm:
+    return Norm(input_ndim=input_ndim, num_features=channels, **options)
+
+
+def verdicts(*blocks, input_shape=MAP) -> list[tuple[str | None, int, str | None]]:
+    """(site, call index, side or None) for every BN call site, in execution order."""
+    sites = foldable_sites(NetSpec(input_shape=input_shape, blocks=tuple(blocks)))
+    return [(site.bn, site.call_index, site.side if site.foldable else None) for site in sites]
+
+
+def test_conv_then_bn_folds_on_the_output_side():
+    assert verdicts(Chain((conv(), bn()))) == [("b0_bn1", 0, "output")]
+
+
+def test_conv_bn_bn_chain_folds_both_into_the_conv():
+    assert verdicts(Chain((conv(), bn(), bn()))) == [
+        ("b0_bn1", 0, "output"),
+        ("b0_bn2", 0, "output"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("layer", "side"),
+    [
+        (conv(padding=(0, 0)), "input"),
+        (conv(padding="valid"), "input"),
+        (conv(padding=(1, 1)), None),  # zero padding: the shift would not reach the border
+        (conv(padding=(1, 0)), None),
+        (conv(padding=(1, 1), padding_mode="reflect"), "input"),
+        (conv(padding=(1, 1), padding_mode="circular"), "input"),
+        (conv(padding="same"), None),
+        (conv(padding="same", kernel_size=(1, 1)), "input"),
+        (conv_transpose(), None),  # transposed convolutions never take an input-side fold
+    ],
+)
+def test_bn_before_a_layer_folds_on_the_input_side_only_without_zero_padding(layer, side):
+    assert verdicts(Chain((bn(), layer))) == [("b0_bn0", 0, side)]
+
+
+def test_bn_bn_conv_folds_both_on_the_input_side():
+    blocks = Chain((conv(), Act("relu"), bn(), bn(), conv(padding="valid")))
+    assert verdicts(blocks) == [("b0_bn2", 0, "input"), ("b0_bn3", 0, "input")]
+
+
+def test_output_side_is_preferred_over_input_side():
+    assert verdicts(Chain((conv(), bn(), conv(padding="valid")))) == [("b0_bn1", 0, "output")]
+
+
+def test_linear_folds_only_on_two_dimensional_inputs():
+    assert verdicts(Chain((linear(4, 6), bn(6, 2))), input_shape=(2, 4)) == [
+        ("b0_bn1", 0, "output")
+    ]
+    assert verdicts(Chain((bn(4, 2), linear(4, 6))), input_shape=(2, 4)) == [("b0_bn0", 0, "input")]
+    # On (N, C, L) a Linear acts on L while BatchNorm1d normalises C: never foldable.
+    three_d = Chain((linear(5, 3, input_ndim=3), bn(3, 3)))
+    assert verdicts(three_d, input_shape=(2, 3, 5)) == [("b0_bn1", 0, None)]
+    assert verdicts(Chain((bn(3, 3), linear(5, 4, input_ndim=3))), input_shape=(2, 3, 5)) == [
+        ("b0_bn0", 0, None)
+    ]
+
+
+def test_a_value_reader_of_the_conv_output_blocks_the_fold():
+    residual = Chain((conv(), bn()), tap=Tap(after=0, kind="add"))
+    assert verdicts(residual) == [("b0_bn1", 0, None)]
+    concat = Chain((conv(), bn()), tap=Tap(after=0, kind="cat"))
+    assert verdicts(concat) == [("b0_bn1", 0, None)]
+
+
+@pytest.mark.parametrize("kind", ["ndim", "shape", "size", "dim", "numel"])
+def test_metadata_readers_do_not_block_the_fold(kind):
+    assert verdicts(Chain((conv(), bn()), tap=Tap(after=0, kind=kind, expected=1))) == [
+        ("b0_bn1", 0, "output")
+    ]
+
+
+def test_anything_between_the_layer_and_the_bn_blocks_the_fold():
+    assert verdicts(Chain((conv(), Act("relu", functional=True), bn()))) == [("b0_bn2", 0, None)]
+    assert verdicts(Chain((conv(), Act("identity"), bn()))) == [("b0_bn2", 0, None)]
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        bn(defect="training"),
+        bn(defect="forward_hook"),
+        bn(defect="forward_pre_hook"),
+        bn(track_running_stats=False),
+        bn(style="opaque_subclass"),
+        bn(style="functional", defect="training"),
+    ],
+)
+def test_batch_norms_that_must_not_fold(norm):
+    [(_, _, side)] = verdicts(Chain((conv(), norm)))
+    assert side is None
+
+
+def test_functional_and_traceable_subclass_sites_are_named_by_running_mean():
+    blocks = Chain((conv(), bn(style="functional"))), Chain((conv(), bn(style="traced_subclass")))
+    assert verdicts(*blocks) == [
+        ("b0_bn1.running_mean", 0, "output"),
+        ("b1_bn1.running_mean", 0, "output"),
+    ]
+    assert verdicts(Chain((conv(), bn(style="functional", track_running_stats=False)))) == [
+        (None, 0, None)
+    ]
+
+
+def test_functional_layers_fold_like_modules():
+    assert verdicts(Chain((conv(functional=True), bn()))) == [("b0_bn1", 0, "output")]
+    assert verdicts(Chain((bn(), conv(padding="valid", functional=True)))) == [
+        ("b0_bn0", 0, "input")
+    ]
+
+
+def test_a_hooked_layer_takes_no_fold():
+    assert verdicts(Chain((conv(hooked=True), bn()))) == [("b0_bn1", 0, None)]
+    assert verdicts(Chain((bn(), conv(padding="valid", hooked=True)))) == [("b0_bn0", 0, None)]
+
+
+def test_shared_and_tied_layers_fold_at_every_call_site():
+    shared_bn = TwoCalls(conv(), second="module", first_norms=(bn(),), second_norms=None)
+    assert verdicts(shared_bn) == [("b0_bn_a0", 0, "output"), ("b0_bn_a0", 1, "output")]
+    tied = TwoCalls(
+        conv(),
+        second="functional",
+        first_norms=(bn(),),
+        second_norms=(bn(), bn()),
+        packaging="wrapper",
+    )
+    assert verdicts(tied) == [
+        ("b0.bn_a0", 0, "output"),
+        ("b0.bn_b0", 0, "output"),
+        ("b0.bn_b1", 0, "output"),
+    ]
+
+
+def test_sequential_staircase_names():
+    chain = Chain((conv(), bn(), bn()), packaging="sequential", depth=3)
+    assert verdicts(chain) == [("b0.1.0", 0, "output"), ("b0.1.1.0", 0, "output")]
+
+
+def test_a_hooked_container_is_fused_on_its_own():
+    outside_then_inside = (
+        Chain((conv(),)),
+        Chain((bn(), conv(), bn()), "wrapper", boundary="hooked"),
+    )
+    assert verdicts(*outside_then_inside) == [("b1.bn0", 0, None), ("b1.bn2", 0, "output")]
+
+
+def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold():
+    inline = Chain((conv(), bn()), boundary="untraceable")
+    assert verdicts(inline) == [("b0.bn1", 0, None)]
+    sequential = Chain((conv(), bn()), "sequential", boundary="untraceable")
+    assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
+    wrapper = Chain((conv(), bn()), "wrapper", boundary="untraceable")
+    assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]

@@ -1,0 +1,278 @@
+"""The strategies themselves: they reach every feature often, build what the oracle describes,
+build it deterministically, and render it as a program that runs on its own."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from hypothesis import Phase, given, seed, settings
+
+from strategies import (
+    Act,
+    Chain,
+    Flatten,
+    Layer,
+    NetSpec,
+    Norm,
+    TwoCalls,
+    build,
+    build_from_source,
+    foldable_sites,
+    net_specs,
+    render_source,
+)
+from strategies.batchnorm_calls import batchnorm_calls
+from strategies.spec import literal
+from tests import pinned
+
+SAMPLE_SIZE = 400
+RARE = 0.02  # every feature must show up in at least 2% of networks
+
+
+def _ops(spec: NetSpec):
+    for block in spec.blocks:
+        if isinstance(block, Chain):
+            yield from block.ops
+        else:
+            yield block.layer
+            yield from block.first_norms
+            yield from block.second_norms or ()
+
+
+def features(spec: NetSpec) -> set[str]:
+    """Names of the issue-3 features a network exercises."""
+    found = {f"dtype {spec.dtype}"}
+    for block in spec.blocks:
+        if isinstance(block, TwoCalls):
+            found.add(f"layer read twice ({block.second})")
+            if block.second_norms is None:
+                found.add("bn called at two sites")
+        else:
+            found.add(f"packaging {block.packaging}")
+            if block.boundary is not None:
+                found.add(f"boundary {block.boundary}")
+            if block.packaging == "sequential" and block.depth >= 3:
+                found.add("nested Sequential depth >= 3")
+            if block.tap is not None:
+                found.add(f"extra user {block.tap.kind}")
+            kinds = [type(op).__name__ for op in block.ops]
+            for first, second in itertools.pairwise(kinds):
+                found.add(f"{first} -> {second}")
+            if any(isinstance(op, Layer) and not op.functional for op in block.ops) and any(
+                isinstance(op, Norm) and op.style == "functional" for op in block.ops
+            ):
+                found.add("module layer with functional bn")
+    for op in _ops(spec):
+        if isinstance(op, Layer):
+            name = op.kind if op.kind == "linear" else f"{op.kind}{op.spatial_dims}d"
+            found.add(name)
+            found.add(f"layer bias {op.bias}")
+            if op.kind == "linear":
+                found.add(f"linear on {op.input_ndim}-D input")
+            else:
+                found.add(f"padding mode {op.padding_mode}")
+                found.add("groups > 1" if op.groups > 1 else "groups 1")
+                if op.groups == op.in_channels and op.groups > 1:
+                    found.add("depthwise")
+                found.add("padding " + (op.padding if isinstance(op.padding, str) else "int"))
+                if max(op.stride) > 1:
+                    found.add("stride 2")
+                if max(op.dilation) > 1:
+                    found.add("dilation 2")
+                if op.output_padding and max(op.output_padding) > 0:
+                    found.add("output_padding")
+            if op.functional:
+                found.add("functional layer")
+            if op.hooked:
+                found.add("hooked layer")
+            if op.frozen:
+                found.add("frozen layer")
+        elif isinstance(op, Norm):
+            found.add(f"batchnorm{ {2: 1, 3: 1, 4: 2, 5: 3}[op.input_ndim] }d")
+            found.add(f"bn style {op.style}")
+            found.add(f"bn defect {op.defect}")
+            if not op.affine:
+                found.add("bn affine off")
+            if not op.track_running_stats:
+                found.add("bn without running stats")
+            if op.momentum is None:
+                found.add("bn momentum None")
+            found.add("bn eps < 1e-4" if op.eps < 1e-4 else "bn eps > 0.1" if op.eps > 0.1 else "")
+        elif isinstance(op, Act):
+            found.add(f"activation {op.kind}")
+        elif isinstance(op, Flatten):
+            found.add(f"flatten from dim {op.start_dim}")
+    sites = foldable_sites(spec)
+    found.update(f"{site.side}-side fold" for site in sites if site.foldable)
+    return found - {""}
+
+
+REQUIRED = [
+    *(f"conv{d}d" for d in (1, 2, 3)),
+    *(f"conv_transpose{d}d" for d in (1, 2, 3)),
+    "linear",
+    *(f"batchnorm{d}d" for d in (1, 2, 3)),
+    *(
+        f"activation {kind}"
+        for kind in ("relu", "tanh", "gelu", "leaky_relu", "hardswish", "identity")
+    ),
+    "layer bias True",
+    "layer bias False",
+    "groups > 1",
+    "depthwise",
+    "stride 2",
+    "dilation 2",
+    "padding int",
+    "padding same",
+    "padding valid",
+    *(f"padding mode {mode}" for mode in ("zeros", "reflect", "replicate", "circular")),
+    "output_padding",
+    "bn affine off",
+    "bn without running stats",
+    "bn eps < 1e-4",
+    "bn eps > 0.1",
+    "bn momentum None",
+    "nested Sequential depth >= 3",
+    "packaging wrapper",
+    "layer read twice (module)",
+    "layer read twice (functional)",
+    "bn called at two sites",
+    *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
+    "Layer -> Norm",
+    "Norm -> Norm",
+    "Norm -> Layer",
+    "linear on 2-D input",
+    "linear on 3-D input",
+    "flatten from dim 1",
+    "flatten from dim 2",
+    "functional layer",
+    "bn style functional",
+    "module layer with functional bn",
+    "bn style traced_subclass",
+    "bn style opaque_subclass",
+    "bn defect training",
+    "bn defect forward_hook",
+    "bn defect forward_pre_hook",
+    "hooked layer",
+    "frozen layer",
+    "boundary hooked",
+    "boundary untraceable",
+    "output-side fold",
+    "input-side fold",
+    "dtype float32",
+    "dtype float64",
+]
+
+
+def draw_sample(strategy, count: int) -> list[NetSpec]:
+    """``count`` specs, the same ones every run."""
+    sample: list[NetSpec] = []
+
+    @seed(0)
+    @settings(max_examples=count, database=None, phases=[Phase.generate], deadline=None)
+    @given(strategy)
+    def collect(spec: NetSpec) -> None:
+        sample.append(spec)
+
+    collect()
+    return sample
+
+
+def test_every_feature_is_drawn_and_none_is_rare():
+    sample = draw_sample(net_specs(), SAMPLE_SIZE)
+    counts = Counter(feature for spec in sample for feature in features(spec))
+    rare = {name: counts[name] for name in REQUIRED if counts[name] < RARE * len(sample)}
+    assert not rare, f"drawn in fewer than {RARE:.0%} of {len(sample)} networks: {rare}"
+
+
+def test_many_sites_are_foldable():
+    sites = [site for spec in draw_sample(net_specs(), 200) for site in foldable_sites(spec)]
+    assert sum(site.foldable for site in sites) >= 0.3 * len(sites)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=net_specs(dtypes=("float32", "float64", "bfloat16", "float16")))
+def test_oracle_sites_are_the_batch_norms_the_network_runs(spec: NetSpec):
+    """Names and call order from the spec match what the built network actually runs (a call
+    without running statistics has no running_mean to be named by, and can never fold)."""
+    model, inputs = build(spec)
+    sites = foldable_sites(spec)
+    names = {site.bn for site in sites}
+    observed = []
+    for name in batchnorm_calls(model, inputs):
+        module = name.removesuffix(".running_mean") if name else None
+        observed.append(module if module in names else name)
+    assert len(observed) == len(sites)
+    for name, site in zip(observed, sites, strict=True):
+        assert name == site.bn or (name is None and not site.foldable), (name, site)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=net_specs())
+def test_build_is_deterministic(spec: NetSpec):
+    first, first_inputs = build(spec)
+    second, second_inputs = build(spec)
+    assert all(torch.equal(first_inputs[i], second_inputs[i]) for i in range(len(first_inputs)))
+    first_state, second_state = _state(first), _state(second)
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[name], second_state[name]) for name in first_state)
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=net_specs())
+def test_spec_literal_rebuilds_the_spec(spec: NetSpec):
+    namespace = {name: getattr(pinned, name) for name in pinned.__all__}
+    assert eval(literal(spec), namespace) == spec
+
+
+def test_rendered_source_runs_on_its_own():
+    """The program a failure report prints is standalone: a fresh interpreter rebuilds the same
+    network, down to the last bit of its output."""
+    spec = NetSpec(
+        input_shape=(2, 3, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=3,
+                        out_channels=4,
+                        kernel_size=(3,),
+                        stride=(1,),
+                        padding=(1,),
+                        dilation=(1,),
+                        padding_mode="reflect",
+                    ),
+                    Norm(input_ndim=3, num_features=4, style="functional"),
+                    Norm(input_ndim=3, num_features=4, defect="forward_hook"),
+                ),
+                packaging="wrapper",
+            ),
+        ),
+        dtype="float64",
+        seed=7,
+    )
+    source = render_source(spec)
+    program = source + "\nprint(repr(model(*inputs).sum().item()))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True
+    )
+    model, inputs = build_from_source(source)
+    assert float(result.stdout) == model(*inputs).sum().item()
+    assert "strategies" not in source
+
+
+def test_device_is_a_detail_of_the_spec():
+    spec = pinned.PINNED["conv1d_then_bn"]
+    assert "device='cuda'" in render_source(replace(spec, device="cuda"))
