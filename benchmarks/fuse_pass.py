@@ -2,6 +2,9 @@
 
 Two tables:
 
+Times are medians over interleaved rounds in shuffled order (``interleave.py``), in this process's
+CPU time by default, with a garbage collection before each call.
+
 1. Models: median time of ``fuse(model)``, ``fuse(model, example_inputs)`` (which adds shape
    propagation, one forward run) and ``torch.fx.experimental.optimization.fuse(model)``, interleaved.
    Both fusers deep-copy the model first (neither modifies the caller's), so ``copy.deepcopy(model)``
@@ -29,10 +32,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
+from interleave import interleaved_medians
 from tables import environment_header, fix_threads, markdown_table, milliseconds, ratio
 from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
@@ -75,31 +78,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the per-size memory subprocesses"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: this process's CPU time, steadier on a shared machine (default); wall",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     # Internal: run one memory measurement and print it as JSON (used by the parent process).
     parser.add_argument("--measure-memory", nargs=2, metavar=("FUSER", "N"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def interleaved_call_medians(
-    calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each zero-argument call, timed round-robin.
-
-    Unlike ``fuser.timing.interleaved_medians`` (for forward passes) nothing runs under inference
-    mode: a fuser must be timed as users call it. A full garbage collection before each call keeps
-    one call's garbage from being collected, and timed, inside the next.
-    """
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(warmup + repeats):
-        for name, call in calls.items():
-            gc.collect()
-            start = time.perf_counter()
-            call()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def fuse_calls(model: nn.Module, inputs: tuple) -> dict[str, Callable[[], object]]:
@@ -107,14 +95,14 @@ def fuse_calls(model: nn.Module, inputs: tuple) -> dict[str, Callable[[], object
     return {fuser: functools.partial(run, model, inputs) for fuser, run in FUSERS.items()}
 
 
-def model_table(names: Sequence[str], repeats: int) -> str:
+def model_table(names: Sequence[str], repeats: int, clock: str) -> str:
     rows = []
     for name in names:
         workload = build_workload(name)
         model, inputs = workload.model, workload.inputs
         calls = fuse_calls(model, inputs)
         calls["deepcopy"] = functools.partial(copy.deepcopy, model)
-        medians = interleaved_call_medians(calls, repeats=repeats)
+        medians = interleaved_medians(calls, repeats=repeats, clock=clock, before_each=gc.collect)
         rows.append(
             [
                 name,
@@ -148,12 +136,14 @@ def fitted_exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
     return covariance / sum((x - mean_x) ** 2 for x in xs)
 
 
-def chain_tables(sizes: Sequence[int], repeats: int, memory: bool, threads: int) -> str:
+def chain_tables(sizes: Sequence[int], repeats: int, memory: bool, threads: int, clock: str) -> str:
     medians_by_size = {}
     for pairs in sizes:
         model, inputs = conv_bn_chain(pairs), chain_input()
         calls = fuse_calls(model, inputs)
-        medians_by_size[pairs] = interleaved_call_medians(calls, repeats=repeats)
+        medians_by_size[pairs] = interleaved_medians(
+            calls, repeats=repeats, clock=clock, before_each=gc.collect
+        )
 
     per_pair_rows = []
     for pairs, medians in medians_by_size.items():
@@ -259,18 +249,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(environment_header(threads))
     if args.models:
         print(
-            f"\n#### Fuse time on models (median of {args.model_repeats} interleaved rounds)\n\n"
+            f"\n#### Fuse time on models (median of {args.model_repeats} interleaved rounds, "
+            f"{args.clock} time)\n\n"
             "`ours` is `fuse(model)`; `ours + inputs` is `fuse(model, example_inputs)` (adds shape "
             "propagation); `torch` is `torch.fx.experimental.optimization.fuse(model)`; `deepcopy` "
             "is `copy.deepcopy(model)`, which both fusers do first.\n"
         )
-        print(model_table(args.models, args.model_repeats))
+        print(model_table(args.models, args.model_repeats, args.clock))
     if args.chains:
         print(
             f"\n#### Fuse time on conv/BN chains (median of {args.chain_repeats} interleaved "
-            "rounds)\n"
+            f"rounds, {args.clock} time)\n"
         )
-        print(chain_tables(args.chains, args.chain_repeats, not args.no_memory, threads))
+        print(
+            chain_tables(args.chains, args.chain_repeats, not args.no_memory, threads, args.clock)
+        )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ For each model this times, interleaved and under ``torch.inference_mode``:
 - ``ours``: ``fuser.fuse(model, example_inputs)``;
 - ``torch``: ``torch.fx.experimental.optimization.fuse(model)``, torch's own conv/BN fuser;
 - ``bound``: the model with every BatchNorm replaced by ``nn.Identity`` (``fuser.timing``), as fast as
-  any fold could make it, and ``bound again``, a second copy of it timed at the other end of each
-  round: ``bound again / bound`` shows how finely this machine resolves a ratio, which is what the
-  1.01 target has to be read against.
+  any fold could make it, and ``bound again``, a second copy of it: ``bound again / bound`` shows
+  how finely this machine resolves a ratio, which is what the 1.01 target has to be read against.
+
+Rounds are interleaved in a shuffled order and timed in CPU time by default (see ``interleave.py``
+for why); the median per model is reported.
 
 Every fused model is first checked against a float64 reference (``fuser.reference``): a fast model
 that computes the wrong thing is reported as wrong, not timed as a win. torch's fuser only knows
@@ -20,9 +22,11 @@ The target is ``ours / bound <= 1.01`` on every model.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 
 import torch
+from interleave import interleaved_medians
 from tables import environment_header, fix_threads, markdown_table, milliseconds, ratio
 from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
@@ -30,7 +34,7 @@ from workloads import MODEL_NAMES, Workload, batch_norm_calls, build_workload
 
 from fuser import fuse
 from fuser.reference import check_against_float64
-from fuser.timing import interleaved_medians, without_batchnorm
+from fuser.timing import without_batchnorm
 from fuser.zoo import DEFAULT_FRAMES
 
 #: ``ours / bound`` at or below this meets the target.
@@ -66,6 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("cpu", "cuda"),
         help="devices to time on (default: cpu, and cuda when available)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="CPU runs: cpu (this process's CPU time, steadier on a shared machine; default) "
+        "or wall; CUDA runs always use synchronised wall time",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights and BN statistics seed")
     return parser.parse_args(argv)
 
@@ -87,7 +98,31 @@ def torch_fused(model: nn.Module) -> tuple[nn.Module | None, str | None]:
         return None, f"failed: {type(error).__name__}: {first_line}"[:120]
 
 
-def benchmark_model(workload: Workload, device: str, repeats: int, warmup: int) -> list[str]:
+def time_forwards(
+    models: dict[str, nn.Module], inputs: tuple, *, repeats: int, warmup: int, clock: str
+) -> dict[str, float]:
+    """Median forward time of each model under inference mode, interleaved in shuffled order.
+
+    On CUDA the clock is wall time with the device synchronised around each call; CPU time would
+    measure only the launches.
+    """
+    on_cuda = any(x.is_cuda for x in inputs)
+    synchronize = torch.cuda.synchronize if on_cuda else None
+    calls = {name: functools.partial(model, *inputs) for name, model in models.items()}
+    with torch.inference_mode():
+        return interleaved_medians(
+            calls,
+            repeats=repeats,
+            warmup=warmup,
+            clock="wall" if on_cuda else clock,
+            before_each=synchronize,
+            after_each=synchronize,
+        )
+
+
+def benchmark_model(
+    workload: Workload, device: str, repeats: int, warmup: int, clock: str
+) -> list[str]:
     """One table row: BN calls left, correctness, median times and ratios to the bound."""
     model = workload.model.to(device)
     inputs = tuple(x.to(device) for x in workload.inputs)
@@ -97,13 +132,15 @@ def benchmark_model(workload: Workload, device: str, repeats: int, warmup: int) 
     ours_check = correctness(model, ours, inputs)
     torch_check = torch_problem or correctness(model, theirs, inputs)
 
-    # Order within a round: the two bound copies at its two ends, so an order effect shows in
-    # their ratio instead of hiding in the others.
-    timed = {"bound": bound, "ours": ours, "unfused": model}
+    timed = {
+        "bound": bound,
+        "ours": ours,
+        "unfused": model,
+        "bound again": without_batchnorm(model),
+    }
     if theirs is not None:
         timed["torch"] = theirs
-    timed["bound again"] = without_batchnorm(model)
-    medians = interleaved_medians(timed, inputs, repeats=repeats, warmup=warmup)
+    medians = time_forwards(timed, inputs, repeats=repeats, warmup=warmup, clock=clock)
 
     def bn_calls(m: nn.Module | None) -> str:
         return "-" if m is None else str(batch_norm_calls(m, inputs))
@@ -155,10 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(environment_header(threads))
     print(
-        f"\nMedian of {args.repeats} interleaved rounds ({args.warmup} warm-up rounds), "
-        "torch.inference_mode, batch "
-        f"{args.batch}. Ratios are to the BN-free bound; `bound again` is a second copy of the "
-        "bound timed last in each round (its ratio is the noise floor)."
+        f"\nMedian of {args.repeats} interleaved rounds in shuffled order ({args.warmup} warm-up "
+        f"rounds), {args.clock} time on CPU, torch.inference_mode, batch {args.batch}. Ratios are "
+        "to the BN-free bound; `bound again` is a second copy of the bound, so its ratio is the "
+        "noise floor: a difference smaller than its distance from 1 is not resolved."
     )
     for device in devices:
         rows = []
@@ -166,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             workload = build_workload(
                 name, batch=args.batch, size=args.size, frames=args.frames, seed=args.seed
             )
-            rows.append(benchmark_model(workload, device, args.repeats, args.warmup))
+            rows.append(benchmark_model(workload, device, args.repeats, args.warmup, args.clock))
         print(f"\n#### {device.upper()}\n")
         print(markdown_table(HEADERS, rows))
 
