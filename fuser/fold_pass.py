@@ -52,20 +52,24 @@ class _Outcome:
     reason: str | None = None
 
 
-def fold_batch_norms(gm: fx.GraphModule, path: str = "") -> list[SiteReport]:
+def fold_batch_norms(
+    gm: fx.GraphModule, path: str = "", shared: frozenset[int] = frozenset()
+) -> list[SiteReport]:
     """Fold every foldable BN of ``gm`` in place; report every BN call site, in graph order.
 
     ``path`` is the qualified name of ``gm`` in the caller's model, prefixed to reported names.
+    ``shared`` holds ids of modules and tensors also reachable from outside ``gm`` (the model
+    holds them at several places): they are never changed in place.
     """
-    return _FoldPass(gm, path).run()
+    return _FoldPass(gm, path, shared).run()
 
 
 class _FoldPass:
-    def __init__(self, gm: fx.GraphModule, path: str) -> None:
+    def __init__(self, gm: fx.GraphModule, path: str, shared: frozenset[int]) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.path = path
-        self.usage = UsageCounts(gm)
+        self.usage = UsageCounts(gm, shared)
 
     def run(self) -> list[SiteReport]:
         nodes = list(self.graph.nodes)
@@ -164,13 +168,28 @@ class _FoldPass:
         if layer.in_channels != call.channels:
             raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")
         self._check_rank(layer, call.node)
+        if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not call.node):
+            raise _Left(f"{label(consumer)} reads other graph values, so it cannot move to the BN")
         scale, shift = self._scale_shift(call)
         weight, bias = fold_into_input(
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
         )
         into = self._write_layer(layer, weight, bias)
+        self._move_to_just_after(call.node, consumer)
         self._remove_batch_norm(call, replacement=call.input)
         return into
+
+    @staticmethod
+    def _move_to_just_after(anchor: fx.Node, consumer: fx.Node) -> None:
+        """Run the layer where the BN ran, so it reads the BN's input before anything between
+        them can change that tensor in place (``h = relu_(h)`` after ``y = bn(h)``).
+
+        Its other inputs are constants read only by it, so they move along.
+        """
+        anchor.append(consumer)
+        for constant in consumer.all_input_nodes:
+            if constant is not anchor:
+                consumer.prepend(constant)
 
     @staticmethod
     def _reads_only_as_input(layer: LayerCall, value: fx.Node) -> bool:

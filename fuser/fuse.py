@@ -12,11 +12,12 @@ import copy
 import torch
 from torch import fx, nn
 
+from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
-from .graph_edit import set_attr
-from .patterns import has_hooks
-from .report import FusionReport, UntracedModule
+from .graph_edit import objects_held_twice, set_attr
+from .patterns import has_hooks, is_batch_norm_module
+from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
 from .tracing import (
     is_foldable_layer_or_batch_norm,
@@ -43,8 +44,8 @@ def fuse_with_report(
     working_copy = copy.deepcopy(model)
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
-    fused = _Fuser(recorded, report).fuse_module(working_copy, "")
-    return fused, report
+    fuser = _Fuser(recorded, report, objects_held_twice(working_copy))
+    return fuser.fuse_module(working_copy, ""), report
 
 
 def _check_input(model: object, example_inputs: object) -> tuple | None:
@@ -73,9 +74,12 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
 class _Fuser:
     """Fuses a module tree; ``inputs`` maps module ids to the arguments of their first call."""
 
-    def __init__(self, inputs: dict[int, tuple], report: FusionReport) -> None:
+    def __init__(
+        self, inputs: dict[int, tuple], report: FusionReport, shared: frozenset[int]
+    ) -> None:
         self.inputs = inputs
         self.report = report
+        self.shared = shared
         self.inputs_recorded = not inputs
 
     def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
@@ -93,24 +97,43 @@ class _Fuser:
         example_inputs = self.inputs.get(id(module))
         if example_inputs is not None:
             self._propagate_shapes(gm, example_inputs, strict=not path)
-        self.report.sites.extend(fold_batch_norms(gm, path))
+        self.report.sites.extend(fold_batch_norms(gm, path, self.shared))
         if leaves_to_enter:
             self._fuse_inside_leaves(gm, path, outcome.opaque)
         _carry_over(module, gm)
         return gm
 
     def fuse_children(self, module: nn.Module, path: str) -> None:
-        """Fuse each child on its own, in place: ``module`` itself runs as it is."""
+        """Fuse the children of a module whose own code runs as it is, as far as that is safe.
+
+        A child the code only calls is replaced by its fused version; the elements of a
+        container it only indexes or loops over and calls are fused one by one; a child it uses
+        in any other way is left untouched (see ``child_usage``).
+        """
+        usage = _usage_of_children(module)
         for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
-            if is_foldable_layer_or_batch_norm(child):
+            if is_batch_norm_module(child):
+                self._report_unseen_call(child_path, path)
+            if is_foldable_layer_or_batch_norm(child) or not _holds_batch_norm(child):
                 continue
-            if is_library_leaf(child):  # torch.nn's own modules and containers: look inside
+            verdict = usage[name]
+            if verdict == CALLED:
+                fused = self.fuse_module(child, child_path)
+                if fused is not child:
+                    setattr(module, name, fused)
+            elif verdict == ELEMENTS_CALLED and isinstance(child, _CONTAINERS):
                 self.fuse_children(child, child_path)
-                continue
-            fused = self.fuse_module(child, child_path)
-            if fused is not child:
-                setattr(module, name, fused)
+            elif any(is_batch_norm_module(m) for m in child.modules()):
+                owner = path or "the model"
+                reason = f"not fused: {owner}'s code uses it other than by calling it"
+                self.report.untraced.append(UntracedModule(child_path, reason))
+
+    def _report_unseen_call(self, bn_path: str, owner_path: str) -> None:
+        """A BN module called by code FX cannot trace: its calls are never seen, so never folded."""
+        owner = owner_path or "the model"
+        reason = f"called by {owner}'s code, which FX cannot trace"
+        self.report.sites.append(SiteReport(bn_path, 0, folded=False, reason=reason))
 
     def _fuse_inside_leaves(self, gm: fx.GraphModule, path: str, opaque: set[int]) -> None:
         """Opaque and hooked modules stay single calls in ``gm``; they are fused on their own.
@@ -150,6 +173,21 @@ class _Fuser:
         except FuserError:
             if strict:  # the caller's inputs are wrong; recorded child inputs may just not replay
                 raise
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _usage_of_children(module: nn.Module) -> dict[str, str]:
+    """torch.nn's containers only call their elements; other modules' code is read."""
+    if isinstance(module, _CONTAINERS) and type(module).__module__.startswith("torch.nn"):
+        return {name: CALLED for name, _ in module.named_children()}
+    return child_usage(module)
+
+
+def _holds_batch_norm(module: nn.Module) -> bool:
+    """Could anything in ``module`` be a BatchNorm call (a BN module, or code calling one)?"""
+    return any(is_batch_norm_module(m) or not is_library_leaf(m) for m in module.modules())
 
 
 def _carry_over(original: nn.Module, fused: nn.Module) -> None:

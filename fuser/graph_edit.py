@@ -37,11 +37,28 @@ def module_objects(module: nn.Module) -> list[object]:
     return [*module.modules(), *module.parameters(), *module.buffers()]
 
 
+def objects_held_twice(model: nn.Module) -> frozenset[int]:
+    """Ids of the modules and tensors that ``model`` holds at more than one place.
+
+    Parts of a model fused separately (children of an untraceable module, hooked modules) each
+    see only their own graph; an object held at two places may be used by the other part too.
+    """
+    places: Counter[int] = Counter()
+    for _, module in model.named_modules(remove_duplicate=False):
+        places[id(module)] += 1
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        places[id(tensor)] += 1
+    for _, tensor in model.named_buffers(remove_duplicate=False):
+        places[id(tensor)] += 1
+    return frozenset(key for key, count in places.items() if count > 1)
+
+
 class UsageCounts:
     """How many graph nodes reference each module and tensor, keyed by object identity."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, shared: frozenset[int] = frozenset()) -> None:
         self._counts: Counter[int] = Counter()
+        self._shared = shared  # referenced from outside this graph too: one more reference each
         for node in gm.graph.nodes:
             self.add(referenced_objects(gm, node))
 
@@ -57,7 +74,7 @@ class UsageCounts:
                 del self._counts[id(obj)]
 
     def count(self, obj: object) -> int:
-        return self._counts.get(id(obj), 0)
+        return self._counts.get(id(obj), 0) + (id(obj) in self._shared)
 
     def only_this_call_reads(self, module: nn.Module) -> bool:
         """True when a module (and each tensor inside it) is referenced by one node only."""

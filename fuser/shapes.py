@@ -50,7 +50,14 @@ def record_module_inputs(model: nn.Module, example_inputs: tuple) -> dict[int, t
     def remember(module: nn.Module, args: tuple) -> None:
         recorded.setdefault(id(module), args)
 
-    handles = [m.register_forward_pre_hook(remember) for m in model.modules() if m is not model]
+    scripted = {
+        id(m) for s in model.modules() if isinstance(s, torch.jit.ScriptModule) for m in s.modules()
+    }
+    handles = [
+        m.register_forward_pre_hook(remember)
+        for m in model.modules()
+        if m is not model and id(m) not in scripted  # compiled modules take no Python hooks
+    ]
     try:
         with state_preserved(model):
             model(*example_inputs)

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from .patterns import (
@@ -39,6 +40,8 @@ class FoldTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.opaque or has_hooks(m) or is_foldable_layer_or_batch_norm(m):
             return True
+        if isinstance(m, torch.jit.ScriptModule):  # compiled code: FX cannot look inside
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -46,7 +49,8 @@ def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) ->
     tracer = FoldTracer(opaque)
     with _attributes_restored(module):
         graph = tracer.trace(module)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+        # Made before the restore: it copies the constants tracing stored on the root.
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
@@ -67,6 +71,7 @@ def _attributes_restored(module: nn.Module) -> Iterator[None]:
             [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None],
         )
         for m in module.modules()
+        if not isinstance(m, torch.jit.ScriptModule)  # compiled: tracing never runs its code
     ]
     try:
         yield

@@ -1,0 +1,139 @@
+"""How an untraceable module's own code uses its children, read from its source.
+
+When FX cannot trace a module, its code runs as it is, and the fuser may only swap a child for its
+fused version if that code does nothing with the child but call it. A parent that indexes a
+``Sequential`` (``self.block[0](x)``), iterates it, or reads its attributes (``self.block.conv``)
+would crash on the swapped-in GraphModule or, worse, silently reach a folded layer. So the parent's
+methods (all but ``__init__``, which only runs at construction) are parsed, and every use of
+``self.NAME`` is classified.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections import defaultdict
+
+from torch import nn
+
+CALLED = "called"  # only ever ``self.name(...)``: the child may be replaced
+ELEMENTS_CALLED = "elements called"  # only ``self.name[i](...)`` or a loop calling each element
+OTHER = "other"  # anything else, or no source: leave the child as it is
+
+_ITERATION_WRAPPERS = frozenset({"enumerate", "reversed", "zip", "list", "iter"})
+
+
+def child_usage(module: nn.Module) -> dict[str, str]:
+    """For each child name of ``module``, how its own (non-torch) code uses it."""
+    uses: dict[str, set[str]] = defaultdict(set)
+    for cls in type(module).__mro__:
+        if cls in (nn.Module, object) or cls.__module__.startswith("torch.nn"):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError):
+            return {name: OTHER for name, _ in module.named_children()}
+        for method in _methods(tree):
+            _classify_method(method, uses)
+    return {name: _verdict(uses.get(name, set())) for name, _ in module.named_children()}
+
+
+def _verdict(kinds: set[str]) -> str:
+    if kinds == {CALLED}:
+        return CALLED
+    if kinds and kinds <= {CALLED, ELEMENTS_CALLED}:
+        return ELEMENTS_CALLED
+    return OTHER
+
+
+def _methods(tree: ast.AST) -> list[ast.FunctionDef]:
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "__init__"
+    ]
+
+
+def _self_attribute(node: ast.AST) -> str | None:
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    ):
+        return node.attr
+    return None
+
+
+def _classify_method(method: ast.AST, uses: dict[str, set[str]]) -> None:
+    parents = {
+        child: parent for parent in ast.walk(method) for child in ast.iter_child_nodes(parent)
+    }
+    for node in ast.walk(method):
+        name = _self_attribute(node)
+        if name is not None:
+            uses[name].add(_classify_use(node, parents))
+
+
+def _classify_use(node: ast.Attribute, parents: dict) -> str:
+    parent = parents.get(node)
+    if isinstance(parent, ast.Call) and parent.func is node:
+        return CALLED
+    if _is_len_call(parent, node):  # counting elements is untouched by fusing them
+        return ELEMENTS_CALLED
+    if isinstance(parent, ast.Subscript) and parent.value is node:
+        grandparent = parents.get(parent)
+        if isinstance(grandparent, ast.Call) and grandparent.func is parent:
+            return ELEMENTS_CALLED
+        return OTHER
+    loop = _enclosing_loop(node, parents)
+    if loop is not None and _loop_only_calls_elements(loop, node):
+        return ELEMENTS_CALLED
+    return OTHER
+
+
+def _is_len_call(parent: ast.AST | None, node: ast.AST) -> bool:
+    return (
+        isinstance(parent, ast.Call)
+        and isinstance(parent.func, ast.Name)
+        and parent.func.id == "len"
+        and parent.args == [node]
+    )
+
+
+def _enclosing_loop(node: ast.AST, parents: dict) -> ast.For | None:
+    """The ``for`` loop iterating ``node``, directly or through ``enumerate``/``zip``/..."""
+    parent = parents.get(node)
+    if isinstance(parent, ast.Call) and node in parent.args:
+        func = parent.func
+        if isinstance(func, ast.Name) and func.id in _ITERATION_WRAPPERS:
+            node, parent = parent, parents.get(parent)
+    if isinstance(parent, ast.For) and parent.iter is node:
+        return parent
+    return None
+
+
+def _loop_only_calls_elements(loop: ast.For, container: ast.AST) -> bool:
+    """Every loop variable bound to an element is only ever called in the loop body."""
+    targets = [loop.target] if isinstance(loop.target, ast.Name) else []
+    if isinstance(loop.target, ast.Tuple):
+        targets = [t for t in loop.target.elts if isinstance(t, ast.Name)]
+    names = {t.id for t in targets}
+    body = ast.Module(body=loop.body, type_ignores=[])
+    parents = {child: parent for parent in ast.walk(body) for child in ast.iter_child_nodes(parent)}
+    element_calls = 0
+    for node in ast.walk(body):
+        if isinstance(node, ast.Name) and node.id in names:
+            parent = parents.get(node)
+            if isinstance(parent, ast.Call) and parent.func is node:
+                element_calls += 1
+            elif not _is_index_like(node, parent):
+                return False
+    return element_calls > 0
+
+
+def _is_index_like(node: ast.Name, parent: ast.AST | None) -> bool:
+    """Uses of an ``enumerate`` index (``i``) that do not touch the element: comparisons, arithmetic."""
+    return isinstance(parent, (ast.Compare, ast.BinOp, ast.Subscript)) and not (
+        isinstance(parent, ast.Subscript) and parent.value is node
+    )
