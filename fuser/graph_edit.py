@@ -8,6 +8,7 @@ every edit, so no edit needs a whole-graph scan.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -135,11 +136,12 @@ def tensor_like(
 
 def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
     """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can."""
-    if not torch.isfinite(value).all():
+    if not value.numel():
+        return None
+    largest = value.abs().max().item()  # one reduction: NaN and inf propagate through max
+    if not math.isfinite(largest):
         return "the folded weights are not finite"
-    if dtype.is_floating_point and value.numel():
-        limit = torch.finfo(dtype).max
-        largest = value.abs().max().item()
-        if largest > limit:
-            return f"the folded weights would overflow {dtype} ({largest:.3g} > {limit:.3g})"
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    if largest > limit:
+        return f"the folded weights would overflow {dtype} ({largest:.3g} > {limit:.3g})"
     return None

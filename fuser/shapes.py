@@ -34,13 +34,26 @@ def _run_failed(error: Exception) -> FuserError:
     return FuserError(f"example_inputs could not be run through the model: {error}")
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Record each node's output shape in ``node.meta["tensor_meta"]``."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Record each node's output shape in ``node.meta["tensor_meta"]``; False if it could not.
+
+    FX's interpreter can fail where the model runs fine (it hands wrapped functions immutable
+    lists, which torchvision's Swin3D writes to). Then the shapes stay unknown and only sites
+    that need them are left; only inputs the model itself rejects are an error.
+    """
     try:
         with state_preserved(gm):
             ShapeProp(gm).propagate(*example_inputs)
+        return True
+    except Exception:
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+    try:
+        with state_preserved(gm):
+            gm(*example_inputs)
     except Exception as error:
         raise _run_failed(error) from error
+    return False
 
 
 def record_module_inputs(model: nn.Module, example_inputs: tuple) -> dict[int, tuple]:
