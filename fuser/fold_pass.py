@@ -70,6 +70,7 @@ class _FoldPass:
         self.graph = gm.graph
         self.path = path
         self.usage = UsageCounts(gm, shared)
+        self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
 
     def run(self) -> list[SiteReport]:
         nodes = list(self.graph.nodes)
@@ -219,7 +220,8 @@ class _FoldPass:
     # --- rewriting ------------------------------------------------------------------------
 
     def _write_layer(self, layer: LayerCall, weight: torch.Tensor, bias: torch.Tensor) -> str:
-        """Give the layer call its folded weights; returns the name of what now holds them."""
+        """Give the layer call its folded weights; returns the layer's name in the caller's model
+        (its module, or a functional layer's weight), even when the fold went into a copy."""
         dtype = layer.weight.dtype
         reason = overflow_reason(weight, dtype) or overflow_reason(bias, dtype)
         if reason is not None:
@@ -232,10 +234,13 @@ class _FoldPass:
             module.weight, module.bias = new_weight, new_bias
             self.usage.release(old)
             self.usage.add(module_objects(module))
-            return self._qualify(layer.node.target)
+            return self._qualify(self._original_name(layer.module_target))
         self._replace_constant(layer, "weight", layer.weight_node, new_weight)
         self._replace_constant(layer, "bias", layer.bias_node, new_bias)
-        return self._qualify(f"{layer.node.target.__name__}({layer.weight_node.target})")
+        return self._qualify(self._original_name(layer.weight_node.target))
+
+    def _original_name(self, target: str) -> str:
+        return self.copied_from.get(target, target)
 
     def _exclusive_module(self, node: fx.Node):
         """The module this call runs, copied first if anything else reads it."""
@@ -245,6 +250,7 @@ class _FoldPass:
         duplicate = copy.deepcopy(module)
         new_target = unique_path(self.gm, f"{node.target}_folded")
         self.gm.add_submodule(new_target, duplicate)
+        self.copied_from[new_target] = self._original_name(node.target)
         self.usage.release(module_objects(module))
         self.usage.add(module_objects(duplicate))
         node.target = new_target
@@ -261,6 +267,8 @@ class _FoldPass:
                 return
         base = old_node.target if old_node is not None else f"{layer.weight_node.target}_bias"
         new_path = unique_path(self.gm, f"{base}_folded".replace(".", "_"))
+        if old_node is not None:
+            self.copied_from[new_path] = self._original_name(old_node.target)
         if isinstance(value, torch.nn.Parameter):
             self.gm.register_parameter(new_path, value)
         else:

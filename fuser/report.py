@@ -10,6 +10,9 @@ Site naming (all names are qualified names in the caller's original model):
   (``"head.norm.running_mean"``), or the graph node's name when it has no constant running stats.
 - ``call_index`` counts the calls of the same ``bn`` in execution order, from 0, so a module
   called twice has two sites.
+- ``into`` is the layer folded into: its module's qualified name, or for a functional layer the
+  qualified name of its weight. When the layer is shared (rule 5) the fold goes into a copy for
+  this site, and ``into`` still names the original.
 """
 
 from __future__ import annotations
