@@ -1,35 +1,74 @@
 """The suite's power: the property suite must catch every mutant in ``tests/mutants``.
 
-Each test runs ``pytest tests/test_properties.py --fuser=<mutant> -x`` in a subprocess with the
-``ci`` Hypothesis profile (derandomized, so the time to catch is reproducible) and asserts that a
-property failed. This tier runs only when selected (``pytest -m mutants -n 2 tests/test_mutants.py``
-or ``tox -e mutants``): each test is a whole suite run, too slow for the default ``pytest`` run.
-The printed line of each test (``-rP`` or ``-s``) gives the time to catch and the property that
-caught it; ``python -m tests.mutants -j 2`` prints the same as a table (see docs/mutants.md).
+Two tiers:
+
+- Always (fast): every mutant is a working fuser where its bug cannot show. On a network without
+  BatchNorm each must return an equivalent model without raising, which proves that every name it
+  patches still exists in ``fuser/`` (``mock.patch`` raises otherwise) and that nothing but its
+  one bug differs from our fuser. A stale mutant would otherwise crash the suite and be "caught".
+- ``pytest -m mutants -n 2 tests/test_mutants.py`` (``tox -e mutants``): for each mutant, run
+  ``pytest tests/test_properties.py --fuser=<mutant> -x`` in a subprocess with the ``ci`` Hypothesis
+  profile (derandomized, so the time to catch is reproducible) and assert that a property failed on
+  a network our real fuser passes (see ``tests/mutants/run.py``). Each is a suite run, too slow for
+  the default ``pytest`` run. ``-rP`` prints each time to catch; ``python -m tests.mutants -j 2``
+  prints the same as a table (docs/mutants.md).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from tests.mutants import Mutant, all_mutants
 from tests.mutants.run import run_mutant
 
-pytestmark = pytest.mark.mutants
+MUTANTS = all_mutants()
 
 
-def _selected(config: pytest.Config) -> bool:
+def _no_batch_norm_network() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    return model.eval(), (torch.randn(2, 3, 4, 4),)
+
+
+def test_corpus_is_large_and_spread_over_the_fuser() -> None:
+    assert len(MUTANTS) >= 20
+    assert {mutant.module for mutant in MUTANTS} == {
+        "fold_math_bugs",
+        "matcher_bugs",
+        "rewriter_bugs",
+        "bookkeeping_bugs",
+    }
+    for mutant in MUTANTS:
+        assert mutant.doc.startswith("Bug"), f"{mutant.name}: the docstring must state the bug"
+        assert mutant.expected_catch, f"{mutant.name}: the docstring must say what catches it"
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
+def test_mutant_is_a_working_fuser_where_its_bug_cannot_show(mutant: Mutant) -> None:
+    model, inputs = _no_batch_norm_network()
+    with torch.no_grad():
+        expected = model(*inputs)
+    fused, report = mutant.load()(model, example_inputs=inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), expected)
+    assert report.sites == []
+
+
+def _mutant_tier_selected(config: pytest.Config) -> bool:
     return "mutants" in (config.option.markexpr or "")
 
 
-@pytest.mark.parametrize("mutant", all_mutants(), ids=lambda mutant: mutant.name)
+@pytest.mark.mutants
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
 def test_property_suite_catches_mutant(mutant: Mutant, request: pytest.FixtureRequest) -> None:
-    if not _selected(request.config):
+    if not _mutant_tier_selected(request.config):
         pytest.skip("the mutant tier runs with `pytest -m mutants` (tox -e mutants)")
     run = run_mutant(mutant)
     print(run.describe())
     assert run.caught, (
-        f"the property suite did not catch {mutant.target} ({run.verdict}).\n"
+        f"the property suite did not catch {mutant.target} ({run.verdict}: {run.detail}).\n"
         f"bug: {mutant.bug}\nexpected to be caught by: {mutant.expected_catch}\n"
         f"suite output (tail):\n{run.output[-4000:]}"
     )

@@ -2,7 +2,8 @@
 
 Each mutant is our real fuser with exactly one realistic bug, a function with the gate's signature
 ``fn(model, example_inputs=None)`` that ``pytest --fuser=tests.mutants.MODULE:FUNCTION`` can run the
-whole property suite against. Its docstring names the bug, what a network needs for the bug to show,
+whole property suite against. Like ``fuser.fuse_with_report`` it returns ``(fused, report)`` (the
+gate accepts the pair), so the suite checks the report too, as it does for our fuser. Its docstring names the bug, what a network needs for the bug to show,
 and the property that should catch it. The corpus is spread over the four places fuser bugs live:
 
 - ``fold_math_bugs``: the numbers (BN scale and shift, folding per channel, groups, layouts);

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per mutant"
     )
+    parser.add_argument(
+        "--shrink", action="store_true", help="shrink the failing example (slower; readable repro)"
+    )
+    parser.add_argument(
+        "--show-output", action="store_true", help="print the suite's output for every mutant"
+    )
     parser.add_argument("--markdown", type=Path, help="write the results table to this file")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = parser.parse_args(argv)
@@ -52,13 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     runs = run_mutants(
-        mutants, jobs=args.jobs, on_result=report, profile=args.profile, timeout_s=args.timeout
+        mutants,
+        jobs=args.jobs,
+        on_result=report,
+        profile=args.profile,
+        timeout_s=args.timeout,
+        shrink=args.shrink,
     )
     wall_s = time.perf_counter() - start
     caught = sum(run.caught for run in runs)
     print(f"\nmutation score: {caught}/{len(runs)} caught in {wall_s:.0f} s wall")
     for run in runs:
-        if not run.caught:
+        if args.show_output or not run.caught:
             print(f"\n--- {run.verdict}: {run.mutant.target}\n{run.output[-3000:]}")
     if args.markdown is not None:
         command = shlex.join(["python", "-m", "tests.mutants", *(argv or sys.argv[1:])])

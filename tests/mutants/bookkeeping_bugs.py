@@ -17,7 +17,7 @@ from fuser.fold_pass import _FoldPass, fold_batch_norms
 from fuser.patterns import BatchNormCall
 from fuser.report import OUTPUT_SIDE, SiteReport
 
-from ._patching import fuse_patched
+from ._patching import Fused, fuse_patched
 
 __all__ = [
     "dead_batch_norm_left_in_graph",
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: the caller's model is traced and folded without a deep copy; ``fx.GraphModule`` shares
     the caller's submodules, so the caller's convs get the folded weights (and the caller's model,
     still running its BNs, now applies every folded BN twice). Caught by: the input model is
@@ -39,9 +39,7 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     return fuse_patched(model, example_inputs, patches)
 
 
-def dead_batch_norm_left_in_graph(
-    model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+def dead_batch_norm_left_in_graph(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug (completeness): a folded BN's users are rerouted to the layer output
     (``replace_all_uses_with``) but the BN node is never erased, so the BN still runs on every
     forward (its result unused) while the report says folded. Output values are right. Caught by:
@@ -55,16 +53,16 @@ def dead_batch_norm_left_in_graph(
     return fuse_patched(model, example_inputs, patches)
 
 
-def recompile_forgotten(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def recompile_forgotten(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: the graph is edited but ``gm.recompile()`` is never called, so the GraphModule keeps its
     old generated ``forward``, which still calls the deleted BN modules (or, where a BN survived,
     applies it on top of already-folded weights). Caught by: fused output matches the original
     (the fused model raises or is wrong).
     """
 
-    def fold_without_recompile(gm: fx.GraphModule, path: str = ""):
+    def fold_without_recompile(*args, **kwargs):
         with mock.patch.object(fx.GraphModule, "recompile", lambda self: None):
-            return fold_batch_norms(gm, path)
+            return fold_batch_norms(*args, **kwargs)
 
     return fuse_patched(
         model, example_inputs, {"fuser.fuse.fold_batch_norms": fold_without_recompile}
@@ -73,16 +71,14 @@ def recompile_forgotten(model: nn.Module, example_inputs: tuple | None = None) -
 
 def report_input_side_as_output_side(
     model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+) -> Fused:
     """Bug (report): every fold is reported as an output-side fold (a copy-pasted side constant).
     The fused model is right. Caught by: the report agrees with the oracle (side of each fold).
     """
     return fuse_patched(model, example_inputs, {"fuser.fold_pass.INPUT_SIDE": OUTPUT_SIDE})
 
 
-def report_call_index_always_zero(
-    model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+def report_call_index_always_zero(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug (report): sites are numbered per graph node rather than per BN, so a BN module called
     twice reports two sites both named ``(bn, call_index=0)`` and its second call cannot be looked
     up. The fused model is right. Needs a BN called at two sites. Caught by: the report agrees with
@@ -97,14 +93,14 @@ def report_call_index_always_zero(
     return fuse_patched(model, example_inputs, patches)
 
 
-def report_path_prefix_dropped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def report_path_prefix_dropped(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug (report): sites inside a submodule fused on its own (the children of an untraceable or
     hooked module) are named relative to that submodule (``bn1``) instead of the caller's model
     (``layer1.0.bn1``). The fused model is right. Needs BNs inside a module the fuser must enter
     separately. Caught by: the report agrees with the oracle (site names).
     """
 
-    def fold_unqualified(gm: fx.GraphModule, path: str = ""):
-        return fold_batch_norms(gm, "")
+    def fold_unqualified(gm: fx.GraphModule, path: str = "", *args, **kwargs):
+        return fold_batch_norms(gm, "", *args, **kwargs)
 
     return fuse_patched(model, example_inputs, {"fuser.fuse.fold_batch_norms": fold_unqualified})

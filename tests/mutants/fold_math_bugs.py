@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fuser.fold_math import bn_scale_shift, fold_into_input, fold_into_output
 
-from ._patching import fuse_patched
+from ._patching import Fused, fuse_patched
 
 __all__ = [
     "beta_ignored",
@@ -40,7 +40,7 @@ def _kernel_view(vector: Tensor, ndim: int, dim: int) -> Tensor:
     return vector.reshape(shape)
 
 
-def eps_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def eps_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: ``scale = gamma / sqrt(var)``, the BN's ``eps`` left out.
 
     Invisible with eps=1e-5 and var near 1 (the defaults); the suite draws eps up to 1 and running
@@ -53,7 +53,7 @@ def eps_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Mod
     return fuse_patched(model, example_inputs, {_SCALE_SHIFT: scale_shift})
 
 
-def variance_instead_of_std(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def variance_instead_of_std(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: divides by ``var + eps`` instead of its square root.
 
     Invisible when running_var is 1 (the default). Caught by: fused output matches the original.
@@ -71,7 +71,7 @@ def variance_instead_of_std(model: nn.Module, example_inputs: tuple | None = Non
     return fuse_patched(model, example_inputs, {_SCALE_SHIFT: scale_shift})
 
 
-def running_mean_sign_flipped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def running_mean_sign_flipped(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: ``shift = beta + mean * scale`` (adds the running mean instead of subtracting it).
 
     Invisible when running_mean is 0 (the default). Caught by: fused output matches the original.
@@ -84,7 +84,7 @@ def running_mean_sign_flipped(model: nn.Module, example_inputs: tuple | None = N
     return fuse_patched(model, example_inputs, {_SCALE_SHIFT: scale_shift})
 
 
-def gamma_beta_swapped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def gamma_beta_swapped(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: BN ``weight`` and ``bias`` passed in the wrong order (gamma used as beta).
 
     With the default gamma=1, beta=0 this zeroes the output; with random affine parameters it is
@@ -97,7 +97,7 @@ def gamma_beta_swapped(model: nn.Module, example_inputs: tuple | None = None) ->
     return fuse_patched(model, example_inputs, {_SCALE_SHIFT: scale_shift})
 
 
-def beta_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def beta_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: the BN's affine bias (beta) never reaches the folded bias.
 
     Invisible when beta is 0 (the default). Caught by: fused output matches the original.
@@ -111,7 +111,7 @@ def beta_ignored(model: nn.Module, example_inputs: tuple | None = None) -> nn.Mo
 
 def non_affine_bn_treated_as_identity(
     model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+) -> Fused:
     """Bug: a BN without affine parameters (``affine=False``, weight and bias None) is taken to be
     the identity ("nothing to fold"), and removed: its normalisation by the running statistics is
     lost. Needs ``affine=False`` BNs in the corpus. Caught by: fused output matches the original.
@@ -126,7 +126,7 @@ def non_affine_bn_treated_as_identity(
     return fuse_patched(model, example_inputs, {_SCALE_SHIFT: scale_shift})
 
 
-def layer_bias_dropped(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+def layer_bias_dropped(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: on the output side the new bias is ``shift`` alone; the layer's own bias (which the BN
     also scales: ``b * scale + shift``) is dropped. Needs layers with ``bias=True`` and non-zero
     bias values. Caught by: fused output matches the original.
@@ -140,7 +140,7 @@ def layer_bias_dropped(model: nn.Module, example_inputs: tuple | None = None) ->
 
 def transposed_conv_scaled_on_input_axis(
     model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+) -> Fused:
     """Bug: a transposed convolution's weight is scaled along dimension 0, as for a convolution;
     but its layout is ``(in, out / groups, *kernel)``, so dimension 0 is the input channels. Silently
     wrong when in == out channels, a shape error otherwise. Needs ``ConvTranspose -> BN``.
@@ -157,9 +157,7 @@ def transposed_conv_scaled_on_input_axis(
     return fuse_patched(model, example_inputs, {_FOLD_OUTPUT: fold})
 
 
-def transposed_conv_groups_ignored(
-    model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+def transposed_conv_groups_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: a transposed convolution's weight is scaled along dimension 1 as if it held every
     output channel; it holds ``out / groups``. Right for groups=1; for grouped transposed
     convolutions the per-channel scale does not line up (a shape error here; a silent mix-up in
@@ -177,9 +175,7 @@ def transposed_conv_groups_ignored(
     return fuse_patched(model, example_inputs, {_FOLD_OUTPUT: fold})
 
 
-def input_side_groups_interleaved(
-    model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+def input_side_groups_interleaved(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: input-side fold into a grouped convolution assumes output channel ``o`` belongs to
     group ``o % groups`` (interleaved) instead of ``o // (out / groups)`` (contiguous), so each
     output channel's weights are scaled by another group's BN channels. Right for groups=1 and for
@@ -205,7 +201,7 @@ def input_side_groups_interleaved(
 
 def input_side_shift_through_folded_weight(
     model: nn.Module, example_inputs: tuple | None = None
-) -> nn.Module:
+) -> Fused:
     """Bug: the input-side bias term is computed from the already-scaled weight,
     ``b + sum(W' * shift)`` with ``W' = W * scale``, instead of from the original ``W``
     (a variable reused after it was overwritten). Needs ``BN -> conv/linear`` input-side folds

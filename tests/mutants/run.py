@@ -1,17 +1,25 @@
 """Run the property suite against mutants, one subprocess each, and say which caught what.
 
-A mutant counts as caught only when a property test *failed* against it: pytest exits 1 and its
-summary names at least one ``FAILED`` test of the suite. A mutant that cannot be imported, a suite
-that errors while collecting, or a run that times out is reported as such, never as caught, so a
-broken harness cannot inflate the score.
+A mutant counts as caught only when a property of the suite failed against it *and* our real
+fuser passes the very network that failed (``suite_plugin`` checks it in the same run). Everything
+else is reported as what it is, never as caught, so a broken harness, a stale mutant or a bug of
+the fuser itself cannot inflate the score:
+
+- ``missed``: the whole suite passed;
+- ``unattributed``: a property failed, but the real fuser fails that network too;
+- ``stale``: the mutant's fuser raised a ``TypeError``/``AttributeError``/``NameError`` or
+  ``ImportError`` on an eval-mode model, the mark of a mutant that no longer fits the fuser's code;
+- ``timed out``, or ``broken`` (the suite errored, or no failure could be read back).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import Mutant
+from .suite_plugin import SHRINK_ENV, VERDICT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "tests/test_properties.py"
-DEFAULT_TIMEOUT_S = 300.0
-CAUGHT, MISSED, TIMED_OUT, BROKEN = "caught", "missed", "timed out", "broken"
+PLUGIN = f"{__package__}.suite_plugin"
+DEFAULT_TIMEOUT_S = 600.0
+CAUGHT, MISSED, UNATTRIBUTED = "caught", "missed", "unattributed"
+STALE, TIMED_OUT, BROKEN = "stale", "timed out", "broken"
 
-_FAILED = re.compile(r"^FAILED (\S+?)(?: - (.*))?$", re.MULTILINE)
+_STALE = re.compile(r"^the fuser raised (TypeError|AttributeError|NameError|ImportError)\b")
 
 
 @dataclass(frozen=True)
@@ -33,10 +44,12 @@ class MutantRun:
     """What happened when the suite ran against one mutant."""
 
     mutant: Mutant
-    verdict: str  # CAUGHT, MISSED, TIMED_OUT or BROKEN
+    verdict: str
     seconds: float
-    failed: tuple[str, ...]  # the suite's failing test ids (``file::test[param]``)
-    output: str
+    test: str | None = None  # the first failing test id
+    prop: str | None = None  # the property it names
+    detail: str = ""
+    output: str = ""
 
     @property
     def caught(self) -> bool:
@@ -44,19 +57,20 @@ class MutantRun:
 
     @property
     def caught_by(self) -> str:
-        """The failing properties' test names, without file or parameters."""
-        names = [test.split("::")[-1].split("[")[0] for test in self.failed]
-        return ", ".join(dict.fromkeys(names))
+        """The failing test and property: ``test_fused_matches_original (fused_matches_original)``."""
+        if self.test is None:
+            return ""
+        test = self.test.split("::")[-1]
+        return f"{test} ({self.prop})" if self.prop else test
 
     def describe(self) -> str:
-        detail = self.caught_by if self.caught else self.output.strip().splitlines()[-1:] or [""]
-        detail = detail if isinstance(detail, str) else detail[0]
-        return f"{self.verdict:9s} {self.seconds:7.1f}s  {self.mutant.target}  {detail}"
+        detail = self.caught_by if self.caught else f"{self.caught_by} {self.detail}".strip()
+        return f"{self.verdict:12s} {self.seconds:6.1f}s  {self.mutant.name}  {detail}"
 
 
 def suite_command(target: str, extra_args: Iterable[str] = ()) -> list[str]:
     """The pytest command line that runs the suite against ``target`` and stops at the first
-    failure (``-x``: the time to catch is the time to the first failing example)."""
+    failing test (``-x``); the plugin stops Hypothesis at its first failing example."""
     return [
         sys.executable,
         "-m",
@@ -67,12 +81,16 @@ def suite_command(target: str, extra_args: Iterable[str] = ()) -> list[str]:
         "-q",
         "-p",
         "no:cacheprovider",
+        "-p",
+        PLUGIN,
         *extra_args,
     ]
 
 
-def suite_environment(profile: str) -> dict[str, str]:
+def suite_environment(profile: str, shrink: bool, verdict_path: Path) -> dict[str, str]:
     env = dict(os.environ, HYPOTHESIS_PROFILE=profile)
+    env[VERDICT_ENV] = str(verdict_path)
+    env[SHRINK_ENV] = "1" if shrink else "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -82,38 +100,45 @@ def run_mutant(
     *,
     profile: str = "ci",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    shrink: bool = False,
     extra_args: Iterable[str] = (),
 ) -> MutantRun:
     """Run the suite against one mutant in a fresh interpreter (patches never leak between runs)."""
     try:
         mutant.load()
     except Exception as error:  # a mutant that does not import is a broken corpus, not a catch
-        return MutantRun(mutant, BROKEN, 0.0, (), f"cannot import: {error!r}")
-    command = suite_command(mutant.target, extra_args)
-    start = time.perf_counter()
-    try:
-        completed = subprocess.run(
-            command,
-            cwd=ROOT,
-            env=suite_environment(profile),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout if isinstance(expired.stdout, str) else ""
+        return MutantRun(mutant, BROKEN, 0.0, detail=f"cannot import: {error!r}")
+    with tempfile.TemporaryDirectory(prefix="convbn-mutant-") as scratch:
+        verdict_path = Path(scratch) / "verdict.json"
+        start = time.perf_counter()
+        try:
+            completed = subprocess.run(
+                suite_command(mutant.target, extra_args),
+                cwd=ROOT,
+                env=suite_environment(profile, shrink, verdict_path),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            seconds = time.perf_counter() - start
+            return MutantRun(mutant, TIMED_OUT, seconds, detail=f"no failure in {timeout_s:g} s")
         seconds = time.perf_counter() - start
-        return MutantRun(mutant, TIMED_OUT, seconds, (), output + f"\nno failure in {timeout_s:g}s")
-    seconds = time.perf_counter() - start
+        failure = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
     output = completed.stdout + completed.stderr
-    failed = tuple(match.group(1) for match in _FAILED.finditer(output))
-    if completed.returncode == 1 and failed:
-        verdict = CAUGHT
-    elif completed.returncode == 0:
-        verdict = MISSED
-    else:
-        verdict = BROKEN
-    return MutantRun(mutant, verdict, seconds, failed, output)
+    if completed.returncode == 0:
+        return MutantRun(mutant, MISSED, seconds, output=output)
+    if completed.returncode != 1 or failure is None or failure["property"] is None:
+        last = output.strip().splitlines()[-1:] or [""]
+        return MutantRun(mutant, BROKEN, seconds, detail=last[0], output=output)
+    verdict = CAUGHT
+    detail = failure["detail"]
+    if _STALE.match(detail):
+        verdict = STALE
+    elif failure["control"] != "passes":
+        verdict = UNATTRIBUTED
+        detail = f"real fuser on that network: {failure['control']}; mutant: {detail}"
+    return MutantRun(mutant, verdict, seconds, failure["test"], failure["property"], detail, output)
 
 
 def run_mutants(
@@ -142,13 +167,13 @@ def markdown_table(runs: list[MutantRun], command: str, wall_s: float) -> str:
         f"Mutation score: **{caught}/{len(runs)}** mutants caught "
         f"(`{command}`, {wall_s:.0f} s wall in total).",
         "",
-        "| area | mutant | bug | verdict | time to catch (s) | caught by |",
+        "| area | mutant | bug | verdict | time to catch (s) | first failing test (property) |",
         "|---|---|---|---|---:|---|",
     ]
     for run in runs:
         mutant = run.mutant
         bug = mutant.bug.replace("|", "\\|")
-        by = run.caught_by if run.caught else ""
+        by = run.caught_by if run.caught else f"{run.caught_by} {run.detail}".strip()
         lines.append(
             f"| {mutant.area} | `{mutant.name}` | {bug} | {run.verdict} | {run.seconds:.1f} | {by} |"
         )
