@@ -98,10 +98,6 @@ class GateCallingItsOwnBatchNorm(nn.Module):
         return self.conv(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuser bug: a BN called directly by an untraceable module is missing from the report",
-)
 def test_batchnorm_called_directly_by_an_untraceable_module_is_reported_as_left():
     model = prepared(GateCallingItsOwnBatchNorm())
 
@@ -109,7 +105,7 @@ def test_batchnorm_called_directly_by_an_untraceable_module_is_reported_as_left(
 
     assert_equivalent(model, fused, image(2, 3, 6, 6).abs())
     # The README's report accounts for every BatchNorm call site; this one cannot be traced, so it
-    # must be there as left, with a reason, not absent (the report now says "0 folded, 0 left").
+    # must be there as left, with a reason, not absent (a regression once reported "0 folded, 0 left").
     assert_left(report, "bn", because=("trace", "untrace"))
 
 
@@ -128,10 +124,6 @@ class AddsATensorConstant(nn.Module):
         return self.bn(self.conv(x)) + OFFSET
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuser bug: restoring attributes after a trace deletes the tracer's _tensor_constant0",
-)
 def test_model_reading_a_tensor_constant_traces_and_folds():
     # torchvision's MaxViT does this in every attention layer; FX traces such models whole.
     model = prepared(AddsATensorConstant())
@@ -155,10 +147,6 @@ class WithScriptedChild(nn.Module):
         return self.scripted(self.stem(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuser bug: a ScriptModule child breaks tracing (and crashes with example_inputs)",
-)
 @pytest.mark.parametrize("with_example_inputs", [False, True], ids=["traced", "shape-propagated"])
 def test_scripted_submodule_runs_as_it_is_and_the_rest_of_the_model_folds(with_example_inputs):
     model = prepared(WithScriptedChild())
