@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from compat import requires_cpu_float16
 from helpers import assert_equivalent, assert_left, randomise_bn_stats, remaining_batch_norms
 from torch import nn
 
@@ -257,6 +258,7 @@ def test_batchnorm_in_training_mode_is_left_and_fusing_does_not_update_its_stati
 # --- folds that would overflow float16 ------------------------------------------------------------
 
 
+@requires_cpu_float16
 def test_float16_input_side_fold_that_would_overflow_is_left():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)).eval()
     with torch.no_grad():
