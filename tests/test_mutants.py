@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compat import requires_cpu_float16
 from torch import nn
 
+from fuser import fuse_with_report
 from tests.mutants import Mutant, all_mutants
+from tests.mutants.rewriter_bugs import float16_overflow_unchecked
 from tests.mutants.run import run_mutant
 
 MUTANTS = all_mutants()
@@ -54,6 +57,35 @@ def test_mutant_is_a_working_fuser_where_its_bug_cannot_show(mutant: Mutant) -> 
     with torch.no_grad():
         torch.testing.assert_close(fused(*inputs), expected)
     assert report.sites == []
+
+
+@requires_cpu_float16
+def test_float16_overflow_mutant_is_a_real_bug() -> None:
+    """The property suite cannot catch ``float16_overflow_unchecked`` (docs/mutants.md): its BN
+    statistics keep every BN scale at most 2 (gamma is drawn proportional to sqrt(running_var)),
+    so no drawn fold comes near float16's 65504. This network can: a "dead" channel whose conv
+    output sits at the BN's running mean (so the original is finite) and whose BN scale is large
+    (gamma 1e3, running_var 1e-4). Our fuser leaves the fold; the mutant folds it into inf."""
+    conv, bn = nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)
+    with torch.no_grad():
+        conv.weight.fill_(10.0)
+        conv.bias.fill_(3.0)
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(1e-4)
+        bn.weight.fill_(1e3)
+        bn.bias.fill_(0.5)
+    model = nn.Sequential(conv, bn).half().eval()
+    inputs = (torch.zeros(2, 1, 3, 3, dtype=torch.float16),)
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert torch.isfinite(expected).all()
+
+    fused, report = fuse_with_report(model, example_inputs=inputs)
+    assert not report.site("1").folded and "overflow" in report.site("1").reason
+    mutant_fused, _ = float16_overflow_unchecked(model, example_inputs=inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), expected)
+        assert not torch.isfinite(mutant_fused(*inputs)).all()
 
 
 def _mutant_tier_selected(config: pytest.Config) -> bool:

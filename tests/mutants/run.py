@@ -1,12 +1,13 @@
 """Run the property suite against mutants, one subprocess each, and say which caught what.
 
 A mutant counts as caught only when a property of the suite failed against it *and* our real
-fuser passes the very network that failed (``suite_plugin`` checks it in the same run). Everything
+fuser passes that property on the very network that failed (``suite_plugin`` checks it in the same
+run). Everything
 else is reported as what it is, never as caught, so a broken harness, a stale mutant or a bug of
 the fuser itself cannot inflate the score:
 
 - ``missed``: the whole suite passed;
-- ``unattributed``: a property failed, but the real fuser fails that network too;
+- ``unattributed``: a property failed, but the real fuser fails it on that network too;
 - ``stale``: the mutant's fuser raised a ``TypeError``/``AttributeError``/``NameError`` or
   ``ImportError`` on an eval-mode model, the mark of a mutant that no longer fits the fuser's code;
 - ``timed out``, or ``broken`` (the suite errored, or no failure could be read back).

@@ -11,11 +11,11 @@ Three jobs, configured by environment variables the runner sets:
   checks, then the rest in file order. With ``-x`` a mutant is caught at its first failing test, so
   the order changes only how long a catch takes, never whether: a mutant counts as missed only
   when every test passed.
-- **Attribute the failure** (``CONVBN_MUTANT_VERDICT=path``): the first failing property's network
-  (the spec literal its message ends with) is checked again with every property against our real,
-  unpatched fuser, and the result is written to ``path`` as JSON. A failure counts as the mutant's
-  only if the real fuser passes that network; otherwise a bug of the fuser or of the suite, not
-  the mutant's bug, made the suite fail, and the mutant is not counted as caught.
+- **Attribute the failure** (``CONVBN_MUTANT_VERDICT=path``): the first failing property is checked
+  again, on the same network (the spec literal its message ends with), against our real, unpatched
+  fuser, and the result is written to ``path`` as JSON. A failure counts as the mutant's only if the
+  real fuser passes that property there; otherwise a bug of the fuser or of the suite, not the
+  mutant's bug, made the suite fail, and the mutant is not counted as caught.
 """
 
 from __future__ import annotations
@@ -87,24 +87,26 @@ def attribute_failure(test: str, phase: str, message: str) -> dict:
     }
     spec_literal = _PINNABLE.search(message)
     if phase == "call" and found and spec_literal:
-        verdict["control"] = check_real_fuser(spec_literal.group(1))
+        verdict["control"] = check_real_fuser(spec_literal.group(1), found.group(1))
     return verdict
 
 
-def check_real_fuser(spec_literal: str) -> str:
-    """``"passes"``, or how our real fuser fails the network, checked with every property."""
+def check_real_fuser(spec_literal: str, prop: str) -> str:
+    """``"passes"``, or how our real fuser fails property ``prop`` on the network."""
+    from strategies import properties
     from strategies import spec as spec_module
     from strategies.fuser_under_test import FuserUnderTest
-    from strategies.properties import OutOfRange, check_network
 
     spec = eval(spec_literal, vars(spec_module).copy())  # the suite's own pinning literal
     real = FuserUnderTest.from_target(REAL_FUSER, REAL_FUSER_REPORT)
+    check = getattr(properties, f"check_{prop}")
     try:
-        check_network(spec, real)
-    except OutOfRange as error:
+        if prop == "training_model_refused_or_equivalent":
+            check(spec, real)
+        else:
+            check(properties.run_trial(spec, real, with_report=True))
+    except properties.OutOfRange as error:
         return f"inconclusive: {error}"
     except Exception as error:
-        found = _PROPERTY.search(str(error))
-        what = found.group(1) if found else type(error).__name__
-        return f"fails too ({what})"
+        return f"fails too: {' '.join(str(error).splitlines()[:2])}"
     return "passes"
