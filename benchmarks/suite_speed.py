@@ -31,16 +31,19 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from hypothesis import given, seed, settings
 from tables import environment_header, fix_threads, markdown_table
 
 from fuser import fuse, fuse_with_report
+from strategies import properties
+from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
-from strategies.properties import check_random_networks
+from strategies.properties import OutOfRange, PropertyViolation
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATE = 100.0
 
-#: Timed stages: (stage, module, attribute). Each attribute is wrapped in place while measuring
+#: Timed stages: (stage, module, attribute or Class.method). Each one is wrapped in place while measuring
 #: (modules look these names up at call time), then restored. A target that no longer exists is
 #: skipped and named in the output, so a renamed function shows up instead of silently vanishing.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -48,9 +51,12 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("build: render source", "strategies.properties", "render_source"),
     ("build: exec source", "strategies.properties", "build_from_source"),
     ("oracle", "strategies.properties", "foldable_sites"),
+    ("reference: rest", "strategies.properties", "measure_reference"),
+    ("reference: rounding-noise run", "strategies.tolerance", "rounding_noise_output"),
     ("forward: models and float64 reference", "strategies.properties", "_evaluate"),
+    ("forward: models and float64 reference", "strategies.tolerance", "_evaluate"),
     ("forward: count BN calls", "strategies.properties", "batchnorm_calls"),
-    ("checks: compare outputs", "strategies.properties", "compare"),
+    ("checks: compare outputs", "strategies.properties", "Trial.compare"),
     ("checks: snapshot input model", "strategies.properties", "snapshot"),
     ("checks: snapshot input model", "strategies.properties", "differences"),
     ("fuse: trace", "fuser.fuse", "trace_with_opaque_submodules"),
@@ -64,6 +70,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
 DEEPCOPY_STAGES: tuple[tuple[str, str], ...] = (
     ("fuse: deepcopy", "fuser.fuse"),
     ("reference: deepcopy", "strategies.properties"),
+    ("reference: deepcopy", "strategies.tolerance"),
 )
 
 DRAW_STAGE = "Hypothesis: draw specs, engine"
@@ -137,14 +144,17 @@ def stages_timed(clock: StageClock, missing: list[str]) -> Iterator[None]:
     """Wrap every stage target with ``clock`` for the duration of the block."""
     restore: list[tuple[object, str, object]] = []
     try:
-        for stage, module_name, attribute in STAGES:
-            module = importlib.import_module(module_name)
-            original = getattr(module, attribute, None)
+        for stage, module_name, path in STAGES:
+            owner: object = importlib.import_module(module_name)
+            *owners, attribute = path.split(".")  # "Trial.compare": a method of a class
+            for name in owners:
+                owner = getattr(owner, name, None)
+            original = getattr(owner, attribute, None)
             if original is None:
-                missing.append(f"{module_name}.{attribute}")
+                missing.append(f"{module_name}.{path}")
                 continue
-            restore.append((module, attribute, original))
-            setattr(module, attribute, clock.wrap(stage, original))
+            restore.append((owner, attribute, original))
+            setattr(owner, attribute, clock.wrap(stage, original))
         for stage, module_name in DEEPCOPY_STAGES:
             module = importlib.import_module(module_name)
             original = getattr(module, "copy", None)
@@ -169,7 +179,41 @@ def fuser_under_test(clock: StageClock | None) -> FuserUnderTest:
     )
 
 
-def throughput(networks: int, seed: int) -> tuple[int, float, float]:
+class Outcome:
+    """How many drawn networks passed every property, and the first line of each violation."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.violations: list[str] = []
+
+
+def check_random_networks(fuser: FuserUnderTest, count: int, *, seed_value: int) -> Outcome:
+    """Like ``strategies.properties.check_random_networks``, but a violation does not stop the run.
+
+    That function raises the first violation after shrinking it, which is right for a test and
+    wrong for a benchmark: the run would end early and time the shrinking. Here a violating network
+    is counted (as checked: it was drawn, built, fused and checked) and the run goes on.
+    ``properties.check_network`` is looked up at each call so that ``stages_timed`` can wrap it.
+    """
+    outcome = Outcome()
+
+    @seed(seed_value)
+    @settings(max_examples=count, database=None, deadline=None)
+    @given(net_specs())
+    def check_one(spec) -> None:
+        try:
+            properties.check_network(spec, fuser)
+        except OutOfRange:
+            return
+        except PropertyViolation as violation:
+            outcome.violations.append((str(violation).splitlines() or [""])[0])
+        outcome.checked += 1
+
+    check_one()
+    return outcome
+
+
+def throughput(networks: int, seed: int) -> tuple[Outcome, float, float]:
     """Networks checked, CPU seconds and wall seconds of one uninstrumented run.
 
     Hypothesis draws the same networks for the same seed, so this run and ``breakdown`` measure
@@ -178,8 +222,8 @@ def throughput(networks: int, seed: int) -> tuple[int, float, float]:
     fuser = fuser_under_test(None)
     check_random_networks(fuser, 5, seed_value=seed + 1)  # imports, first-call caches
     cpu, wall = time.process_time(), time.perf_counter()
-    checked = check_random_networks(fuser, networks, seed_value=seed)
-    return checked, time.process_time() - cpu, time.perf_counter() - wall
+    outcome = check_random_networks(fuser, networks, seed_value=seed)
+    return outcome, time.process_time() - cpu, time.perf_counter() - wall
 
 
 def breakdown(networks: int, seed: int) -> tuple[StageClock, list[str]]:
@@ -221,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.simplefilter("ignore", UserWarning)
     print(environment_header(threads))
 
-    checked, cpu, wall = throughput(args.networks, args.seed)
+    outcome, cpu, wall = throughput(args.networks, args.seed)
+    checked = outcome.checked
     rate = checked / cpu
     print(
         f"\n#### Throughput: {checked} random networks checked (Hypothesis seed {args.seed}), "
@@ -234,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{wall:.1f}",
             f"{rate:.1f}",
             f"{checked / wall:.1f}",
+            len(outcome.violations),
             "met" if rate >= TARGET_RATE else "MISSED",
         ]
     ]
@@ -243,9 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "wall s",
         "networks/s/core (CPU)",
         "networks/s (wall)",
+        "property violations",
         f">= {TARGET_RATE:.0f}/s/core",
     )
     print(markdown_table(headers, rows))
+    for line in sorted(set(outcome.violations)):
+        print(f"\n- violation found ({outcome.violations.count(line)}x): {line}")
 
     clock, missing = breakdown(args.networks, args.seed)
     total = sum(clock.totals.values())
