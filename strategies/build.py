@@ -2,15 +2,29 @@
 
 Executing ``render_source(spec)`` (rather than building modules directly) means the program a
 failure report prints is, character for character, the network that was tested.
+
+The program runs as a real (in-memory) module whose source ``inspect`` can read, like any model
+defined in a file: fusers may read a module's source (ours does, to see how an untraceable parent
+uses its children), and a network without source would test a case no user has.
 """
 
 from __future__ import annotations
+
+import hashlib
+import linecache
+import sys
+import types
+from collections import deque
 
 import torch
 from torch import nn
 
 from strategies.source import render_source
 from strategies.spec import NetSpec
+
+MODULE_PREFIX = "convbn_network_"
+LIVE_MODULES = 64  # source kept readable for the most recent networks; older ones are dropped
+_live: deque[str] = deque()
 
 
 def build(spec: NetSpec) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -19,7 +33,25 @@ def build(spec: NetSpec) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Run a rendered program in a fresh namespace and return its ``model`` and ``inputs``."""
-    namespace: dict[str, object] = {"__name__": "convbn_network"}
-    exec(compile(source, "<convbn-network>", "exec"), namespace)
-    return namespace["model"], namespace["inputs"]
+    """Run a rendered program as module ``convbn_network_<hash>`` and return its ``model`` and
+    ``inputs``."""
+    name = MODULE_PREFIX + hashlib.sha1(source.encode()).hexdigest()[:16]
+    filename = f"<{name}>"
+    module = types.ModuleType(name)
+    module.__file__ = filename
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    sys.modules[name] = module
+    _remember(name)
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module.model, module.inputs
+
+
+def _remember(name: str) -> None:
+    """Keep the newest ``LIVE_MODULES`` programs importable; built objects outlive this."""
+    if name in _live:
+        _live.remove(name)
+    _live.append(name)
+    while len(_live) > LIVE_MODULES:
+        old = _live.popleft()
+        sys.modules.pop(old, None)
+        linecache.cache.pop(f"<{old}>", None)
