@@ -30,7 +30,7 @@ from strategies.oracle import Site, foldable_sites
 from strategies.snapshot import differences, snapshot
 from strategies.source import render_source
 from strategies.spec import NetSpec, literal
-from strategies.tolerance import Comparison, compare, perturb_constants
+from strategies.tolerance import Comparison, OutOfRange, Reference, measure_reference
 
 RUNNING_MEAN = ".running_mean"
 _networks_checked = 0
@@ -50,11 +50,6 @@ class PropertyViolation(AssertionError):
     """A property failed on one network; the message is a complete bug report."""
 
 
-class OutOfRange(Exception):
-    """The original network's own output is not finite in its dtype (float16 overflow): there
-    is nothing to compare against, so the example says nothing about the fuser."""
-
-
 @dataclass
 class Trial:
     """One network, built, evaluated (original and float64 reference) and fused once."""
@@ -64,9 +59,7 @@ class Trial:
     source: str
     model: nn.Module
     inputs: tuple[torch.Tensor, ...]
-    original_output: torch.Tensor
-    reference_output: torch.Tensor
-    perturbed_output: torch.Tensor
+    reference: Reference
     sites: list[Site]
     touched: list[str]
     fused: nn.Module | None = None
@@ -110,11 +103,13 @@ class Trial:
             detail = f"running the fused model raised {type(error).__name__}: {error}"
             raise self.violation(prop, detail) from error
 
+    @property
+    def original_output(self) -> torch.Tensor:
+        return self.reference.original_output
+
     def compare(self, fused_output: torch.Tensor) -> Comparison:
         """The tolerance rule (``strategies/tolerance.py``) applied to a fused output."""
-        return compare(
-            self.original_output, fused_output, self.reference_output, self.perturbed_output
-        )
+        return self.reference.compare(fused_output)
 
     def suspects(self) -> str:
         """Sites a wrong output most likely comes from: what the fuser says it folded, else
@@ -131,21 +126,6 @@ def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
         return module(*inputs)
 
 
-def _outputs(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: NetSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The original's output, its float64 reference, and the reference with every constant
-    perturbed by one rounding of the network's dtype (the inputs of the tolerance rule)."""
-    reference = copy.deepcopy(model).to(torch.float64)
-    reference_inputs = tuple(x.double() for x in inputs)
-    original_output = _evaluate(model, inputs)
-    reference_output = _evaluate(reference, reference_inputs)
-    if not (torch.isfinite(original_output).all() and torch.isfinite(reference_output).all()):
-        raise OutOfRange(f"the original network overflows in {spec.dtype}")
-    perturb_constants(reference, original_output.dtype, spec.seed)
-    return original_output, reference_output, _evaluate(reference, reference_inputs)
-
-
 def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False) -> Trial:
     """Build the network, evaluate it and its float64 reference, snapshot it, fuse it, and
     record whether fusing touched it. Raises ``OutOfRange`` for networks without a finite
@@ -153,9 +133,9 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
     _count_network()
     source = render_source(spec)
     model, inputs = build_from_source(source)
-    outputs = _outputs(model, inputs, spec)
+    reference = measure_reference(model, inputs, spec.seed)
     before = snapshot(model)
-    trial = Trial(spec, fuser, source, model, inputs, *outputs, foldable_sites(spec), touched=[])
+    trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
     try:
         fuse = fuser.fuse_with_report if with_report else fuser.fuse
         trial.fused, trial.report = fuse(model, inputs)
@@ -235,8 +215,8 @@ def check_training_model_refused_or_equivalent(spec: NetSpec, fuser: FuserUnderT
     source = render_source(spec)
     model, inputs = build_from_source(source)
     model.train()
-    outputs = _outputs(copy.deepcopy(model), inputs, spec)
-    trial = Trial(spec, fuser, source, model, inputs, *outputs, foldable_sites(spec), touched=[])
+    reference = measure_reference(copy.deepcopy(model), inputs, spec.seed)
+    trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
     try:
         fused, _ = fuser.fuse(model, inputs)
     except ValueError:

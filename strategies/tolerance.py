@@ -1,63 +1,81 @@
 """When is a fused output "the same" as the original's? The tolerance rule, in one place.
 
-Evaluate, on the same inputs:
+For one network and its inputs (``measure_reference``):
 
-- ``orig``: the original network in its own dtype;
-- ``ref``: a float64 copy of it (the same parameter values, upcast), the reference;
-- ``ref~``: that float64 copy with every floating parameter and buffer multiplied by
-  ``1 + eps(dtype) * u`` (``u`` uniform in [-1, 1], seeded): the original with each constant off by
-  up to one rounding in the network's dtype;
-- ``fused``: the fused model in the network's dtype.
+- ``orig``: the original network, evaluated in its own dtype;
+- ``ref``: a float64 copy of it (the same parameter values, upcast): the reference;
+- ``ref~``: ``ref`` evaluated with one rounding's worth of noise wherever rounding happens: every
+  floating parameter and buffer, and the floating result of every torch operation, multiplied by
+  ``1 + eps(dtype) * u`` (``u`` uniform in [-1, 1], seeded), the standard model of floating-point
+  evaluation applied in the network's dtype.
 
 Then::
 
-    err_unfused  = max |orig(x) - ref(x)|       rounding of evaluating this network in its dtype
-    err_rounding = max |ref~(x) - ref(x)|       effect of rounding every constant once
+    err_unfused  = max |orig(x) - ref(x)|    rounding actually observed evaluating the network
+    err_rounding = max |ref~(x) - ref(x)|    effect of one rounding of every constant and result
     allowed      = UNFUSED_MULTIPLE * (err_unfused + err_rounding)
                    + FLOOR_ULPS * eps(dtype) * max |ref(x)|
-    pass         iff  max |fused(x) - ref(x)| <= allowed
+    pass         iff  err_fused = max |fused(x) - ref(x)| <= allowed
 
 Why:
 
 - Folding is exact in real arithmetic, so every difference between ``fused`` and ``orig`` is
-  rounding, and a correct fold adds exactly two kinds: the folded constants (``w * s`` and the new
-  bias) are rounded once to the dtype, and the fused model evaluates a re-associated computation.
-  ``err_rounding`` measures the first for this very network (its conditioning: cancellation, large BN
-  scales, long accumulations), ``err_unfused`` the second. Both come from the network, never from the
-  fuser under test.
-- ``err_unfused`` alone is not enough: for float64 networks ``orig`` and ``ref`` run the same kernels on
-  the same values, so it is exactly 0; and in float16/bfloat16, kernels accumulate in float32, so it is
-  about one output rounding while a rounded folded weight moves the output by one rounding of every
-  product. ``err_rounding`` is never structurally zero and scales with the right magnitudes.
-- The maxima are taken over the whole output, not per element: per-element errors are samples of
-  independent roundings, and one of them being small by luck would make a per-element rule flaky.
+  rounding. A correct fold adds two kinds: the folded constants (``w * s``, the new bias) are rounded
+  once to the dtype, and the fused model evaluates a re-associated computation whose intermediate
+  results and accumulations round differently. ``err_unfused`` is the second kind as it actually
+  happens in this network (accumulation order, cancellation, large BN scales); ``err_rounding`` is the
+  first kind, to first order. Both are properties of the network, never of the fuser under test.
+- Neither is enough alone. float16/bfloat16 kernels accumulate in float32, so ``err_unfused`` is about
+  one output rounding while a rounded folded weight moves the output by one rounding per product;
+  ``err_rounding`` covers that. ``err_rounding`` only perturbs results, not the partial sums inside a
+  convolution, which ``err_unfused`` measures.
+- float64 networks are their own reference, so ``err_unfused`` would be exactly 0. For them it is
+  measured on a float32 copy and scaled by ``eps(float64) / eps(float32)`` (same kernels, same
+  accumulation order, first order in eps); and since a float64 rounding of the constants would itself
+  be rounded away, ``ref~`` perturbs by ``MIN_STEP`` and scales the effect back (``perturbation_step``).
+- The maxima are over the whole output, not per element: per-element errors are samples of
+  independent roundings, and one being small by luck would make a per-element rule flaky.
 - ``UNFUSED_MULTIPLE = 4`` absorbs which roundings happen to align; ``FLOOR_ULPS = 4`` units in the last
   place of the largest output only matters for degenerate networks whose outputs are exactly
-  representable. Both constants are fixed and small (see ``docs/tolerance.md`` for the calibration): a
+  representable. Both constants are fixed and small (``docs/tolerance.md`` has the calibration): a
   real bug is orders of magnitude above ``allowed``. Never raise them to make a test pass.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 UNFUSED_MULTIPLE = 4.0
 FLOOR_ULPS = 4.0
+MIN_STEP = 2.0**-24  # smallest perturbation float64 resolves to first order, about 6e-8
+
+
+class OutOfRange(Exception):
+    """The original network's own output is not finite in its dtype (float16 overflow): there
+    is nothing to compare against, so the example says nothing about the fuser."""
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """The numbers behind one application of the rule."""
+class Reference:
+    """What a fused output is judged against, measured once per network."""
 
-    dtype: torch.dtype
+    original_output: torch.Tensor
+    output: torch.Tensor  # float64, on the cpu
     err_unfused: float
     err_rounding: float
-    err_fused: float
-    scale: float
-    worst_index: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.original_output.dtype
+
+    @property
+    def scale(self) -> float:
+        return float(self.output.abs().max()) if self.output.numel() else 0.0
 
     @property
     def floor(self) -> float:
@@ -67,57 +85,117 @@ class Comparison:
     def allowed(self) -> float:
         return UNFUSED_MULTIPLE * (self.err_unfused + self.err_rounding) + self.floor
 
+    def compare(self, fused_output: torch.Tensor) -> Comparison:
+        """Apply the rule to a fused output of the same shape."""
+        errors = _errors(fused_output, self.output)
+        worst = int(errors.argmax()) if errors.numel() else 0
+        index = torch.unravel_index(torch.tensor(worst), self.output.shape)
+        return Comparison(self, _largest(errors), tuple(int(i) for i in index))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One application of the rule."""
+
+    reference: Reference
+    err_fused: float
+    worst_index: tuple[int, ...]
+
     @property
     def ok(self) -> bool:
-        return self.err_fused <= self.allowed
+        return self.err_fused <= self.reference.allowed
 
     def describe(self) -> str:
+        r = self.reference
         return (
-            f"max error {self.err_fused:.3e} vs allowed {self.allowed:.3e} "
-            f"(= {UNFUSED_MULTIPLE:g} x (unfused error {self.err_unfused:.3e} + constant-rounding "
-            f"error {self.err_rounding:.3e}) + floor {self.floor:.3e}; {self.dtype}, "
-            f"max |output| {self.scale:.3g}), worst at output index {self.worst_index}"
+            f"max error {self.err_fused:.3e} vs allowed {r.allowed:.3e} "
+            f"(= {UNFUSED_MULTIPLE:g} x (unfused error {r.err_unfused:.3e} + rounding-noise "
+            f"error {r.err_rounding:.3e}) + floor {r.floor:.3e}; {r.dtype}, "
+            f"max |output| {r.scale:.3g}), worst at output index {self.worst_index}"
         )
 
 
-def perturb_constants(module: nn.Module, dtype: torch.dtype, seed: int) -> None:
-    """Multiply every floating parameter and buffer of ``module`` (in place) by
-    ``1 + eps(dtype) * u``, ``u`` uniform in [-1, 1]: one rounding's worth of noise."""
-    eps = torch.finfo(dtype).eps
-    generator = torch.Generator().manual_seed(seed)
-    tensors = [*module.parameters(), *module.buffers()]
+def measure_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int) -> Reference:
+    """Evaluate ``model`` and the float64 copies the rule needs. ``model`` is evaluated as it
+    is (a training-mode BN in it updates its statistics); its copies are taken first."""
+    reference = copy.deepcopy(model).to(torch.float64)
+    is_float64 = inputs[0].dtype == torch.float64
+    float32_copy = copy.deepcopy(model).to(torch.float32) if is_float64 else None
+    reference_inputs = tuple(x.double() for x in inputs)
+    original_output = _evaluate(model, inputs)
+    output = _evaluate(reference, reference_inputs).detach().double().cpu()
+    if not (torch.isfinite(original_output).all() and torch.isfinite(output).all()):
+        raise OutOfRange(f"the original network overflows in {original_output.dtype}")
+    dtype = original_output.dtype
+    if float32_copy is None:
+        err_unfused = _largest(_errors(original_output, output))
+    else:
+        float32_output = _evaluate(float32_copy, tuple(x.float() for x in inputs))
+        ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+        err_unfused = _largest(_errors(float32_output, output)) * ratio
+    noisy_output = rounding_noise_output(reference, reference_inputs, dtype, seed)
+    err_rounding = _largest(_errors(noisy_output, output))
+    err_rounding *= torch.finfo(dtype).eps / perturbation_step(dtype)
+    return Reference(original_output, output, err_unfused, err_rounding)
+
+
+def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     with torch.no_grad():
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                noise = torch.rand(tensor.shape, generator=generator, dtype=torch.float64)
-                tensor.mul_((1 + eps * (2 * noise - 1)).to(tensor.device, tensor.dtype))
+        return module(*inputs)
 
 
-def _max_abs_difference(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _errors(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (value.detach().double().cpu() - reference).abs()
 
 
-def compare(
-    original: torch.Tensor,
-    fused: torch.Tensor,
-    reference: torch.Tensor,
-    perturbed_reference: torch.Tensor,
-) -> Comparison:
-    """Apply the rule to one output; all tensors have the same shape, ``original`` the
-    network's dtype, the references float64."""
-    reference = reference.detach().double().cpu()
-    fused_error = _max_abs_difference(fused, reference)
-    worst = int(fused_error.argmax()) if fused_error.numel() else 0
-    worst_index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), reference.shape))
+def _largest(errors: torch.Tensor) -> float:
+    return float(errors.max()) if errors.numel() else 0.0
 
-    def largest(errors: torch.Tensor) -> float:
-        return float(errors.max()) if errors.numel() else 0.0
 
-    return Comparison(
-        dtype=original.dtype,
-        err_unfused=largest(_max_abs_difference(original, reference)),
-        err_rounding=largest(_max_abs_difference(perturbed_reference, reference)),
-        err_fused=largest(fused_error),
-        scale=largest(reference.abs()),
-        worst_index=worst_index,
-    )
+def perturbation_step(dtype: torch.dtype) -> float:
+    """The relative perturbation ``ref~`` applies: one rounding of ``dtype`` (its eps), except
+    for float64, where one float64 rounding applied in float64 would itself be rounded away; there
+    the step is ``MIN_STEP`` and the output change is scaled back by ``eps / step``."""
+    return max(torch.finfo(dtype).eps, MIN_STEP)
+
+
+def perturb_constants(module: nn.Module, dtype: torch.dtype, seed: int) -> None:
+    """Multiply every floating parameter and buffer of ``module`` (in place, float64) by
+    ``1 + step * u``, ``u`` uniform in [-1, 1] (see ``perturbation_step``)."""
+    step = perturbation_step(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_floating_point():
+                tensor.mul_(_noise(tensor, step, generator))
+
+
+def _noise(like: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.rand(like.shape, generator=generator, dtype=torch.float64)
+    return (1 + step * (2 * uniform - 1)).to(like.device, like.dtype)
+
+
+class RoundingNoise(TorchFunctionMode):
+    """While active, multiplies the floating result of every torch operation by ``1 + step * u``:
+    each operation's result rounded once, as in the standard floating-point error model."""
+
+    def __init__(self, dtype: torch.dtype, seed: int) -> None:
+        super().__init__()
+        self.step = perturbation_step(dtype)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.is_floating_point():
+            result = result * _noise(result, self.step, self.generator)
+        return result
+
+
+def rounding_noise_output(
+    reference: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, seed: int
+) -> torch.Tensor:
+    """``ref~(x)``: the float64 ``reference`` (perturbed in place) evaluated with rounding noise
+    of ``dtype`` on every constant and every operation's result."""
+    perturb_constants(reference, dtype, seed)
+    with torch.no_grad(), RoundingNoise(dtype, seed + 1):
+        return reference(*inputs).detach().double().cpu()
