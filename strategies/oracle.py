@@ -9,7 +9,7 @@ rules are applied until nothing changes: output-side folds first, input-side fol
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from strategies.naming import chain_names, site_name, two_calls_names
 from strategies.spec import (
@@ -189,8 +189,11 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
     first = graph.layer(block.layer, names.layer, value)
     for norm, name in zip(block.first_norms, names.first_norms, strict=True):
         first = graph.norm(norm, name, first)
-    layer_name = names.layer if block.second != FUNCTIONAL else f"{names.layer}.weight"
-    second = graph.layer(block.layer, layer_name, value)
+    if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run
+        second_layer = replace(block.layer, functional=True, hooked=False)
+        second = graph.layer(second_layer, f"{names.layer}.weight", value)
+    else:
+        second = graph.layer(block.layer, names.layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
     for norm, name in zip(second_norms, names.second_norms, strict=True):
         second = graph.norm(norm, name, second)
