@@ -35,4 +35,74 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Fuser bug (idempotence, fixed): fusing an already fused model dropped the forward hook of a hooked
+    # container, because the first fuse turned it into a GraphModule and copy.deepcopy of a
+    # GraphModule keeps no forward hooks (the fuser deep-copies its input). Error 0.25 = the hook.
+    "fuse_twice_drops_hook_of_fused_container": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv_transpose",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                        output_padding=(0,),
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0, style="traced_subclass"),
+                ),
+                packaging="sequential",
+                depth=3,
+                boundary="hooked",
+            ),
+        ),
+    ),
+    # Oracle bug (fixed): the functional read of a hooked conv's weight does not run the hook, so
+    # the BN after it folds; the oracle had treated that call as hooked.
+    "functional_read_of_hooked_conv_folds": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                ),
+            ),
+            TwoCalls(
+                layer=Layer(
+                    kind="conv",
+                    spatial_dims=1,
+                    input_ndim=3,
+                    in_channels=1,
+                    out_channels=1,
+                    kernel_size=(1,),
+                    stride=(1,),
+                    padding="same",
+                    dilation=(1,),
+                    bias=False,
+                    hooked=True,
+                ),
+                second="functional",
+                first_norms=(Norm(input_ndim=3, num_features=1, eps=1.0),),
+                second_norms=None,
+            ),
+        ),
+    ),
 }
