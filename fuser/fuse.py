@@ -41,7 +41,7 @@ def fuse_with_report(
 ) -> tuple[nn.Module, FusionReport]:
     """Like ``fuse``, and also say what became of every BatchNorm call site."""
     inputs = _check_input(model, example_inputs)
-    working_copy = copy.deepcopy(model)
+    working_copy = _deep_copy(model)
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
     fuser = _Fuser(recorded, report, objects_held_twice(working_copy))
@@ -175,6 +175,29 @@ class _Fuser:
                 raise
 
 
+def _deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, except that GraphModules keep their hooks.
+
+    ``GraphModule.__deepcopy__`` rebuilds the module and drops its hooks, so a fused model
+    (whose hooked parts are GraphModules carrying their hooks) would lose them when fused again.
+    """
+    duplicate = copy.deepcopy(model)
+    for path, original in model.named_modules():
+        if isinstance(original, fx.GraphModule):
+            copied = duplicate.get_submodule(path)
+            for name, hooks in _hook_dicts(original).items():
+                setattr(copied, name, type(hooks)(hooks))
+    return duplicate
+
+
+def _hook_dicts(module: nn.Module) -> dict:
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if name.startswith(("_forward", "_backward")) and "hooks" in name
+    }
+
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -197,8 +220,8 @@ def _carry_over(original: nn.Module, fused: nn.Module) -> None:
     fused module (the same hook dicts, so their handles still remove them). Plain public
     attributes (``out_channels`` and the like) are copied for code that reads them.
     """
+    for name, value in _hook_dicts(original).items():
+        setattr(fused, name, value)
     for name, value in vars(original).items():
-        is_hook_dict = name.startswith(("_forward", "_backward")) and "hooks" in name
-        is_new_plain_attribute = not name.startswith("_") and not hasattr(fused, name)
-        if is_hook_dict or is_new_plain_attribute:
+        if not name.startswith("_") and not hasattr(fused, name):
             setattr(fused, name, value)
