@@ -105,4 +105,212 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # What the gate found in torch.fx.experimental.optimization.fuse (docs/gate-torch-fx-fuse.md).
+    # A layer module called at two sites, each followed by the same BN: folded twice in place.
+    "torch_fuse_shared_layer": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            TwoCalls(
+                layer=Layer(
+                    kind="linear",
+                    spatial_dims=0,
+                    input_ndim=2,
+                    in_channels=1,
+                    out_channels=1,
+                    bias=False,
+                ),
+                second="module",
+                first_norms=(Norm(input_ndim=2, num_features=1, eps=1.0),),
+                second_norms=None,
+            ),
+        ),
+    ),
+    # A conv whose weight is also read by F.conv1d: the functional read sees the folded weight.
+    "torch_fuse_tied_weight": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            TwoCalls(
+                layer=Layer(
+                    kind="conv",
+                    spatial_dims=1,
+                    input_ndim=3,
+                    in_channels=1,
+                    out_channels=1,
+                    kernel_size=(1,),
+                    stride=(1,),
+                    padding=(0,),
+                    dilation=(1,),
+                    bias=False,
+                ),
+                second="functional",
+                first_norms=(Norm(input_ndim=3, num_features=1, eps=1.0),),
+                second_norms=(),
+            ),
+        ),
+    ),
+    # BN hooks are dropped with the BN.
+    "torch_fuse_bn_forward_hook": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0, defect="forward_hook"),
+                )
+            ),
+        ),
+    ),
+    "torch_fuse_bn_forward_pre_hook": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0, defect="forward_pre_hook"),
+                )
+            ),
+        ),
+    ),
+    # A hooked conv takes the fold: its hook now sees BN-scaled values.
+    "torch_fuse_hooked_conv": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                        hooked=True,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                )
+            ),
+        ),
+    ),
+    # Linear on (N, C, L) then BatchNorm1d(C): folded per output feature when out_features == C,
+    # AssertionError when not.
+    "torch_fuse_linear_on_3d_input": NetSpec(
+        input_shape=(2, 2, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=3,
+                        in_channels=3,
+                        out_channels=2,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=2, eps=1.0),
+                )
+            ),
+        ),
+    ),
+    "torch_fuse_linear_on_3d_input_other_width": NetSpec(
+        input_shape=(2, 2, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=3,
+                        in_channels=3,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=2, eps=1.0),
+                )
+            ),
+        ),
+    ),
+    # Linear -> BatchNorm1d(affine=False): TypeError (the linear fold multiplies by weight=None).
+    "torch_fuse_linear_then_non_affine_bn": NetSpec(
+        input_shape=(2, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear", spatial_dims=0, input_ndim=2, in_channels=3, out_channels=4
+                    ),
+                    Norm(input_ndim=2, num_features=4, affine=False, eps=1.0),
+                )
+            ),
+        ),
+    ),
+    # A BN submodule left in training mode: AssertionError instead of leaving it.
+    "torch_fuse_training_bn_submodule": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0, defect="training"),
+                )
+            ),
+        ),
+    ),
+    # Any module FX cannot trace: TraceError, nothing fused.
+    "torch_fuse_untraceable_submodule": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0, style="opaque_subclass"),
+                ),
+                packaging="sequential",
+                depth=3,
+            ),
+        ),
+    ),
 }

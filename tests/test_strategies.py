@@ -3,15 +3,18 @@ build it deterministically, and render it as a program that runs on its own."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from hypothesis import Phase, given, seed, settings
 
+import strategies
 from strategies import (
     Act,
     Chain,
@@ -276,3 +279,18 @@ def test_rendered_source_runs_on_its_own():
 def test_device_is_a_detail_of_the_spec():
     spec = pinned.PINNED["conv1d_then_bn"]
     assert "device='cuda'" in render_source(replace(spec, device="cuda"))
+
+
+def test_strategies_never_import_the_fuser():
+    """The oracle must decide foldability from the spec alone (a matcher bug could otherwise hide
+    by agreeing with the test), so nothing in strategies/ may import fuser/."""
+    package = Path(strategies.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n == "fuser" or n.startswith("fuser.") for n in names), path.name
