@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     wall_s = time.perf_counter() - start
     caught = sum(run.caught for run in runs)
-    print(f"\nmutation score: {caught}/{len(runs)} caught in {wall_s:.0f} s wall")
+    cpu_s = sum(run.cpu_seconds for run in runs)
+    print(f"\nmutation score: {caught}/{len(runs)} caught; {wall_s:.0f} s wall, {cpu_s:.0f} s CPU")
     for run in runs:
         if args.show_output or not run.caught:
             print(f"\n--- {run.verdict}: {run.mutant.target}\n{run.output[-3000:]}")

@@ -46,7 +46,8 @@ class MutantRun:
 
     mutant: Mutant
     verdict: str
-    seconds: float
+    seconds: float  # wall clock, start of pytest to its exit
+    cpu_seconds: float = 0.0  # user + system time of that pytest process
     test: str | None = None  # the first failing test id
     prop: str | None = None  # the property it names
     detail: str = ""
@@ -66,7 +67,8 @@ class MutantRun:
 
     def describe(self) -> str:
         detail = self.caught_by if self.caught else f"{self.caught_by} {self.detail}".strip()
-        return f"{self.verdict:12s} {self.seconds:6.1f}s  {self.mutant.name}  {detail}"
+        times = f"{self.seconds:6.1f}s wall {self.cpu_seconds:6.1f}s CPU"
+        return f"{self.verdict:12s} {times}  {self.mutant.name}  {detail}"
 
 
 def suite_command(target: str, extra_args: Iterable[str] = ()) -> list[str]:
@@ -111,27 +113,18 @@ def run_mutant(
         return MutantRun(mutant, BROKEN, 0.0, detail=f"cannot import: {error!r}")
     with tempfile.TemporaryDirectory(prefix="convbn-mutant-") as scratch:
         verdict_path = Path(scratch) / "verdict.json"
-        start = time.perf_counter()
-        try:
-            completed = subprocess.run(
-                suite_command(mutant.target, extra_args),
-                cwd=ROOT,
-                env=suite_environment(profile, shrink, verdict_path),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
-        except subprocess.TimeoutExpired:
-            seconds = time.perf_counter() - start
-            return MutantRun(mutant, TIMED_OUT, seconds, detail=f"no failure in {timeout_s:g} s")
-        seconds = time.perf_counter() - start
+        env = suite_environment(profile, shrink, verdict_path)
+        finished = _run_timed(suite_command(mutant.target, extra_args), env, timeout_s, scratch)
         failure = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
-    output = completed.stdout + completed.stderr
-    if completed.returncode == 0:
-        return MutantRun(mutant, MISSED, seconds, output=output)
-    if completed.returncode != 1 or failure is None or failure["property"] is None:
+    returncode, output, seconds, cpu_seconds = finished
+    if returncode is None:
+        detail = f"no failure in {timeout_s:g} s"
+        return MutantRun(mutant, TIMED_OUT, seconds, cpu_seconds, detail=detail, output=output)
+    if returncode == 0:
+        return MutantRun(mutant, MISSED, seconds, cpu_seconds, output=output)
+    if returncode != 1 or failure is None or failure["property"] is None:
         last = output.strip().splitlines()[-1:] or [""]
-        return MutantRun(mutant, BROKEN, seconds, detail=last[0], output=output)
+        return MutantRun(mutant, BROKEN, seconds, cpu_seconds, detail=last[0], output=output)
     verdict = CAUGHT
     detail = failure["detail"]
     if _STALE.match(detail):
@@ -139,7 +132,40 @@ def run_mutant(
     elif failure["control"] != "passes":
         verdict = UNATTRIBUTED
         detail = f"real fuser on that network: {failure['control']}; mutant: {detail}"
-    return MutantRun(mutant, verdict, seconds, failure["test"], failure["property"], detail, output)
+    return MutantRun(
+        mutant, verdict, seconds, cpu_seconds, failure["test"], failure["property"], detail, output
+    )
+
+
+def _run_timed(
+    command: list[str], env: dict[str, str], timeout_s: float, scratch: str
+) -> tuple[int | None, str, float, float]:
+    """Run ``command``; return its exit status (None on timeout), output, wall and CPU seconds.
+
+    CPU seconds (user + system of the child) are what a mutant costs whatever else the machine is
+    doing; wall seconds on a shared machine mostly measure the neighbours.
+    """
+    log_path = Path(scratch) / "output.txt"
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        status = usage = None
+        while status is None:
+            pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                status = os.waitstatus_to_exitcode(wait_status)
+            elif time.perf_counter() - start > timeout_s:
+                process.kill()
+                _, _, usage = os.wait4(process.pid, 0)
+                break
+            else:
+                time.sleep(0.1)
+        process.returncode = status if status is not None else -9  # reaped here, not by Popen
+    seconds = time.perf_counter() - start
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return status, log_path.read_text(errors="replace"), seconds, cpu_seconds
 
 
 def run_mutants(
@@ -164,18 +190,20 @@ def run_mutants(
 def markdown_table(runs: list[MutantRun], command: str, wall_s: float) -> str:
     """The mutation score and the time to catch each mutant, as a Markdown section."""
     caught = sum(run.caught for run in runs)
+    cpu_s = sum(run.cpu_seconds for run in runs)
     lines = [
         f"Mutation score: **{caught}/{len(runs)}** mutants caught "
-        f"(`{command}`, {wall_s:.0f} s wall in total).",
+        f"(`{command}`: {wall_s:.0f} s wall, {cpu_s:.0f} s CPU in total).",
         "",
-        "| area | mutant | bug | verdict | time to catch (s) | first failing test (property) |",
-        "|---|---|---|---|---:|---|",
+        "| area | mutant | bug | verdict | wall (s) | CPU (s) | first failing test (property) |",
+        "|---|---|---|---|---:|---:|---|",
     ]
     for run in runs:
         mutant = run.mutant
         bug = mutant.bug.replace("|", "\\|")
         by = run.caught_by if run.caught else f"{run.caught_by} {run.detail}".strip()
         lines.append(
-            f"| {mutant.area} | `{mutant.name}` | {bug} | {run.verdict} | {run.seconds:.1f} | {by} |"
+            f"| {mutant.area} | `{mutant.name}` | {bug} | {run.verdict} "
+            f"| {run.seconds:.1f} | {run.cpu_seconds:.1f} | {by} |"
         )
     return "\n".join(lines) + "\n"
