@@ -63,6 +63,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("fuse: fold pass", "fuser.fuse", "fold_batch_norms"),
     ("fuse: shape propagation", "fuser.fuse", "propagate_shapes"),
     ("fuse: record submodule inputs", "fuser.fuse", "record_module_inputs"),
+    ("fuse: read children's source (child_usage)", "fuser.fuse", "child_usage"),
 )
 
 #: ``copy.deepcopy`` is reached through each module's ``copy`` global; wrapping the function

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def fuser_version() -> str:
+    """The last commit that touched ``fuser/``, and whether ``fuser/`` has uncommitted edits.
+
+    Several people change the fuser while tables are made; a number is only comparable with one
+    made on the same fuser.
+    """
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        completed = subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, check=False
+        )
+        return completed.stdout.strip()
+
+    commit = git("log", "-1", "--format=%h", "--", "fuser")
+    if not commit:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--", "fuser")
+    return f"{commit}" + (" with uncommitted changes" if dirty else "")
+
+
 def environment_header(threads: int | None = None) -> str:
     """The command that made the tables, and what they ran on, as Markdown lines."""
     script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"
@@ -45,6 +68,7 @@ def environment_header(threads: int | None = None) -> str:
     lines = [
         f"Command: `{command}`",
         "",
+        f"- fuser/ at commit {fuser_version()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores visible",
     ]
