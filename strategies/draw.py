@@ -28,7 +28,8 @@ from strategies.spec import (
     HOOKED,
     INLINE,
     LINEAR,
-    METADATA_TAPS,
+    METADATA_ATTRIBUTES,
+    METADATA_METHODS,
     MODULE,
     OPAQUE_SUBCLASS,
     SEQUENTIAL,
@@ -50,18 +51,22 @@ from strategies.spec import (
 MAX_CHANNELS = 8
 # Largest spatial extent per dimension, by number of spatial dimensions (kept small for speed).
 MAX_SIZE = {1: 8, 2: 6, 3: 4}
-PADDING_MODES = ("zeros", "zeros", "reflect", "replicate", "circular")
+PADDING_MODES = ("reflect", "replicate", "circular")  # besides "zeros", drawn half the time
 OP_KINDS = ("layer", "norm", "act", "flatten")
-# Chains where folds (and their near misses) happen, drawn as often as fully random chains.
-TEMPLATES = (
+# Chains where folds (and their near misses) happen: layer then BN (output side), and BN after
+# something that is not a single-user layer, then a layer (input side: whether it folds depends on
+# the layer's padding).
+OUTPUT_SIDE_TEMPLATES = (
     ("layer", "norm"),
     ("layer", "norm", "norm"),
+    ("layer", "norm", "act"),
+    ("flatten", "layer", "norm"),
+)
+INPUT_SIDE_TEMPLATES = (
     ("act", "norm", "layer"),
     ("act", "norm", "norm", "layer"),
     ("norm", "layer"),
-    ("layer", "norm", "act"),
     ("layer", "act", "norm", "layer"),
-    ("flatten", "layer", "norm"),
 )
 ACTIVATIONS = ("relu", "tanh", "gelu", "leaky_relu", "hardswish", "identity")
 
@@ -113,9 +118,17 @@ def lists_of(values: tuple, min_size: int, max_size: int) -> st.SearchStrategy[l
 
 @cache
 def op_kind_sequences(max_ops: int) -> st.SearchStrategy:
-    """The kinds of a chain's ops: a fold-shaped template or a random sequence."""
-    templates = tuple(t for t in TEMPLATES if len(t) <= max_ops)
-    return st.one_of(st.sampled_from(templates), lists_of(OP_KINDS, 1, max_ops))
+    """The kinds of a chain's ops: an output-side template, an input-side template, or a random
+    sequence, about a third each."""
+
+    def fitting(templates: tuple) -> st.SearchStrategy:
+        return st.sampled_from(tuple(t for t in templates if len(t) <= max_ops))
+
+    return st.one_of(
+        fitting(OUTPUT_SIDE_TEMPLATES),
+        fitting(INPUT_SIDE_TEMPLATES),
+        lists_of(OP_KINDS, 1, max_ops),
+    )
 
 
 BOOLEANS = st.booleans()
@@ -137,7 +150,7 @@ def net_specs(
 @st.composite
 def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     spatial_dims = draw(one_of_values((2, 1, 3, 0)))
-    kinds = draw(lists_of(("chain", "chain", "chain", "two_calls"), 1, max_blocks))
+    kinds = draw(lists_of(("chain", "chain", "chain", "two_calls", "head"), 1, max_blocks))
     dtype = draw(one_of_values(dtypes))
     device = draw(one_of_values(devices))
     batch = draw(integers(2, 3))
@@ -151,6 +164,8 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     for kind in kinds:
         if kind == "chain":
             block, shape = draw(chains(shape, max_ops))
+        elif kind == "head":
+            block, shape = draw(heads(shape))
         else:
             block, shape = draw(two_calls(shape))
         blocks.append(block)
@@ -185,11 +200,28 @@ def chains(draw, shape: Shape, max_ops: int = 4) -> tuple[Chain, Shape]:
         shapes.append(shape)
     depth = draw(one_of_values((3, 1, 2, 4))) if in_sequential else 1
     tap = None
-    if not in_sequential and draw(chance(2, 5)):
+    if not in_sequential and draw(chance(1, 2)):
         tap = draw(taps(ops, shapes))
         if tap.kind == CAT:
             shape = replace(shape, channels=2 * shape.channels)
     return Chain(tuple(ops), packaging, depth, tap, boundary), shape
+
+
+@st.composite
+def heads(draw, shape: Shape) -> tuple[Chain, Shape]:
+    """A Linear head followed by BatchNorm1d, on a 2-D input (``flatten(1)``) or a 3-D one
+    (``flatten(2)``, or an ``(N, C, L)`` map as it is), where it must not fold."""
+    packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
+    ops: list[Op] = []
+    if shape.spatial:
+        three_d = draw(BOOLEANS)
+        if not three_d or len(shape.spatial) > 1:
+            flatten, shape = draw(flattens(shape, start_dim=2 if three_d else 1))
+            ops.append(flatten)
+    layer, shape = draw(layers(shape, allow_functional=packaging != SEQUENTIAL))
+    ops += [layer, draw(norms(shape, allow_functional=packaging != SEQUENTIAL))]
+    depth = draw(one_of_values((3, 1, 2, 4))) if packaging == SEQUENTIAL else 1
+    return Chain(tuple(ops), packaging, depth), shape
 
 
 @st.composite
@@ -207,9 +239,12 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
     after = draw(one_of_values(tuple(positions)))
     shape = shapes[after]
     if reads_values:
-        kinds = (ADD, CAT) if shape.channels <= MAX_CHANNELS // 2 else (ADD,)
+        concat = shape.channels <= MAX_CHANNELS // 2 and draw(BOOLEANS)
+        kinds = (CAT,) if concat else (ADD,)
+    elif draw(BOOLEANS):  # drawn in two steps: Hypothesis favours a long tuple's first entries
+        kinds = METADATA_ATTRIBUTES
     else:
-        kinds = METADATA_TAPS
+        kinds = METADATA_METHODS
     kind = draw(one_of_values(kinds))
     expected = {
         "ndim": shape.ndim,
@@ -303,8 +338,9 @@ def _convolution(draw, shape: Shape, kind: str, functional: bool, hooked: bool, 
     dilation = _per_dim(draw, dims, integers(1, 2))
     if kind == CONV:
         padding_style = draw(one_of_values(("int", "same", "valid")))
-        padding = _per_dim(draw, dims, integers(0, 2)) if padding_style == "int" else padding_style
-        mode = "zeros" if functional else draw(one_of_values(PADDING_MODES))
+        pads = one_of_values((1, 0, 2))  # 1 first: the common real-world padding
+        padding = _per_dim(draw, dims, pads) if padding_style == "int" else padding_style
+        mode = "zeros" if functional or draw(BOOLEANS) else draw(one_of_values(PADDING_MODES))
         return _valid_conv(
             shape,
             out_channels,
@@ -463,9 +499,10 @@ def activations(draw, allow_functional: bool = True) -> Act:
 
 
 @st.composite
-def flattens(draw, shape: Shape) -> tuple[Flatten, Shape]:
+def flattens(draw, shape: Shape, start_dim: int | None = None) -> tuple[Flatten, Shape]:
     """Flatten to ``(N, features)`` or, from 2-D/3-D maps, to ``(N, C, length)``."""
-    start_dim = draw(one_of_values((1, 2))) if len(shape.spatial) >= 2 else 1
+    if start_dim is None:
+        start_dim = draw(one_of_values((1, 2))) if len(shape.spatial) >= 2 else 1
     length = 1
     for size in shape.spatial:
         length *= size

@@ -33,7 +33,9 @@ UNTRACEABLE = "untraceable"
 
 ADD = "add"
 CAT = "cat"
-METADATA_TAPS = ("ndim", "shape", "size", "dim", "numel")
+METADATA_ATTRIBUTES = ("ndim", "shape")  # read as x.ndim, x.shape[1]
+METADATA_METHODS = ("size", "dim", "numel")  # called as x.size(1), x.dim(), x.numel()
+METADATA_TAPS = METADATA_ATTRIBUTES + METADATA_METHODS
 
 
 @dataclass(frozen=True)
