@@ -20,6 +20,7 @@ from torch import nn
 CALLED = "called"  # only ever ``self.name(...)``: the child may be replaced
 ELEMENTS_CALLED = "elements called"  # only ``self.name[i](...)`` or a loop calling each element
 OTHER = "other"  # anything else, or no source: leave the child as it is
+NEUTRAL = "neutral"  # ``is None`` checks: true of the fused module exactly when of the original
 
 _ITERATION_WRAPPERS = frozenset({"enumerate", "reversed", "zip", "list", "iter"})
 
@@ -40,6 +41,7 @@ def child_usage(module: nn.Module) -> dict[str, str]:
 
 
 def _verdict(kinds: set[str]) -> str:
+    kinds = kinds - {NEUTRAL}
     if kinds == {CALLED}:
         return CALLED
     if kinds and kinds <= {CALLED, ELEMENTS_CALLED}:
@@ -81,6 +83,8 @@ def _classify_use(node: ast.Attribute, parents: dict) -> str:
         return CALLED
     if _is_len_call(parent, node):  # counting elements is untouched by fusing them
         return ELEMENTS_CALLED
+    if _is_none_check(parent):  # ``self.head is None``: a fused module is just as much not None
+        return NEUTRAL
     if isinstance(parent, ast.Subscript) and parent.value is node:
         grandparent = parents.get(parent)
         if isinstance(grandparent, ast.Call) and grandparent.func is parent:
@@ -90,6 +94,14 @@ def _classify_use(node: ast.Attribute, parents: dict) -> str:
     if loop is not None and _loop_only_calls_elements(loop, node):
         return ELEMENTS_CALLED
     return OTHER
+
+
+def _is_none_check(parent: ast.AST | None) -> bool:
+    return (
+        isinstance(parent, ast.Compare)
+        and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops)
+        and any(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)
+    )
 
 
 def _is_len_call(parent: ast.AST | None, node: ast.AST) -> bool:

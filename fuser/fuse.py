@@ -128,6 +128,11 @@ class _Fuser:
                 owner = path or "the model"
                 reason = f"not fused: {owner}'s code uses it other than by calling it"
                 self.report.untraced.append(UntracedModule(child_path, reason))
+                for bn_path, bn in child.named_modules(prefix=child_path):
+                    if is_batch_norm_module(bn):
+                        self.report.sites.append(
+                            SiteReport(bn_path, 0, folded=False, reason=f"inside {reason}")
+                        )
 
     def _report_unseen_call(self, bn_path: str, owner_path: str) -> None:
         """A BN module called by code FX cannot trace: its calls are never seen, so never folded."""

@@ -149,10 +149,6 @@ class ChecksItsChildIsNotNone(nn.Module):
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuser bug: an `is None` check on a child stops it being fused and its BNs go unreported",
-)
 def test_child_checked_against_none_by_an_untraceable_parent_still_folds():
     # Mask R-CNN v2's mask head is such a child: its four BNs are neither folded nor reported.
     model = prepared(ChecksItsChildIsNotNone())

@@ -97,10 +97,7 @@ CI_MODELS = frozenset(
 GIANT_MODELS = frozenset({"regnet_y_128gf", "vit_h_14"})
 
 #: Models that fail for a known fuser bug; strict, so the fix shows up as a pass to remove here.
-KNOWN_FUSER_BUGS: dict[str, str] = {
-    "maskrcnn_resnet50_fpn_v2": "fuser bug: RoIHeads checks `self.mask_head is None`, so its mask "
-    "head is not fused and its 4 BNs are missing from the report (see test_robustness)",
-}
+KNOWN_FUSER_BUGS: dict[str, str] = {}
 
 
 def full_zoo_selected(config: pytest.Config) -> bool:
