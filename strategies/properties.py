@@ -111,7 +111,7 @@ class Trial:
         """The tolerance rule (``strategies/tolerance.py``) applied to a fused output."""
         return self.reference.compare(fused_output)
 
-    def suspects(self) -> str:
+    def suspects(self) -> str | None:
         """Sites a wrong output most likely comes from: what the fuser says it folded, else
         what the oracle would fold."""
         folded = getattr(self.report, "folded", None)
