@@ -16,27 +16,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_suite(fuser: str, marker: str, test: str) -> subprocess.CompletedProcess:
-    """Run one property test (on cpu) of the suite against ``fuser``."""
+def start_suite(fuser: str, marker: str, test: str) -> subprocess.Popen:
+    """Start one property test (on cpu) of the suite against ``fuser``."""
     command = [
         sys.executable, "-m", "pytest", "tests/test_properties.py", f"--fuser={fuser}",
         "-m", marker, "-k", f"{test} and cpu", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
     ]  # fmt: skip
     env = dict(os.environ, HYPOTHESIS_PROFILE="smoke")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def finish(run: subprocess.Popen) -> tuple[int, str]:
+    stdout, _ = run.communicate(timeout=300)
+    return run.returncode, stdout
 
 
 def test_a_fuser_that_ignores_eps_fails_soundness():
-    result = run_suite("tests.broken_fusers:ignores_eps", "soundness", "matches")
-    assert result.returncode == 1, result.stdout[-3000:]
-    assert "property fused_matches_original violated" in result.stdout
-    assert "network (runnable Python" in result.stdout
+    returncode, stdout = finish(
+        start_suite("tests.broken_fusers:ignores_eps", "soundness", "matches")
+    )
+    assert returncode == 1, stdout[-3000:]
+    assert "property fused_matches_original violated" in stdout
+    assert "network (runnable Python" in stdout
 
 
 def test_a_fuser_that_folds_nothing_is_sound_but_incomplete():
-    sound = run_suite("tests.broken_fusers:folds_nothing", "soundness", "matches")
-    assert sound.returncode == 0, sound.stdout[-3000:]
-    complete = run_suite("tests.broken_fusers:folds_nothing", "completeness", "remains")
-    assert complete.returncode == 1, complete.stdout[-3000:]
-    assert "property no_foldable_batchnorm_remains violated" in complete.stdout
+    sound = start_suite("tests.broken_fusers:folds_nothing", "soundness", "matches")
+    complete = start_suite("tests.broken_fusers:folds_nothing", "completeness", "remains")
+    (sound_code, sound_out), (complete_code, complete_out) = finish(sound), finish(complete)
+    assert sound_code == 0, sound_out[-3000:]
+    assert complete_code == 1, complete_out[-3000:]
+    assert "property no_foldable_batchnorm_remains violated" in complete_out
