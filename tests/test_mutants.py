@@ -11,7 +11,8 @@ Two tiers:
   profile (derandomized, so the time to catch is reproducible) and assert that a property failed on
   a network our real fuser passes (see ``tests/mutants/run.py``). Each is a suite run, too slow for
   the default ``pytest`` run. ``-rP`` prints each time to catch; ``python -m tests.mutants -j 2``
-  prints the same as a table (docs/mutants.md).
+  prints the same as a table (docs/mutants.md). The mutants the suite is known to miss are strict
+  xfails naming why, and each has an example-based test below showing that its bug is real.
 """
 
 from __future__ import annotations
@@ -23,10 +24,32 @@ from torch import nn
 
 from fuser import fuse_with_report
 from tests.mutants import Mutant, all_mutants
+from tests.mutants.matcher_bugs import input_side_with_several_users
 from tests.mutants.rewriter_bugs import float16_overflow_unchecked
 from tests.mutants.run import run_mutant
 
 MUTANTS = all_mutants()
+
+#: Mutants the ci profile does not catch: findings about the strategies, kept visible (docs/mutants.md).
+#: Strict: once the strategies reach them, the XPASS fails the tier until the entry is removed.
+KNOWN_MISSES = {
+    "float16_overflow_unchecked": "BN scales drawn are at most 2 (gamma ~ sqrt(running_var)): no "
+    "fold comes near float16's 65504",
+    "input_side_with_several_users": "a BN not after a layer whose output feeds a layer and another "
+    "reader is about 1 network in 200; no pre-activation residual taps",
+}
+
+
+def _with_known_misses(mutants: list[Mutant]) -> list:
+    return [
+        pytest.param(
+            mutant,
+            marks=pytest.mark.xfail(strict=True, reason=f"missed: {KNOWN_MISSES[mutant.name]}"),
+        )
+        if mutant.name in KNOWN_MISSES
+        else mutant
+        for mutant in mutants
+    ]
 
 
 def _no_batch_norm_network() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -36,6 +59,7 @@ def _no_batch_norm_network() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def test_corpus_is_large_and_spread_over_the_fuser() -> None:
+    assert set(KNOWN_MISSES) <= {mutant.name for mutant in MUTANTS}
     assert len(MUTANTS) >= 20
     assert {mutant.module for mutant in MUTANTS} == {
         "fold_math_bugs",
@@ -88,12 +112,51 @@ def test_float16_overflow_mutant_is_a_real_bug() -> None:
         assert not torch.isfinite(mutant_fused(*inputs)).all()
 
 
+class _PreActivationResidual(nn.Module):
+    """``y = bn(x); conv(y) + y``: the BN's output is read by a conv *and* by the residual add,
+    as in a pre-activation ResNet block whose shortcut reads the normalised input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        return self.conv(y) + y
+
+
+def test_several_readers_mutant_is_a_real_bug() -> None:
+    """The ci profile misses ``input_side_with_several_users`` (docs/mutants.md): a BN, not right
+    after a layer, whose output feeds an unpadded conv or 2-D Linear and something else is rarely
+    drawn. Here it is: our fuser leaves the BN; the mutant folds it into the conv, and the residual
+    add then reads the un-normalised input."""
+    torch.manual_seed(0)
+    model = _PreActivationResidual().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(0.5, 1.5)
+        model.bn.running_var.uniform_(0.1, 4.0)
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.bias.uniform_(-1.0, 1.0)
+    inputs = (torch.randn(2, 3, 4, 4),)
+    with torch.no_grad():
+        expected = model(*inputs)
+
+    fused, report = fuse_with_report(model, example_inputs=inputs)
+    assert not report.site("bn").folded
+    mutant_fused, mutant_report = input_side_with_several_users(model, example_inputs=inputs)
+    assert mutant_report.site("bn").folded
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), expected)
+        assert not torch.allclose(mutant_fused(*inputs), expected, atol=1e-3)
+
+
 def _mutant_tier_selected(config: pytest.Config) -> bool:
     return "mutants" in (config.option.markexpr or "")
 
 
 @pytest.mark.mutants
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
+@pytest.mark.parametrize("mutant", _with_known_misses(MUTANTS), ids=lambda mutant: mutant.name)
 def test_property_suite_catches_mutant(mutant: Mutant, request: pytest.FixtureRequest) -> None:
     if not _mutant_tier_selected(request.config):
         pytest.skip("the mutant tier runs with `pytest -m mutants` (tox -e mutants)")
