@@ -24,6 +24,7 @@ from torch import nn
 
 from fuser import fuse_with_report
 from tests.mutants import Mutant, all_mutants
+from tests.mutants.fold_math_bugs import input_side_groups_interleaved
 from tests.mutants.matcher_bugs import input_side_with_several_users
 from tests.mutants.rewriter_bugs import float16_overflow_unchecked
 from tests.mutants.run import run_mutant
@@ -37,6 +38,8 @@ KNOWN_MISSES = {
     "fold comes near float16's 65504",
     "input_side_with_several_users": "a BN not after a layer whose output feeds a layer and another "
     "reader is about 1 network in 200; no pre-activation residual taps",
+    "input_side_groups_interleaved": "input-side folds into an unpadded grouped conv with several "
+    "outputs per group: 8 of 600 drawn networks, 2 distinct structures",
 }
 
 
@@ -146,6 +149,30 @@ def test_several_readers_mutant_is_a_real_bug() -> None:
     assert not report.site("bn").folded
     mutant_fused, mutant_report = input_side_with_several_users(model, example_inputs=inputs)
     assert mutant_report.site("bn").folded
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), expected)
+        assert not torch.allclose(mutant_fused(*inputs), expected, atol=1e-3)
+
+
+def test_grouped_input_side_mutant_is_a_real_bug() -> None:
+    """The ci profile misses ``input_side_groups_interleaved`` (docs/mutants.md): a BN folding
+    on the input side into an unpadded grouped conv with several outputs per group is rarely drawn.
+    Here it is, at the network input: output channel 1 belongs to group 0, not group 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1, groups=2)).eval()
+    bn = model[0]
+    with torch.no_grad():
+        bn.running_mean.uniform_(0.5, 1.5)
+        bn.running_var.uniform_(0.1, 4.0)
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    inputs = (torch.randn(2, 4, 3, 3),)
+    with torch.no_grad():
+        expected = model(*inputs)
+
+    fused, report = fuse_with_report(model, example_inputs=inputs)
+    assert report.site("0").folded and report.site("0").side == "input"
+    mutant_fused, _ = input_side_groups_interleaved(model, example_inputs=inputs)
     with torch.no_grad():
         torch.testing.assert_close(fused(*inputs), expected)
         assert not torch.allclose(mutant_fused(*inputs), expected, atol=1e-3)
