@@ -102,19 +102,17 @@ def fold_into_input(
     w = weight.detach().double()
     out_channels, in_per_group = w.shape[0], w.shape[1]
     out_per_group = out_channels // groups
-    # For output channel o in group g, input channel i of its slice is channel g * in_per_group + i.
-    per_output = (
-        scale.reshape(groups, 1, in_per_group)
-        .expand(groups, out_per_group, in_per_group)
-        .reshape(out_channels, in_per_group)
-    )
-    shift_per_output = (
-        shift.reshape(groups, 1, in_per_group)
-        .expand(groups, out_per_group, in_per_group)
-        .reshape(out_channels, in_per_group)
-    )
     kernel_dims = [1] * (w.ndim - 2)
-    new_weight = w * per_output.reshape(out_channels, in_per_group, *kernel_dims)
-    shift_w = shift_per_output.reshape(out_channels, in_per_group, *kernel_dims)
+
+    def per_output_channel(vector: Tensor) -> Tensor:
+        # For output channel o in group g, input channel i of its slice is g * in_per_group + i.
+        return (
+            vector.reshape(groups, 1, in_per_group)
+            .expand(groups, out_per_group, in_per_group)
+            .reshape(out_channels, in_per_group, *kernel_dims)
+        )
+
+    new_weight = w * per_output_channel(scale)
+    shift_w = per_output_channel(shift)
     b = _zero_bias_if_missing(bias, out_channels, w)
     return new_weight, b + (w * shift_w).sum(dim=tuple(range(1, w.ndim)))
