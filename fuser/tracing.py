@@ -31,11 +31,20 @@ def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
 
 
 class FoldTracer(fx.Tracer):
-    """FX's tracer with the fuser's leaf rules; ``opaque`` holds ids of untraceable modules."""
+    """FX's tracer with the fuser's leaf rules; ``opaque`` holds ids of untraceable modules.
 
-    def __init__(self, opaque: set[int] | frozenset[int] = frozenset()) -> None:
+    With ``discover=True`` a submodule whose code fails to trace is rolled back and kept as one
+    call (made opaque) on the spot, and the trace goes on: one trace finds every untraceable
+    submodule, where tracing each candidate again on its own would cost a trace per module.
+    """
+
+    def __init__(self, opaque: set[int] | frozenset[int] = frozenset(), discover: bool = False):
         super().__init__()
         self.opaque = opaque
+        self.discover = discover
+        self.untraced: list[tuple[str, str]] = []  # (qualified name, why) of modules made opaque
+        self._entered: set[int] = set()  # modules traced through at some call site
+        self._proxy_cache: dict | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.opaque or has_hooks(m) or is_foldable_layer_or_batch_norm(m):
@@ -44,9 +53,70 @@ class FoldTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        self._proxy_cache = parameter_proxy_cache  # rolled back with the graph, see call_module
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.discover or self.is_leaf_module(m, ""):
+            return super().call_module(m, forward, args, kwargs)
+        checkpoint = _TraceCheckpoint(self, m)
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        except _RetraceNeeded:
+            raise
+        except Exception as error:  # tracing runs user code: any failure means "not traceable"
+            checkpoint.roll_back()
+            if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
+                self.opaque.add(id(m))
+                raise _RetraceNeeded from error
+            self.opaque.add(id(m))
+            self.untraced.append((self.path_of_module(m), _describe(error)))
+            return super().call_module(m, forward, args, kwargs)
+        self._entered.add(id(m))
+        return result
+
+
+class _RetraceNeeded(Exception):
+    """A module traced through at one call site failed at another: trace again with it opaque."""
+
+
+class _TraceCheckpoint:
+    """What a failed submodule call must undo: its nodes, its attribute changes, the tracer's
+    bookkeeping, and the reports of untraceable modules found inside it (it is opaque whole)."""
+
+    def __init__(self, tracer: FoldTracer, module: nn.Module) -> None:
+        self.tracer = tracer
+        self.last_node = next(reversed(tracer.graph.nodes), None)
+        self.stack_depth = len(tracer.module_stack)
+        self.num_calls = dict(getattr(tracer, "num_calls", {}))
+        self.untraced = len(tracer.untraced)
+        self.attributes = _attributes_of(module)
+
+    def roll_back(self) -> None:
+        tracer, graph = self.tracer, self.tracer.graph
+        for node in reversed(graph.nodes):
+            if node is self.last_node:
+                break
+            graph.erase_node(node)
+        if tracer._proxy_cache is not None:
+            for name, proxy in list(tracer._proxy_cache.items()):
+                if getattr(proxy.node, "_erased", False):
+                    del tracer._proxy_cache[name]
+        while len(tracer.module_stack) > self.stack_depth:
+            tracer.module_stack.popitem(last=True)
+        if hasattr(tracer, "num_calls"):
+            tracer.num_calls = self.num_calls
+        del tracer.untraced[self.untraced :]
+        _restore_attributes(self.attributes)
+
 
 def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) -> fx.GraphModule:
-    tracer = FoldTracer(opaque)
+    """Trace ``module`` with the fuser's leaf rules; raises whatever tracing raised."""
+    return _trace_with(FoldTracer(opaque), module)
+
+
+def _trace_with(tracer: FoldTracer, module: nn.Module) -> fx.GraphModule:
     with _attributes_restored(module):
         graph = tracer.trace(module)
         # Made before the restore: it copies the constants tracing stored on the root.
@@ -64,7 +134,15 @@ def _attributes_restored(module: nn.Module) -> Iterator[None]:
     stores its scales on first call, so a trace (even a failed one) leaves proxies behind that
     break the next real call. Every module's attributes are put back as they were.
     """
-    saved = [
+    saved = _attributes_of(module)
+    try:
+        yield
+    finally:
+        _restore_attributes(saved)
+
+
+def _attributes_of(module: nn.Module) -> list:
+    return [
         (
             m,
             dict(m.__dict__),
@@ -73,23 +151,15 @@ def _attributes_restored(module: nn.Module) -> Iterator[None]:
         for m in module.modules()
         if not isinstance(m, torch.jit.ScriptModule)  # compiled: tracing never runs its code
     ]
-    try:
-        yield
-    finally:
-        for m, attributes, inner in saved:
-            m.__dict__.clear()
-            m.__dict__.update(attributes)
-            for original, contents in inner:
-                original.clear()
-                original.update(contents)
 
 
-def _try_trace(module: nn.Module, opaque: set[int]) -> fx.GraphModule | str:
-    """The traced module, or a one-line description of why tracing failed."""
-    try:
-        return trace(module, opaque)
-    except Exception as error:  # tracing runs user code: any failure means "not traceable"
-        return _describe(error)
+def _restore_attributes(saved: list) -> None:
+    for m, attributes, inner in saved:
+        m.__dict__.clear()
+        m.__dict__.update(attributes)
+        for original, contents in inner:
+            original.clear()
+            original.update(contents)
 
 
 def is_library_leaf(module: nn.Module) -> bool:
@@ -118,33 +188,22 @@ class TraceOutcome:
 
 
 def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
-    """Trace ``module``; if that fails, make its smallest untraceable submodules opaque and retry.
+    """Trace ``module``, keeping its smallest untraceable submodules as opaque single calls.
 
-    Costs one trace when the model traces; the search runs only after a failure.
+    One trace finds them (see ``FoldTracer``); a second is needed only in the rare case of a
+    module traced through at one call site and untraceable at another.
     """
     outcome = TraceOutcome(None)
-    traced = _make_traceable(module, path, outcome)
-    if isinstance(traced, str):
-        outcome.error = traced
-    else:
-        outcome.graph_module = traced
-    return outcome
-
-
-def _make_traceable(module: nn.Module, path: str, outcome: TraceOutcome) -> fx.GraphModule | str:
-    """``module`` traced once its untraceable children are opaque, or why it still fails."""
-    traced = _try_trace(module, outcome.opaque)
-    if not isinstance(traced, str):
-        return traced
-    for name, child in module.named_children():
-        if is_leaf(child) or id(child) in outcome.opaque:
+    while True:
+        tracer = FoldTracer(outcome.opaque, discover=True)
+        try:
+            outcome.graph_module = _trace_with(tracer, module)
+        except _RetraceNeeded:
             continue
-        child_path = f"{path}.{name}" if path else name
-        found_before = len(outcome.untraced)
-        child_traced = _make_traceable(child, child_path, outcome)
-        if isinstance(child_traced, str):
-            # The whole child runs opaque; what is inside it is searched again when it is fused.
-            del outcome.untraced[found_before:]
-            outcome.opaque.add(id(child))
-            outcome.untraced.append(UntracedModule(child_path, child_traced))
-    return _try_trace(module, outcome.opaque)
+        except Exception as error:  # tracing runs user code: any failure means "not traceable"
+            outcome.error = _describe(error)
+        outcome.untraced = [
+            UntracedModule(f"{path}.{name}" if path else name, reason)
+            for name, reason in tracer.untraced
+        ]
+        return outcome
