@@ -11,8 +11,9 @@ methods (all but ``__init__``, which only runs at construction) are parsed, and 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
-import textwrap
+import linecache
 from collections import defaultdict
 
 from torch import nn
@@ -31,13 +32,58 @@ def child_usage(module: nn.Module) -> dict[str, str]:
     for cls in type(module).__mro__:
         if cls in (nn.Module, object) or cls.__module__.startswith("torch.nn"):
             continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        except (OSError, TypeError, SyntaxError):
+        class_uses = _uses_in_class(cls)
+        if class_uses is None:  # no source to read: assume the worst
             return {name: OTHER for name, _ in module.named_children()}
-        for method in _methods(tree):
-            _classify_method(method, uses)
+        for name, kinds in class_uses.items():
+            uses[name] |= kinds
     return {name: _verdict(uses.get(name, set())) for name, _ in module.named_children()}
+
+
+def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
+    """How the methods of ``cls`` use each ``self.NAME``, or None without source.
+
+    The file is read through ``linecache`` (as ``inspect`` does) and parsed once per distinct
+    text; ``inspect.getsource`` would parse the whole file again for every class it looks up.
+    """
+    try:
+        filename = inspect.getsourcefile(cls) or inspect.getfile(cls)
+    except (OSError, TypeError):
+        return None
+    module = inspect.getmodule(cls)
+    text = "".join(linecache.getlines(filename, module.__dict__ if module else None))
+    return _uses_by_class(text).get(cls.__qualname__) if text else None
+
+
+@functools.lru_cache(maxsize=256)
+def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]]]:
+    """Qualified class name -> attribute name -> kinds of use, for every class in ``text``
+    (the first definition of a name wins, as for ``inspect.getsource``)."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    classes: dict[str, dict[str, frozenset[str]]] = {}
+    for qualname, node in _class_definitions(tree, ""):
+        if qualname not in classes:
+            uses: dict[str, set[str]] = defaultdict(set)
+            for method in _methods(node):
+                _classify_method(method, uses)
+            classes[qualname] = {name: frozenset(kinds) for name, kinds in uses.items()}
+    return classes
+
+
+def _class_definitions(node: ast.AST, prefix: str):
+    """(qualified name, ClassDef) for every class under ``node``, in source order."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            qualname = prefix + child.name
+            yield qualname, child
+            yield from _class_definitions(child, qualname + ".")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from _class_definitions(child, f"{prefix}{child.name}.<locals>.")
+        else:
+            yield from _class_definitions(child, prefix)
 
 
 def _verdict(kinds: set[str]) -> str:
