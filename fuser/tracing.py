@@ -38,11 +38,17 @@ class FoldTracer(fx.Tracer):
     submodule, where tracing each candidate again on its own would cost a trace per module.
     """
 
-    def __init__(self, opaque: set[int] | frozenset[int] = frozenset(), discover: bool = False):
+    def __init__(
+        self,
+        opaque: set[int] | frozenset[int] = frozenset(),
+        discover: bool = False,
+        untraced: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__()
         self.opaque = opaque
         self.discover = discover
-        self.untraced: list[tuple[str, str]] = []  # (qualified name, why) of modules made opaque
+        # (qualified name, why) of each module made opaque; kept across retraces
+        self.untraced = untraced if untraced is not None else []
         self._entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
 
@@ -67,11 +73,10 @@ class FoldTracer(fx.Tracer):
             raise
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             checkpoint.roll_back()
-            if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
-                self.opaque.add(id(m))
-                raise _RetraceNeeded from error
             self.opaque.add(id(m))
             self.untraced.append((self.path_of_module(m), _describe(error)))
+            if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
+                raise _RetraceNeeded from error
             return super().call_module(m, forward, args, kwargs)
         self._entered.add(id(m))
         return result
@@ -194,8 +199,9 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
     module traced through at one call site and untraceable at another.
     """
     outcome = TraceOutcome(None)
+    untraced: list[tuple[str, str]] = []
     while True:
-        tracer = FoldTracer(outcome.opaque, discover=True)
+        tracer = FoldTracer(outcome.opaque, discover=True, untraced=untraced)
         try:
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:
@@ -203,7 +209,6 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             outcome.error = _describe(error)
         outcome.untraced = [
-            UntracedModule(f"{path}.{name}" if path else name, reason)
-            for name, reason in tracer.untraced
+            UntracedModule(f"{path}.{name}" if path else name, reason) for name, reason in untraced
         ]
         return outcome
