@@ -10,6 +10,7 @@ uses its children), and a network without source would test a case no user has.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import linecache
 import sys
@@ -42,8 +43,14 @@ def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     sys.modules[name] = module
     _remember(name)
-    exec(compile(source, filename, "exec"), module.__dict__)
+    exec(_compiled(source, filename), module.__dict__)
     return module.model, module.inputs
+
+
+@functools.lru_cache(maxsize=LIVE_MODULES)
+def _compiled(source: str, filename: str) -> types.CodeType:
+    """Each network is built more than once (the training-mode property builds it again)."""
+    return compile(source, filename, "exec")
 
 
 def _remember(name: str) -> None:
