@@ -8,7 +8,9 @@ rules are applied until nothing changes: output-side folds first, input-side fol
 
 Rule 6's overflow clause is decided from the spec too: in a float16 network, an amplifying BN
 (``Norm.gain``) folded on the output side into the spiked layer before it would put at least
-81920 into that layer's weight, so it is left. The strategies draw an amplifying BN only right
+81920 into that layer's weight, so it is left, unless the shrinking BN before that layer has
+folded into it on the input side (then the weight is scaled by 2**-12 first, and rule 4's
+"until nothing changes" folds it after all). The strategies draw an amplifying BN only right
 after a spiked layer and before an activation, so that is the only fold it could take; every
 other drawn fold stays far below float16's 65504 unless the network's own values overflow (those
 networks are rejected), but a fold in float16 is not otherwise predicted, and the completeness
@@ -32,6 +34,7 @@ from strategies.spec import (
     LINEAR,
     METADATA_TAPS,
     OPAQUE_SUBCLASS,
+    SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
     UNTRACEABLE,
@@ -44,6 +47,7 @@ from strategies.spec import (
 
 OUTPUT_SIDE = "output"
 INPUT_SIDE = "input"
+OVERFLOW = "the folded weights would overflow float16"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class _Node:
     candidate_reason: str | None = None
     folded_side: str | None = None
     folded_into: str | None = None
+    shrunk: bool = False  # a layer that took a shrinking BN's input-side fold
 
 
 class _Graph:
@@ -231,6 +236,7 @@ def _output_fold_overflows(graph: _Graph, norm_node: _Node) -> bool:
         and norm_node.norm.gain == AMPLIFYING
         and producer.layer is not None
         and producer.layer.spiked
+        and not producer.shrunk  # scaled by 2**-12 first, the fold fits
     )
 
 
@@ -265,11 +271,12 @@ def _fold_until_stable(graph: _Graph, side: str) -> None:
                 continue
             if side == OUTPUT_SIDE and _takes_output_fold(graph, node):
                 if _output_fold_overflows(graph, node):
-                    node.candidate_reason = "the folded weights would overflow float16"
+                    node.candidate_reason = OVERFLOW
                     continue
                 into = node.inputs[0].layer_name
             elif side == INPUT_SIDE and (consumer := _takes_input_fold(graph, node)):
                 into = consumer.layer_name
+                consumer.shrunk = consumer.shrunk or node.norm.gain == SHRINKING
             else:
                 continue
             node.folded_side, node.folded_into = side, into
@@ -283,6 +290,10 @@ def foldable_sites(spec: NetSpec) -> list[Site]:
     norms = [node for node in graph.nodes if node.kind == "norm"]
     _fold_until_stable(graph, OUTPUT_SIDE)
     _fold_until_stable(graph, INPUT_SIDE)
+    for node in norms:  # an input-side fold may have made a fold that would overflow fit
+        if node.candidate_reason == OVERFLOW:
+            node.candidate_reason = None
+    _fold_until_stable(graph, OUTPUT_SIDE)
     sites = []
     for node in norms:
         if node.folded_side is not None:
