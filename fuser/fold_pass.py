@@ -94,6 +94,12 @@ class _FoldPass:
                         f"output side: {outcome.reason}; input side: {input_side.reason}"
                     )
                 outcomes[call.node] = input_side
+        for call in calls:  # rule 4, until nothing changes: an input-side fold may have scaled
+            outcome = outcomes[call.node]  # a layer down so that a refused fold now fits
+            if outcome.into is None and "overflow" in (outcome.reason or ""):
+                retried = self._attempt(call, self._fold_output_side, OUTPUT_SIDE)
+                if retried.into is not None:
+                    outcomes[call.node] = retried
         self.graph.lint()
         self.gm.recompile()
         return self._reports(calls, outcomes)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from strategies.spec import (
     ADD,
+    AMPLIFYING,
     CAT,
     CONV,
     CONV_TRANSPOSE,
@@ -33,6 +34,7 @@ from strategies.spec import (
     MODULE,
     OPAQUE_SUBCLASS,
     SEQUENTIAL,
+    SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
     UNTRACEABLE,
@@ -62,12 +64,24 @@ OUTPUT_SIDE_TEMPLATES = (
     ("layer", "norm", "act"),
     ("flatten", "layer", "norm"),
 )
+# "input_layer": a layer drawn for an input-side fold (mostly an unpadded conv, often grouped
+# with several outputs per group). "residual_layer": a shape-preserving one whose input (the BN's
+# output) is also added to or concatenated with the chain's result, as in a pre-activation
+# residual block, so the BN has a second reader. "shrinking_norm", "spiked_layer",
+# "amplifying_norm": values finite in float16 whose output-side fold would overflow it
+# (``Norm.gain`` in strategies/spec.py).
 INPUT_SIDE_TEMPLATES = (
-    ("act", "norm", "layer"),
-    ("act", "norm", "norm", "layer"),
-    ("norm", "layer"),
-    ("layer", "act", "norm", "layer"),
+    ("act", "norm", "input_layer"),
+    ("act", "norm", "norm", "input_layer"),
+    ("norm", "input_layer"),
+    ("layer", "act", "norm", "input_layer"),
+    ("act", "norm", "residual_layer"),
+    ("norm", "residual_layer"),
+    ("shrinking_norm", "spiked_layer", "amplifying_norm", "act"),
 )
+# Drawn as often as each family above in float16 networks, where its fold would overflow.
+OVERFLOW_TEMPLATE = ("shrinking_norm", "spiked_layer", "amplifying_norm", "act")
+RESIDUAL_KINDS = (ADD, CAT)
 ACTIVATIONS = ("relu", "tanh", "gelu", "leaky_relu", "hardswish", "identity")
 
 
@@ -117,18 +131,22 @@ def lists_of(values: tuple, min_size: int, max_size: int) -> st.SearchStrategy[l
 
 
 @cache
-def op_kind_sequences(max_ops: int) -> st.SearchStrategy:
+def op_kind_sequences(max_ops: int, dtype: str = "float32") -> st.SearchStrategy:
     """The kinds of a chain's ops: an output-side template, an input-side template, or a random
-    sequence, about a third each."""
+    sequence, about a third each; in float16 networks a quarter each, with the template whose
+    fold would overflow float16 as the fourth."""
 
-    def fitting(templates: tuple) -> st.SearchStrategy:
-        return st.sampled_from(tuple(t for t in templates if len(t) <= max_ops))
+    def fitting(templates: tuple) -> tuple:
+        return tuple(t for t in templates if len(t) <= max_ops)
 
-    return st.one_of(
-        fitting(OUTPUT_SIDE_TEMPLATES),
-        fitting(INPUT_SIDE_TEMPLATES),
+    families = [
+        st.sampled_from(fitting(OUTPUT_SIDE_TEMPLATES)),
+        st.sampled_from(fitting(INPUT_SIDE_TEMPLATES)),
         lists_of(OP_KINDS, 1, max_ops),
-    )
+    ]
+    if dtype == "float16" and fitting((OVERFLOW_TEMPLATE,)):
+        families.append(st.just(OVERFLOW_TEMPLATE))
+    return st.one_of(*families)
 
 
 BOOLEANS = st.booleans()
@@ -151,7 +169,7 @@ def net_specs(
 def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     spatial_dims = draw(one_of_values((2, 1, 3, 0)))
     kinds = draw(lists_of(("chain", "chain", "chain", "two_calls", "head"), 1, max_blocks))
-    dtype = draw(one_of_values(dtypes))
+    dtype = draw(one_of_values(dtypes))  # before the chains: float16 ones draw another template
     device = draw(one_of_values(devices))
     batch = draw(integers(2, 3))
     channels = draw(integers(1, MAX_CHANNELS))
@@ -163,7 +181,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     blocks = []
     for kind in kinds:
         if kind == "chain":
-            block, shape = draw(chains(shape, max_ops))
+            block, shape = draw(chains(shape, max_ops, dtype))
         elif kind == "head":
             block, shape = draw(heads(shape))
         else:
@@ -174,24 +192,28 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
 
 
 @st.composite
-def chains(draw, shape: Shape, max_ops: int = 4) -> tuple[Chain, Shape]:
+def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tuple[Chain, Shape]:
     """A chain of ops on ``shape``, and the shape it produces."""
     packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
     if packaging == INLINE:
         boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
     else:
         boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE)))
-    categories = draw(op_kind_sequences(max_ops))
+    categories = draw(op_kind_sequences(max_ops, dtype))
     in_sequential = packaging == SEQUENTIAL
     ops: list[Op] = []
     shapes = []
+    residual_input = None  # position of the op whose output a residual_layer's result gets
     for category in categories:
         if category == "flatten" and not shape.spatial:
             category = "act"
-        if category == "layer":
-            op, shape = draw(layers(shape, allow_functional=not in_sequential))
-        elif category == "norm":
-            op = draw(norms(shape, allow_functional=not in_sequential))
+        if category == "residual_layer":
+            residual_input = len(ops) - 1
+        if category in ("layer", "input_layer", "residual_layer", "spiked_layer"):
+            op, shape = draw(layers(shape, allow_functional=not in_sequential, purpose=category))
+        elif category in ("norm", "shrinking_norm", "amplifying_norm"):
+            gain = {"shrinking_norm": SHRINKING, "amplifying_norm": AMPLIFYING}.get(category)
+            op = draw(norms(shape, allow_functional=not in_sequential, gain=gain))
         elif category == "act":
             op = draw(activations(allow_functional=not in_sequential))
         else:
@@ -200,10 +222,15 @@ def chains(draw, shape: Shape, max_ops: int = 4) -> tuple[Chain, Shape]:
         shapes.append(shape)
     depth = draw(one_of_values((3, 1, 2, 4))) if in_sequential else 1
     tap = None
-    if not in_sequential and draw(chance(1, 2)):
+    if residual_input is not None and residual_input >= 0 and not in_sequential:
+        kind = draw(one_of_values(RESIDUAL_KINDS))
+        if kind == CAT and shape.channels > MAX_CHANNELS // 2:
+            kind = ADD
+        tap = Tap(residual_input, kind)
+    elif not in_sequential and draw(chance(1, 2)):
         tap = draw(taps(ops, shapes))
-        if tap.kind == CAT:
-            shape = replace(shape, channels=2 * shape.channels)
+    if tap is not None and tap.kind == CAT:
+        shape = replace(shape, channels=2 * shape.channels)
     return Chain(tuple(ops), packaging, depth, tap, boundary), shape
 
 
@@ -271,28 +298,49 @@ def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     return TwoCalls(layer, second, first, second_norms, packaging), out
 
 
+LAYER_KINDS = {
+    "layer": (CONV, CONV, CONV_TRANSPOSE, CONV_TRANSPOSE, LINEAR),
+    # Input-side folds go into convs and 2-D Linears; transposed convs and Linears on maps are
+    # the near misses.
+    "input_layer": (CONV, CONV, CONV, CONV_TRANSPOSE, LINEAR),
+    "residual_layer": (CONV,),
+    "spiked_layer": (CONV, CONV_TRANSPOSE, LINEAR),
+}
+
+
 @st.composite
-def layers(draw, shape: Shape, allow_functional: bool = True) -> tuple[Layer, Shape]:
-    """A convolution, transposed convolution or linear layer reading ``shape``."""
-    if shape.spatial:
-        kind = draw(one_of_values((CONV, CONV, CONV_TRANSPOSE, CONV_TRANSPOSE, LINEAR)))
-    else:
-        kind = LINEAR
+def layers(
+    draw, shape: Shape, allow_functional: bool = True, purpose: str = "layer"
+) -> tuple[Layer, Shape]:
+    """A convolution, transposed convolution or linear layer reading ``shape``.
+
+    ``purpose``: ``layer`` (anything), ``input_layer`` (mostly an unpadded conv, often grouped
+    with several outputs per group: what an input-side fold goes into), ``residual_layer`` (its
+    output has ``shape``: a conv with ``'same'`` padding and as many outputs as inputs, or a
+    square Linear) or ``spiked_layer`` (``Layer.spiked``)."""
+    kind = draw(one_of_values(LAYER_KINDS[purpose])) if shape.spatial else LINEAR
     functional = allow_functional and draw(chance(1, 4))
     hooked = not functional and draw(chance(1, 8))
     frozen = draw(chance(1, 8))
     bias = draw(BOOLEANS)
     if kind == LINEAR:
-        layer, out = draw(_linear(shape, functional, hooked, bias))
+        same_width = purpose == "residual_layer"
+        layer, out = draw(_linear(shape, functional, hooked, bias, same_width))
     else:
-        layer, out = draw(_convolution(shape, kind, functional, hooked, bias))
+        layer, out = draw(_convolution(shape, kind, functional, hooked, bias, purpose))
+    if purpose == "spiked_layer":
+        layer = replace(layer, spiked=True)
     return (replace(layer, frozen=True) if frozen else layer), out
 
 
 @st.composite
-def _linear(draw, shape: Shape, functional: bool, hooked: bool, bias: bool):
+def _linear(
+    draw, shape: Shape, functional: bool, hooked: bool, bias: bool, same_width: bool = False
+):
     in_features = shape.spatial[-1] if shape.spatial else shape.channels
-    if shape.spatial and draw(BOOLEANS):
+    if same_width:
+        out_features = in_features
+    elif shape.spatial and draw(BOOLEANS):
         # Matching the channel count tempts a fuser to fold a BN over dim 1 per output feature.
         out_features = shape.channels
     else:
@@ -313,11 +361,23 @@ def _linear(draw, shape: Shape, functional: bool, hooked: bool, bias: bool):
 
 
 @st.composite
-def _groups_and_out_channels(draw, in_channels: int) -> tuple[int, int]:
-    """Groups 1, depthwise, or any divisor; output channels a multiple of the groups."""
-    style = draw(one_of_values(("one", "depthwise", "divisor")))
+def _groups_and_out_channels(draw, in_channels: int, purpose: str = "layer") -> tuple[int, int]:
+    """Groups 1, depthwise, or any divisor; output channels a multiple of the groups.
+
+    For an ``input_layer``, groups above 1 with several outputs per group (where an input-side
+    fold must map each output channel to its own group's inputs) come first; a
+    ``residual_layer`` has as many outputs as inputs."""
     divisors = [g for g in range(1, in_channels + 1) if in_channels % g == 0]
+    if purpose == "input_layer":
+        style = draw(one_of_values(("several_per_group",) * 2 + ("one", "depthwise", "divisor")))
+    else:
+        style = draw(one_of_values(("one", "depthwise", "divisor")))
+    if style == "several_per_group" and len(divisors) > 1:
+        groups = draw(one_of_values(tuple(divisors[1:])))
+        return groups, groups * draw(integers(2, max(2, MAX_CHANNELS // groups)))
     groups = {"one": 1, "depthwise": in_channels}.get(style) or draw(one_of_values(tuple(divisors)))
+    if purpose == "residual_layer":
+        return groups, in_channels
     multiplier = draw(integers(1, max(1, MAX_CHANNELS // groups)))
     return groups, groups * multiplier
 
@@ -330,15 +390,29 @@ def _per_dim(draw, dims: int, values: st.SearchStrategy[int]) -> tuple[int, ...]
 
 
 @st.composite
-def _convolution(draw, shape: Shape, kind: str, functional: bool, hooked: bool, bias: bool):
+def _convolution(
+    draw,
+    shape: Shape,
+    kind: str,
+    functional: bool,
+    hooked: bool,
+    bias: bool,
+    purpose: str = "layer",
+):
     dims = len(shape.spatial)
-    groups, out_channels = draw(_groups_and_out_channels(shape.channels))
+    groups, out_channels = draw(_groups_and_out_channels(shape.channels, purpose))
     kernel = _per_dim(draw, dims, integers(1, 3))
     stride = _per_dim(draw, dims, integers(1, 2))
     dilation = _per_dim(draw, dims, integers(1, 2))
     if kind == CONV:
-        padding_style = draw(one_of_values(("int", "same", "valid")))
-        pads = one_of_values((1, 0, 2))  # 1 first: the common real-world padding
+        if purpose == "residual_layer":  # keeps the shape: 'same' padding forces stride 1
+            padding_style = "same"
+        elif purpose == "input_layer":  # mostly unpadded: an input-side fold is allowed
+            padding_style = draw(one_of_values(("valid", "int", "same")))
+        else:
+            padding_style = draw(one_of_values(("int", "same", "valid")))
+        # 1 first: the common real-world padding; 0 first where a fold needs no zero padding
+        pads = one_of_values((0, 1, 2) if purpose == "input_layer" else (1, 0, 2))
         padding = _per_dim(draw, dims, pads) if padding_style == "int" else padding_style
         mode = "zeros" if functional or draw(BOOLEANS) else draw(one_of_values(PADDING_MODES))
         return _valid_conv(
@@ -473,8 +547,9 @@ def _valid_conv_transpose(
 
 
 @st.composite
-def norms(draw, shape: Shape, allow_functional: bool = True) -> Norm:
-    """A BatchNorm call on ``shape``: module, functional or subclass, sometimes unfoldable."""
+def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = None) -> Norm:
+    """A BatchNorm call on ``shape``: module, functional or subclass, sometimes unfoldable.
+    With a ``gain`` (``Norm.gain``) it is affine, has running statistics and no defect."""
     styles = [MODULE, MODULE, MODULE, TRACED_SUBCLASS, OPAQUE_SUBCLASS]
     if allow_functional:
         styles += [FUNCTIONAL, FUNCTIONAL]
@@ -487,7 +562,9 @@ def norms(draw, shape: Shape, allow_functional: bool = True) -> Norm:
     if style in (MODULE, FUNCTIONAL) and draw(chance(1, 4)):
         defects = (TRAINING, FORWARD_HOOK, FORWARD_PRE_HOOK) if style == MODULE else (TRAINING,)
         defect = draw(one_of_values(defects))
-    return Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect)
+    if gain is not None:
+        affine, track, defect = True, True, None
+    return Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect, gain)
 
 
 @st.composite

@@ -10,16 +10,20 @@ from __future__ import annotations
 from strategies.naming import chain_names, local_name, two_calls_names
 from strategies.spec import (
     ADD,
+    AMPLIFYING,
     CAT,
     CONV,
     CONV_TRANSPOSE,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FUNCTIONAL,
+    GAIN_EXPONENT,
     HOOKED,
     INLINE,
     OPAQUE_SUBCLASS,
     SEQUENTIAL,
+    SHRINKING,
+    SPIKE,
     TRACED_SUBCLASS,
     TRAINING,
     UNTRACEABLE,
@@ -74,6 +78,42 @@ class LayerWeights(nn.Module):
 def shift_output(module, args, output):
     """Forward hook that changes values, so skipping it is visible."""
     return output + 0.25
+''',
+    "shrink_batch_norm": '''
+def shrink_batch_norm(bn):
+    """Scale a BatchNorm's output down to about 2**-GAIN (gamma and beta), for a spiked layer."""
+    with torch.no_grad():
+        bn.weight.mul_(2.0**-GAIN)
+        bn.bias.mul_(2.0**-GAIN)
+''',
+    "spike_weight": '''
+def spike_weight(layer):
+    """One weight entry of SPIKE; the bias scaled like the small inputs the layer reads."""
+    with torch.no_grad():
+        layer.weight.view(-1)[0] = SPIKE
+        if layer.bias is not None:
+            layer.bias.mul_(2.0**-GAIN)
+''',
+    "amplify_batch_norm": '''
+def amplify_batch_norm(bn, eps, seed):
+    """Statistics for a BatchNorm reading values of about 2**-GAIN: running mean of that size,
+    scale gamma / sqrt(var + eps) of 1.25..2 times 2**GAIN in every channel, so its output is
+    O(10) while folding it into a SPIKE weight gives more than float16's 65504."""
+    generator = torch.Generator().manual_seed(seed)
+    count = bn.running_var.numel()
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
+
+    def signs():
+        return torch.where(uniform(0, 1) < 0.5, -1.0, 1.0).double()
+
+    var = torch.exp(uniform(math.log(1e-4), math.log(1e-2)))
+    with torch.no_grad():
+        bn.running_var.copy_(var)
+        bn.running_mean.copy_(signs() * uniform(0.5, 1.5) * 2.0**-GAIN)
+        bn.weight.copy_(signs() * uniform(1.25, 2.0) * 2.0**GAIN * (var + eps).sqrt())
+        bn.bias.copy_(uniform(-1.0, 1.0))
 ''',
     "scale_input": '''
 def scale_input(module, args):
@@ -293,7 +333,10 @@ class _Renderer:
 
     def program(self) -> str:
         helper_order = [name for name in HELPERS if name in self.helpers]
-        parts = [HEADER, *(HELPERS[name] for name in helper_order), *self.classes]
+        parts = [HEADER]
+        if self.helpers & {"shrink_batch_norm", "spike_weight", "amplify_batch_norm"}:
+            parts.append(f"\nGAIN = {GAIN_EXPONENT}\nSPIKE = {SPIKE!r}\n")
+        parts += [*(HELPERS[name] for name in helper_order), *self.classes]
         parts.append(self._class("Net", "The drawn network.", self.root_init, self.root_forward))
         stats_class = ", BatchNormStats" if "BatchNormStats" in self.helpers else ""
         parts.append(RANDOMIZE.replace("{stats_class}", stats_class))
@@ -335,7 +378,19 @@ class _Renderer:
             if op.hooked:
                 self.helpers.add("shift_output")
                 self.setup.append(f"{_submodule(qualname)}.register_forward_hook(shift_output)")
+            if op.spiked:
+                self.helpers.add("spike_weight")
+                self.setup.append(f"spike_weight({_submodule(qualname)})")
         if isinstance(op, Norm):
+            if op.gain == SHRINKING:
+                self.helpers.add("shrink_batch_norm")
+                self.setup.append(f"shrink_batch_norm({_submodule(qualname)})")
+            if op.gain == AMPLIFYING:
+                self.helpers.add("amplify_batch_norm")
+                seed = self.spec.seed + 2 + sum("amplify_batch_norm(" in s for s in self.setup)
+                self.setup.append(
+                    f"amplify_batch_norm({_submodule(qualname)}, eps={op.eps!r}, seed={seed})"
+                )
             if op.style == FUNCTIONAL:
                 self.helpers.add("BatchNormStats")
             elif op.style != "module":

@@ -28,6 +28,11 @@ INLINE = "inline"
 SEQUENTIAL = "sequential"
 WRAPPER = "wrapper"
 
+SHRINKING = "shrinking"
+AMPLIFYING = "amplifying"
+GAIN_EXPONENT = 12  # a shrinking BN scales its output by about 2**-12, an amplifying one by 2**12
+SPIKE = 16.0  # the spiked weight entry: 16 * 1.25 * 2**12 = 81920 > float16's 65504
+
 HOOKED = "hooked"
 UNTRACEABLE = "untraceable"
 
@@ -47,7 +52,9 @@ class Layer:
     2-D input. Functional layers are ``F.conv*``/``F.linear`` calls on registered parameters;
     they only support ``padding_mode="zeros"``. A hooked layer carries a forward hook that changes
     its output, so folding into it would be visible. A frozen layer's parameters have
-    ``requires_grad=False``, which its folded parameters must keep.
+    ``requires_grad=False``, which its folded parameters must keep. A spiked layer's first weight
+    entry is ``SPIKE`` and its bias is scaled by ``2**-GAIN_EXPONENT``: it reads a shrinking BN's
+    small output, and an amplifying BN folded into it would overflow float16 (see ``Norm``).
     """
 
     kind: str
@@ -66,6 +73,7 @@ class Layer:
     functional: bool = False
     hooked: bool = False
     frozen: bool = False
+    spiked: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,15 @@ class Norm:
     ``super().forward(x)`` and adds a constant: FX cannot trace it). ``defect`` makes a site
     unfoldable on purpose: ``training`` (a training-mode module, or ``training=True`` in the
     functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values).
+
+    ``gain`` makes a float16 fold overflow without the network overflowing: a ``shrinking`` BN's
+    gamma and beta are scaled by ``2**-GAIN_EXPONENT``, so its output is about 2**-12; an
+    ``amplifying`` BN reads values of that size (its running mean is scaled down likewise) and
+    has a scale ``gamma / sqrt(var + eps)`` of 1.25..2 times ``2**GAIN_EXPONENT`` in every channel.
+    The strategies draw them only as ``shrinking BN -> spiked layer -> amplifying BN -> act``:
+    the network's values stay finite in float16, but the amplifying BN's output-side fold puts at
+    least ``16 * 1.25 * 2**12 = 81920`` into the spiked layer's weight. Both are affine, with
+    running statistics and no defect.
     """
 
     input_ndim: int
@@ -88,6 +105,7 @@ class Norm:
     momentum: float | None = 0.1
     style: str = MODULE
     defect: str | None = None
+    gain: str | None = None
 
 
 @dataclass(frozen=True)

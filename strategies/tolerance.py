@@ -89,8 +89,7 @@ class Reference:
         """Apply the rule to a fused output of the same shape."""
         errors = _errors(fused_output, self.output)
         worst = int(errors.argmax()) if errors.numel() else 0
-        index = torch.unravel_index(torch.tensor(worst), self.output.shape)
-        return Comparison(self, _largest(errors), tuple(int(i) for i in index))
+        return Comparison(self, _largest(errors), _unravel(worst, tuple(self.output.shape)))
 
 
 @dataclass(frozen=True)
@@ -146,6 +145,16 @@ def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
 
 def _errors(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (value.detach().double().cpu() - reference).abs()
+
+
+def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index of element ``flat_index`` of a contiguous tensor of ``shape`` (plain Python:
+    ``torch.unravel_index`` needs torch 2.2, and tox.ini's oldest torch is 2.1)."""
+    index = []
+    for size in reversed(shape):
+        flat_index, position = divmod(flat_index, size) if size else (flat_index, 0)
+        index.append(position)
+    return tuple(reversed(index))
 
 
 def _largest(errors: torch.Tensor) -> float:

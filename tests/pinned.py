@@ -313,4 +313,36 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Our fuser, issue 4: the amplifying BN's fold overflowed float16 and was left; then the
+    # shrinking BN folded into the spiked conv on the input side, after which that fold fits. The
+    # fused model was not a fixpoint (a second fuse folded it); fixed in fuser/fold_pass.py.
+    "float16_fold_that_fits_after_an_input_side_fold": NetSpec(
+        input_shape=(2, 1, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=4, num_features=1, eps=1.0, gain="shrinking"),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1, 1),
+                        stride=(1, 1),
+                        padding="same",
+                        dilation=(1, 1),
+                        bias=False,
+                        padding_mode="reflect",
+                        spiked=True,
+                    ),
+                    Norm(input_ndim=4, num_features=1, eps=1.0, gain="amplifying"),
+                    Act(kind="relu"),
+                ),
+                packaging="sequential",
+                depth=3,
+            ),
+        ),
+        dtype="float16",
+    ),
 }

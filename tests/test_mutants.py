@@ -11,8 +11,9 @@ Two tiers:
   profile (derandomized, so the time to catch is reproducible) and assert that a property failed on
   a network our real fuser passes (see ``tests/mutants/run.py``). Each is a suite run, too slow for
   the default ``pytest`` run. ``-rP`` prints each time to catch; ``python -m tests.mutants -j 2``
-  prints the same as a table (docs/mutants.md). The mutants the suite is known to miss are strict
-  xfails naming why, and each has an example-based test below showing that its bug is real.
+  prints the same as a table (docs/mutants.md). Mutants the suite is known to miss are strict
+  xfails naming why (none at present); the three it missed until issue 4 keep their
+  example-based tests below, showing that each bug is real.
 """
 
 from __future__ import annotations
@@ -32,15 +33,10 @@ from tests.mutants.run import run_mutant
 MUTANTS = all_mutants()
 
 #: Mutants the ci profile does not catch: findings about the strategies, kept visible (docs/mutants.md).
+#: Empty since the strategies draw float16 folds that overflow, pre-activation residual taps and
+#: input-side folds into grouped convs with several outputs per group.
 #: Strict: once the strategies reach them, the XPASS fails the tier until the entry is removed.
-KNOWN_MISSES = {
-    "float16_overflow_unchecked": "BN scales drawn are at most 2 (gamma ~ sqrt(running_var)): no "
-    "fold comes near float16's 65504",
-    "input_side_with_several_users": "a BN not after a layer whose output feeds a layer and another "
-    "reader is about 1 network in 200; no pre-activation residual taps",
-    "input_side_groups_interleaved": "input-side folds into an unpadded grouped conv with several "
-    "outputs per group: 8 of 600 drawn networks, 2 distinct structures",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _with_known_misses(mutants: list[Mutant]) -> list:
@@ -88,9 +84,9 @@ def test_mutant_is_a_working_fuser_where_its_bug_cannot_show(mutant: Mutant) -> 
 
 @requires_cpu_float16
 def test_float16_overflow_mutant_is_a_real_bug() -> None:
-    """The property suite cannot catch ``float16_overflow_unchecked`` (docs/mutants.md): its BN
-    statistics keep every BN scale at most 2 (gamma is drawn proportional to sqrt(running_var)),
-    so no drawn fold comes near float16's 65504. This network can: a "dead" channel whose conv
+    """``float16_overflow_unchecked`` is a real bug (the strategies reach it with amplifying BNs,
+    ``Norm.gain``; ordinary drawn BN scales are at most 2, so no other drawn fold comes near
+    float16's 65504). This network shows it by hand: a "dead" channel whose conv
     output sits at the BN's running mean (so the original is finite) and whose BN scale is large
     (gamma 1e3, running_var 1e-4). Our fuser leaves the fold; the mutant folds it into inf."""
     conv, bn = nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)
@@ -130,10 +126,9 @@ class _PreActivationResidual(nn.Module):
 
 
 def test_several_readers_mutant_is_a_real_bug() -> None:
-    """The ci profile misses ``input_side_with_several_users`` (docs/mutants.md): a BN, not right
-    after a layer, whose output feeds an unpadded conv or 2-D Linear and something else is rarely
-    drawn. Here it is: our fuser leaves the BN; the mutant folds it into the conv, and the residual
-    add then reads the un-normalised input."""
+    """``input_side_with_several_users`` is a real bug (the strategies reach it with their
+    pre-activation residual template): our fuser leaves the BN; the mutant folds it into the conv,
+    and the residual add then reads the un-normalised input."""
     torch.manual_seed(0)
     model = _PreActivationResidual().eval()
     with torch.no_grad():
@@ -155,9 +150,9 @@ def test_several_readers_mutant_is_a_real_bug() -> None:
 
 
 def test_grouped_input_side_mutant_is_a_real_bug() -> None:
-    """The ci profile misses ``input_side_groups_interleaved`` (docs/mutants.md): a BN folding
-    on the input side into an unpadded grouped conv with several outputs per group is rarely drawn.
-    Here it is, at the network input: output channel 1 belongs to group 0, not group 1."""
+    """``input_side_groups_interleaved`` is a real bug (the strategies' input-side templates
+    draw grouped convs with several outputs per group): a BN at the network input folding into
+    one; output channel 1 belongs to group 0, not group 1."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1, groups=2)).eval()
     bn = model[0]

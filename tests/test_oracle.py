@@ -7,8 +7,11 @@ tests; each case is small enough to check against the README by reading it.
 from __future__ import annotations
 
 import pytest
+import torch
+from compat import requires_cpu_float16
 
-from strategies import Act, Chain, Layer, NetSpec, Norm, Tap, TwoCalls, foldable_sites
+from fuser import fuse_with_report
+from strategies import Act, Chain, Layer, NetSpec, Norm, Tap, TwoCalls, build, foldable_sites
 
 MAP = (2, 3, 5, 5)  # a batched 2-D feature map with 3 channels
 
@@ -205,3 +208,52 @@ def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold():
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
     wrapper = Chain((conv(), bn()), "wrapper", boundary="untraceable")
     assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
+
+
+def _overflowing_chain(padding=(1, 1)) -> Chain:
+    """``shrinking BN -> spiked conv -> amplifying BN -> act`` (``Norm.gain``)."""
+    spiked = conv(padding=padding, spiked=True)
+    return Chain((bn(gain="shrinking"), spiked, bn(gain="amplifying"), Act("relu")))
+
+
+def test_an_amplifying_bn_after_a_spiked_layer_is_left_in_float16_only():
+    """Rule 6: the fold would overflow float16; in float32 it is an ordinary output-side fold
+    (the zero-padded conv takes no input-side fold)."""
+    chain = _overflowing_chain()
+    sites = foldable_sites(NetSpec(input_shape=MAP, blocks=(chain,), dtype="float16"))
+    assert [(site.bn, site.side if site.foldable else None) for site in sites] == [
+        ("b0_bn0", None),
+        ("b0_bn2", None),
+    ]
+    assert "overflow float16" in sites[1].reason
+    assert verdicts(chain) == [("b0_bn0", 0, None), ("b0_bn2", 0, "output")]
+
+
+def test_an_overflowing_fold_fits_once_the_shrinking_bn_has_folded_into_the_layer():
+    """Rule 4, until nothing changes: the shrinking BN folds on the input side into the unpadded
+    spiked conv, which scales its weight by about 2**-12; the amplifying BN then fits."""
+    chain = _overflowing_chain(padding=(0, 0))
+    spec = NetSpec(input_shape=MAP, blocks=(chain,), dtype="float16")
+    sites = foldable_sites(spec)
+    assert [(site.bn, site.side if site.foldable else None) for site in sites] == [
+        ("b0_bn0", "input"),
+        ("b0_bn2", "output"),
+    ]
+
+
+@requires_cpu_float16
+@pytest.mark.parametrize("padding", [(1, 1), (0, 0)])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_overflow_clause_agrees_with_the_fuser(padding, seed: int):
+    """The clause is the oracle's only float16 prediction (completeness leaves float16 out), so
+    it is checked against our fuser here: the float16 network itself is finite, and the fuser
+    folds exactly the sites the oracle folds."""
+    chain = _overflowing_chain(padding)
+    spec = NetSpec(input_shape=MAP, blocks=(chain,), dtype="float16", seed=seed)
+    model, inputs = build(spec)
+    with torch.no_grad():
+        assert torch.isfinite(model(*inputs)).all()
+    _, report = fuse_with_report(model, example_inputs=inputs)
+    assert [(site.bn, site.side if site.foldable else None) for site in foldable_sites(spec)] == [
+        (site.bn, site.side if site.folded else None) for site in report.sites
+    ]

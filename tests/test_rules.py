@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from compat import requires_cpu_float16
 from helpers import (
     assert_equivalent,
     assert_folded,
@@ -819,6 +820,7 @@ def test_conv_with_a_forward_hook_is_not_folded_into_and_its_hook_sees_the_unfol
     torch.testing.assert_close(seen[0], expected)
 
 
+@requires_cpu_float16
 def test_fold_whose_weight_would_overflow_float16_is_left():
     model = Chain(conv=nn.Conv2d(3, 4, 1, bias=False), bn=nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
@@ -831,6 +833,7 @@ def test_fold_whose_weight_would_overflow_float16_is_left():
     assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
 
 
+@requires_cpu_float16
 def test_fold_whose_bias_would_overflow_float16_is_left():
     model = Chain(conv=nn.Conv2d(3, 4, 1, bias=False), bn=nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
@@ -844,6 +847,7 @@ def test_fold_whose_bias_would_overflow_float16_is_left():
     assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
 
 
+@requires_cpu_float16
 def test_float16_fold_within_range_folds_and_stays_accurate():
     model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))).half()
     fused, report = fused_and_checked(model, image(2, 3, 6, 6).half())

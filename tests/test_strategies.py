@@ -74,6 +74,22 @@ def features(spec: NetSpec) -> set[str]:
                     )
                 if isinstance(first, Layer) and first.kind == "linear" and isinstance(second, Norm):
                     found.add(f"linear on {first.input_ndim}-D input -> bn")
+            if block.tap is not None and block.tap.kind in ("add", "cat"):
+                tapped = block.ops[block.tap.after]
+                later = block.ops[block.tap.after + 1 :]
+                if isinstance(tapped, Norm) and any(isinstance(op, Layer) for op in later):
+                    found.add("bn read by a layer and a residual tap")
+            for first, second in itertools.pairwise(block.ops):
+                if (
+                    isinstance(first, Norm)
+                    and isinstance(second, Layer)
+                    and second.kind == "conv"
+                    and second.groups > 1
+                    and second.out_channels > second.groups
+                ):
+                    found.add("bn before a grouped conv with several outputs per group")
+            if any(isinstance(op, Norm) and op.gain == "amplifying" for op in block.ops):
+                found.add(f"amplifying bn ({spec.dtype})")
             if any(isinstance(op, Layer) and not op.functional for op in block.ops) and any(
                 isinstance(op, Norm) and op.style == "functional" for op in block.ops
             ):
@@ -181,6 +197,9 @@ REQUIRED = [
     "input-side fold",
     "dtype float32",
     "dtype float64",
+    "bn read by a layer and a residual tap",
+    "bn before a grouped conv with several outputs per group",
+    "amplifying bn (float32)",
 ]
 
 
@@ -208,6 +227,16 @@ def test_every_feature_is_drawn_and_none_is_rare():
     counts = Counter(feature for spec in sample for feature in features(spec))
     rare = {name: counts[name] for name in REQUIRED if counts[name] < RARE * len(sample)}
     assert not rare, f"drawn in fewer than {RARE:.0%} of {len(sample)} networks: {rare}"
+
+
+def test_float16_networks_often_hold_a_fold_that_would_overflow():
+    """The oracle's overflow clause (strategies/oracle.py) must be reached often enough for the
+    ci profile to catch a fuser that casts an overflowing fold to float16."""
+    sample = draw_sample(net_specs(dtypes=("float16",)), 200)
+    overflowing = [
+        spec for spec in sample if any("overflow" in site.reason for site in foldable_sites(spec))
+    ]
+    assert len(overflowing) >= 0.05 * len(sample)  # 19 of 200 when written
 
 
 def test_many_sites_are_foldable():
