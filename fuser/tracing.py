@@ -92,7 +92,7 @@ class _TraceCheckpoint:
 
     def __init__(self, tracer: FoldTracer, module: nn.Module) -> None:
         self.tracer = tracer
-        self.last_node = next(reversed(tracer.graph.nodes), None)
+        self.last_node = next(iter(reversed(tracer.graph.nodes)), None)
         self.stack_depth = len(tracer.module_stack)
         self.num_calls = dict(getattr(tracer, "num_calls", {}))
         self.untraced = len(tracer.untraced)
