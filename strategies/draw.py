@@ -408,11 +408,11 @@ def _convolution(
         if purpose == "residual_layer":  # keeps the shape: 'same' padding forces stride 1
             padding_style = "same"
         elif purpose == "input_layer":  # mostly unpadded: an input-side fold is allowed
-            padding_style = draw(one_of_values(("valid", "int", "same")))
+            padding_style = draw(one_of_values(("int", "valid", "same")))
         else:
             padding_style = draw(one_of_values(("int", "same", "valid")))
-        # 1 first: the common real-world padding; 0 first where a fold needs no zero padding
-        pads = one_of_values((0, 1, 2) if purpose == "input_layer" else (1, 0, 2))
+        # 1 first: the common real-world padding, and where an input-side fold must be refused
+        pads = one_of_values((1, 0, 2))
         padding = _per_dim(draw, dims, pads) if padding_style == "int" else padding_style
         mode = "zeros" if functional or draw(BOOLEANS) else draw(one_of_values(PADDING_MODES))
         return _valid_conv(
