@@ -122,10 +122,14 @@ def tensor_like(
     """``value`` with the dtype, device, memory format and kind (parameter or not) of ``like``.
 
     ``like`` is None for a bias the layer did not have: it then follows ``reference`` (the weight).
+    ``value`` must be a fresh tensor: when it already has the dtype, device and strides of
+    ``like``, it is used as it is, not copied.
     """
     template = like if like is not None else reference
     with torch.no_grad():
-        if like is not None:
+        if like is not None and _same_layout(value, like):
+            result = value.detach()
+        elif like is not None:
             result = torch.empty_like(like).copy_(value)
         else:
             result = value.to(dtype=reference.dtype, device=reference.device)
@@ -134,8 +138,21 @@ def tensor_like(
     return result
 
 
+def _same_layout(value: torch.Tensor, like: torch.Tensor) -> bool:
+    return (
+        value.dtype == like.dtype
+        and value.device == like.device
+        and value.shape == like.shape
+        and value.stride() == like.stride()
+    )
+
+
 def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can."""
+    """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can.
+
+    Only the largest magnitude of ``value`` (or a NaN in it) matters, so ``value`` may also be any
+    tensor with the same largest magnitude, such as the magnitudes ``round_scaled`` returns.
+    """
     if not value.numel():
         return None
     largest = value.abs().max().item()  # one reduction: NaN and inf propagate through max
