@@ -153,13 +153,13 @@ ROUNDING_BLOCK = 1 << 18
 
 
 def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(weight.double() * factor).to(dtype)``, bit for bit, and the product's magnitudes.
+    """``(weight.double() * factor).to(dtype)``, bit for bit, and the product's extremes.
 
     The product is formed in float64 and rounded once, a block of rows at a time through one
     reused float64 buffer. The result has the weight's shape, device and memory format. The second
-    tensor (float64, one value per block) holds the largest magnitude of the float64 product in
-    each block, NaN where the block holds a NaN: its largest magnitude and its finiteness are those
-    of the whole product, so it decides whether the product fits ``dtype`` (``overflow_reason``).
+    tensor (float64) holds the smallest and the largest value of the float64 product in each block
+    (NaN where the block holds a NaN): its largest magnitude and its finiteness are those of the
+    whole product, so it decides whether the product fits ``dtype`` (``overflow_reason``).
     """
     w = weight.detach()
     result = torch.empty_like(w, dtype=dtype)
@@ -168,15 +168,19 @@ def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Te
     rows = w.shape[0]
     per_row = max(1, w.numel() // rows)
     step = max(1, ROUNDING_BLOCK // per_row) if w.device.type == "cpu" else rows
-    row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
-    buffer = torch.empty((min(step, rows), *w.shape[1:]), dtype=torch.float64, device=w.device)
-    magnitudes = []
     with torch.no_grad():
+        if step >= rows:  # one block: the fewest calls, which is what a small layer's time is
+            product = w.to(torch.float64, copy=True).mul_(factor)
+            result.copy_(product)
+            return result, torch.stack(torch.aminmax(product))
+        row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
+        buffer = torch.empty((step, *w.shape[1:]), dtype=torch.float64, device=w.device)
+        extremes: list[Tensor] = []
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             block = buffer[: stop - start]
             block.copy_(w[start:stop])
             block.mul_(factor[start:stop] if row_factor else factor)
             result[start:stop].copy_(block)
-            magnitudes.append(block.abs_().max())
-    return result, torch.stack(magnitudes)
+            extremes += torch.aminmax(block)
+    return result, torch.stack(extremes)

@@ -43,6 +43,7 @@ from .patterns import (
     label,
     normalized_args,
     set_arg,
+    submodule,
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
@@ -233,8 +234,8 @@ class _FoldPass:
         The weight is the float64 product rounded once to the layer's dtype; the fold is left
         when that product or the bias does not fit the dtype."""
         dtype = layer.weight.dtype
-        weight, magnitudes = round_scaled(folded.weight, folded.factor, dtype)
-        reason = overflow_reason(magnitudes, dtype) or overflow_reason(folded.bias, dtype)
+        weight, extremes = round_scaled(folded.weight, folded.factor, dtype)
+        reason = overflow_reason(extremes, dtype) or overflow_reason(folded.bias, dtype)
         if reason is not None:
             raise _Left(reason)
         new_weight = tensor_like(weight, layer.weight, layer.weight)
@@ -255,7 +256,7 @@ class _FoldPass:
 
     def _exclusive_module(self, node: fx.Node):
         """The module this call runs, copied first if anything else reads it."""
-        module = self.gm.get_submodule(node.target)
+        module = submodule(self.gm, node.target)
         if self.usage.only_this_call_reads(module):
             return module
         duplicate = copy.deepcopy(module)
@@ -299,7 +300,7 @@ class _FoldPass:
         self.graph.erase_node(node)
         self.usage.release(released)
         if call.module_target is not None:
-            module = self.gm.get_submodule(call.module_target)
+            module = submodule(self.gm, call.module_target)
             if self.usage.count(module) == 0:
                 delete_attr(self.gm, call.module_target)
         for constant in inputs:

@@ -370,10 +370,10 @@ def test_rounded_weight_is_bit_identical_to_the_float64_formula_then_a_cast(
     monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
     for name, folded in _folds_of_every_layout(dtype):
         exact, _ = folded.float64()
-        rounded, magnitudes = round_scaled(folded.weight, folded.factor, dtype)
+        rounded, extremes = round_scaled(folded.weight, folded.factor, dtype)
         assert rounded.dtype == dtype and rounded.shape == folded.weight.shape, name
         assert torch.equal(_bits(rounded), _bits(exact.to(dtype))), name
-        assert magnitudes.abs().max().item() == exact.abs().max().item(), name
+        assert extremes.abs().max().item() == exact.abs().max().item(), name
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -401,10 +401,8 @@ def test_rounded_weight_keeps_the_memory_format_and_leaves_the_weight_untouched(
 
 
 def test_an_empty_weight_rounds_to_an_empty_weight_that_fits():
-    rounded, magnitudes = round_scaled(
-        torch.zeros(0, 3), torch.ones(0, 1, dtype=F64), torch.float16
-    )
-    assert rounded.shape == (0, 3) and overflow_reason(magnitudes, torch.float16) is None
+    rounded, extremes = round_scaled(torch.zeros(0, 3), torch.ones(0, 1, dtype=F64), torch.float16)
+    assert rounded.shape == (0, 3) and overflow_reason(extremes, torch.float16) is None
 
 
 FLOAT16_MAX = 65504.0
@@ -429,7 +427,7 @@ FLOAT16_MAX = 65504.0
     ],
 )
 @pytest.mark.parametrize("block", [ROUNDING_BLOCK, 1], ids=["one-block", "row-by-row"])
-def test_overflow_verdict_from_the_magnitudes_is_the_verdict_on_the_float64_product(
+def test_overflow_verdict_from_the_extremes_is_the_verdict_on_the_float64_product(
     value, factor, block, monkeypatch
 ):
     monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
@@ -437,9 +435,9 @@ def test_overflow_verdict_from_the_magnitudes_is_the_verdict_on_the_float64_prod
     factors = torch.tensor([1.5, factor, 1.0], dtype=F64).reshape(-1, 1)
     exact = weight * factors
     for dtype in LOW_PRECISION:
-        _, magnitudes = round_scaled(weight, factors, dtype)
-        assert overflow_reason(magnitudes, dtype) == overflow_reason(exact, dtype), (dtype, value)
+        _, extremes = round_scaled(weight, factors, dtype)
+        assert overflow_reason(extremes, dtype) == overflow_reason(exact, dtype), (dtype, value)
     if value == FLOAT16_MAX and factor == 1.0:
-        assert overflow_reason(magnitudes, torch.float16) is None
+        assert overflow_reason(extremes, torch.float16) is None
     if abs(value * factor) > FLOAT16_MAX:
-        assert overflow_reason(magnitudes, torch.float16) is not None
+        assert overflow_reason(extremes, torch.float16) is not None
