@@ -9,6 +9,8 @@ CPU time by default, with a garbage collection before each call.
    propagation, one forward run) and ``torch.fx.experimental.optimization.fuse(model)``, interleaved.
    Both fusers deep-copy the model first (neither modifies the caller's), so ``copy.deepcopy(model)``
    is timed too: it is the floor they share. Target: ours (without inputs) <= torch's on every model.
+   Where torch's fuse folds fewer BNs than ours (it matches module types exactly), a like-for-like
+   table follows: the BNs torch leaves are put in training mode, so both fusers do the same folds.
 2. Chains of N ``Conv2d(2, 2, 1) -> BatchNorm2d(2)`` pairs, N = 100 ... 10,000: time per pair (flat
    when the pass is linear; the fitted exponent k of time ~ N^k says it in one number) and peak memory.
 
@@ -41,7 +43,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
 from workloads import MODEL_NAMES, build_workload, chain_input, conv_bn_chain
 
-from fuser import fuse
+from fuser import fuse, fuse_with_report
 
 CHAIN_SIZES = (100, 300, 1000, 3000, 10000)
 
@@ -126,6 +128,56 @@ def model_table(names: Sequence[str], repeats: int, clock: str) -> str:
         "ours <= torch",
     )
     return markdown_table(headers, rows)
+
+
+def batch_norms_torch_leaves(model: nn.Module) -> list[str]:
+    """Qualified names of the BatchNorm modules torch's fuse leaves as calls in its graph."""
+    fused = torch_fuse(model)
+    return [
+        node.target
+        for node in fused.graph.nodes
+        if node.op == "call_module"
+        and isinstance(fused.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def same_folds_table(names: Sequence[str], repeats: int, clock: str) -> str | None:
+    """Where torch's fuse folds fewer BNs than ours: both timed on a copy of the model whose BNs
+    torch leaves are in training mode, so that ours leaves them too (and says so in its report)
+    and both fusers do the same folds."""
+    rows = []
+    for name in names:
+        model = build_workload(name).model
+        left = batch_norms_torch_leaves(model)
+        if not left:
+            continue
+        total = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        variant = copy.deepcopy(model)
+        for bn in left:
+            variant.get_submodule(bn).train()
+        _, report = fuse_with_report(variant)
+        folded = sum(site.folded for site in report.sites)
+        calls = {
+            "ours": functools.partial(fuse, variant),
+            "torch": functools.partial(torch_fuse, variant),
+        }
+        calls["deepcopy"] = functools.partial(copy.deepcopy, variant)
+        medians = interleaved_medians(calls, repeats=repeats, clock=clock, before_each=gc.collect)
+        rows.append(
+            [
+                name,
+                f"{folded} / {total - len(left)} of {total}",
+                milliseconds(medians["ours"]),
+                milliseconds(medians["torch"]),
+                milliseconds(medians["deepcopy"]),
+                ratio(medians["ours"], medians["torch"]),
+                "met" if medians["ours"] <= medians["torch"] else "MISSED",
+            ]
+        )
+    if not rows:
+        return None
+    headers = ("model", "BNs folded: ours / torch", "ours ms", "torch ms", "deepcopy ms")
+    return markdown_table((*headers, "ours/torch", "ours <= torch"), rows)
 
 
 def fitted_exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
@@ -256,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "is `copy.deepcopy(model)`, which both fusers do first.\n"
         )
         print(model_table(args.models, args.model_repeats, args.clock))
+        same_folds = same_folds_table(args.models, args.model_repeats, args.clock)
+        if same_folds is not None:
+            print(
+                "\nLike for like: the BNs torch's fuse leaves are put in training mode, so our "
+                "fuser leaves them too and both do the same folds.\n"
+            )
+            print(same_folds)
     if args.chains:
         print(
             f"\n#### Fuse time on conv/BN chains (median of {args.chain_repeats} interleaved "

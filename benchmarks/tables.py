@@ -17,6 +17,14 @@ from pathlib import Path
 
 import torch
 
+#: The checkout these scripts belong to. Its ``fuser`` (and ``strategies``) must be the one imported:
+#: run as ``python benchmarks/NAME.py``, Python puts ``benchmarks/`` first on the path, not the
+#: checkout, so an installed ``fuser`` (an editable install of another worktree, say) would be
+#: timed while the header names this checkout's commit. Every script imports this module first.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path[:2]:
+    sys.path.insert(1, str(REPO))
+
 
 def fix_threads(threads: int) -> int:
     """Pin torch's intra-op thread count so every run of a table uses the same; return it.
@@ -61,6 +69,13 @@ def fuser_version() -> str:
     return f"{commit}" + (" with uncommitted changes" if dirty else "")
 
 
+def _fuser_location() -> str:
+    import fuser
+
+    location = Path(fuser.__file__).resolve().parent
+    return os.path.relpath(location, REPO) if location.is_relative_to(REPO) else str(location)
+
+
 def environment_header(threads: int | None = None) -> str:
     """The command that made the tables, and what they ran on, as Markdown lines."""
     script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"
@@ -68,7 +83,7 @@ def environment_header(threads: int | None = None) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        f"- fuser/ at commit {fuser_version()}",
+        f"- fuser/ at commit {fuser_version()}, imported from {_fuser_location()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores visible",
     ]

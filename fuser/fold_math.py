@@ -2,9 +2,14 @@
 
 An eval-mode BatchNorm is a per-channel affine map ``y = scale * x + shift``. Folding it into a
 neighbouring layer rewrites that layer's weight and bias so the layer alone computes the pair.
-Everything here works in float64 and returns float64; the caller casts back to the layer's dtype
-(and decides whether the cast is safe). Keeping the math apart from the graph rewriting is
-deliberate: this is where numeric bugs live, and it is tested exhaustively against a direct formula.
+Keeping the math apart from the graph rewriting is deliberate: this is where numeric bugs live, and
+it is tested exhaustively against a direct formula.
+
+Every fold scales the layer's weight elementwise by a per-channel factor, so a fold returns a
+``FoldedLayer``: the weight as it was, the float64 factor, and the new bias in float64. Its exact
+value is the float64 product ``weight.double() * factor``; ``round_scaled`` rounds that product once
+to the weight's dtype (bit for bit what the float64 formula then a cast gives) without ever holding
+a float64 copy of the whole weight, which on a large layer costs more than the arithmetic.
 
 Weight layouts:
 - ``conv``: ``(out, in / groups, *kernel)``
@@ -13,6 +18,8 @@ Weight layouts:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -55,6 +62,24 @@ def _channel_view(vector: Tensor, ndim: int, dim: int) -> Tensor:
     return vector.reshape(shape)
 
 
+@dataclass(frozen=True)
+class FoldedLayer:
+    """A layer with a BN folded in: weight ``weight * factor`` (elementwise, float64) and ``bias``.
+
+    ``weight`` is the layer's weight, untouched; ``factor`` (float64) broadcasts against it and has
+    either one row or as many rows as the weight (so the product can be formed row block by row
+    block); ``bias`` is the new bias, float64.
+    """
+
+    weight: Tensor
+    factor: Tensor
+    bias: Tensor
+
+    def float64(self) -> tuple[Tensor, Tensor]:
+        """The folded weight and bias in float64: the formula itself."""
+        return self.weight.detach().double() * self.factor, self.bias
+
+
 def fold_into_output(
     weight: Tensor,
     bias: Tensor | None,
@@ -63,23 +88,26 @@ def fold_into_output(
     *,
     layer: str,
     groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Weight and bias of a layer computing ``BN(layer(x))``: the BN scales each output channel."""
-    w = weight.detach().double()
+) -> FoldedLayer:
+    """The layer computing ``BN(layer(x))``: the BN scales each output channel."""
+    w = weight.detach()
     if layer in ("conv", "linear"):
         out_channels = w.shape[0]
-        new_weight = w * _channel_view(scale, w.ndim, 0)
+        factor = _channel_view(scale, w.ndim, 0)
     elif layer == "conv_transpose":
-        # Output channel (g, j) lives at weight[g * in_per_group : (g + 1) * in_per_group, j].
+        # Output channel (g, j) lives at weight[g * in_per_group : (g + 1) * in_per_group, j]:
+        # each row (input channel) of group g is scaled by that group's slice of ``scale``.
         in_channels, out_per_group = w.shape[0], w.shape[1]
         out_channels = out_per_group * groups
-        grouped = w.reshape(groups, in_channels // groups, out_per_group, *w.shape[2:])
-        group_scale = scale.reshape(groups, 1, out_per_group, *([1] * (w.ndim - 2)))
-        new_weight = (grouped * group_scale).reshape(w.shape)
+        factor = (
+            scale.reshape(groups, 1, out_per_group)
+            .expand(groups, in_channels // groups, out_per_group)
+            .reshape(in_channels, out_per_group, *([1] * (w.ndim - 2)))
+        )
     else:
         raise ValueError(f"no output-side fold for layer kind {layer!r}")
     b = _zero_bias_if_missing(bias, out_channels, w)
-    return new_weight, b * scale + shift
+    return FoldedLayer(weight, factor, b * scale + shift)
 
 
 def fold_into_input(
@@ -90,8 +118,8 @@ def fold_into_input(
     *,
     layer: str,
     groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Weight and bias of a layer computing ``layer(BN(x))``: the BN scales each input channel.
+) -> FoldedLayer:
+    """The layer computing ``layer(BN(x))``: the BN scales each input channel.
 
     ``W (scale * x + shift) + b = (W * scale) x + (W shift + b)``. The shift term is uniform over
     positions only when every tap reads a BN output, so convolutions must not zero-pad (the caller
@@ -112,7 +140,47 @@ def fold_into_input(
             .reshape(out_channels, in_per_group, *kernel_dims)
         )
 
-    new_weight = w * per_output_channel(scale)
     shift_w = per_output_channel(shift)
     b = _zero_bias_if_missing(bias, out_channels, w)
-    return new_weight, b + (w * shift_w).sum(dim=tuple(range(1, w.ndim)))
+    new_bias = b + (w * shift_w).sum(dim=tuple(range(1, w.ndim)))
+    return FoldedLayer(weight, per_output_channel(scale), new_bias)
+
+
+#: Elements of the weight scaled per step of ``round_scaled``: a 2 MiB float64 buffer, which stays
+#: in cache and is reused, where a float64 copy of a large weight would be fresh memory the kernel
+#: must fault in page by page.
+ROUNDING_BLOCK = 1 << 18
+
+
+def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(weight.double() * factor).to(dtype)``, bit for bit, and the product's extremes.
+
+    The product is formed in float64 and rounded once, a block of rows at a time through one
+    reused float64 buffer. The result has the weight's shape, device and memory format. The second
+    tensor (float64) holds the smallest and the largest value of the float64 product in each block
+    (NaN where the block holds a NaN): its largest magnitude and its finiteness are those of the
+    whole product, so it decides whether the product fits ``dtype`` (``overflow_reason``).
+    """
+    w = weight.detach()
+    result = torch.empty_like(w, dtype=dtype)
+    if not w.numel():
+        return result, torch.zeros(0, dtype=torch.float64, device=w.device)
+    rows = w.shape[0]
+    per_row = max(1, w.numel() // rows)
+    step = max(1, ROUNDING_BLOCK // per_row) if w.device.type == "cpu" else rows
+    with torch.no_grad():
+        if step >= rows:  # one block: the fewest calls, which is what a small layer's time is
+            product = w.to(torch.float64, copy=True).mul_(factor)
+            result.copy_(product)
+            return result, torch.stack(torch.aminmax(product))
+        row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
+        buffer = torch.empty((step, *w.shape[1:]), dtype=torch.float64, device=w.device)
+        extremes: list[Tensor] = []
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = buffer[: stop - start]
+            block.copy_(w[start:stop])
+            block.mul_(factor[start:stop] if row_factor else factor)
+            result[start:stop].copy_(block)
+            extremes += torch.aminmax(block)
+    return result, torch.stack(extremes)

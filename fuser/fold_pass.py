@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .fold_math import INPUT_SIDE_LAYERS, bn_scale_shift, fold_into_input, fold_into_output
+from .fold_math import (
+    INPUT_SIDE_LAYERS,
+    FoldedLayer,
+    bn_scale_shift,
+    fold_into_input,
+    fold_into_output,
+    round_scaled,
+)
 from .graph_edit import (
     UsageCounts,
     delete_attr,
@@ -36,6 +43,7 @@ from .patterns import (
     label,
     normalized_args,
     set_arg,
+    submodule,
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
@@ -149,10 +157,10 @@ class _FoldPass:
             raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
         self._check_rank(layer, producer)
         scale, shift = self._scale_shift(call)
-        weight, bias = fold_into_output(
+        folded = fold_into_output(
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
         )
-        into = self._write_layer(layer, weight, bias)
+        into = self._write_layer(layer, folded)
         self._remove_batch_norm(call, replacement=producer)
         return into
 
@@ -178,10 +186,10 @@ class _FoldPass:
         if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not call.node):
             raise _Left(f"{label(consumer)} reads other graph values, so it cannot move to the BN")
         scale, shift = self._scale_shift(call)
-        weight, bias = fold_into_input(
+        folded = fold_into_input(
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
         )
-        into = self._write_layer(layer, weight, bias)
+        into = self._write_layer(layer, folded)
         self._move_to_just_after(call.node, consumer)
         self._remove_batch_norm(call, replacement=call.input)
         return into
@@ -225,15 +233,19 @@ class _FoldPass:
 
     # --- rewriting ------------------------------------------------------------------------
 
-    def _write_layer(self, layer: LayerCall, weight: torch.Tensor, bias: torch.Tensor) -> str:
+    def _write_layer(self, layer: LayerCall, folded: FoldedLayer) -> str:
         """Give the layer call its folded weights; returns the layer's name in the caller's model
-        (its module, or a functional layer's weight), even when the fold went into a copy."""
+        (its module, or a functional layer's weight), even when the fold went into a copy.
+
+        The weight is the float64 product rounded once to the layer's dtype; the fold is left
+        when that product or the bias does not fit the dtype."""
         dtype = layer.weight.dtype
-        reason = overflow_reason(weight, dtype) or overflow_reason(bias, dtype)
+        weight, extremes = round_scaled(folded.weight, folded.factor, dtype)
+        reason = overflow_reason(extremes, dtype) or overflow_reason(folded.bias, dtype)
         if reason is not None:
             raise _Left(reason)
         new_weight = tensor_like(weight, layer.weight, layer.weight)
-        new_bias = tensor_like(bias, layer.bias, layer.weight)
+        new_bias = tensor_like(folded.bias, layer.bias, layer.weight)
         if layer.module_target is not None:
             module = self._exclusive_module(layer.node)
             old = module_objects(module)
@@ -250,7 +262,7 @@ class _FoldPass:
 
     def _exclusive_module(self, node: fx.Node):
         """The module this call runs, copied first if anything else reads it."""
-        module = self.gm.get_submodule(node.target)
+        module = submodule(self.gm, node.target)
         if self.usage.only_this_call_reads(module):
             return module
         duplicate = copy.deepcopy(module)
@@ -294,7 +306,7 @@ class _FoldPass:
         self.graph.erase_node(node)
         self.usage.release(released)
         if call.module_target is not None:
-            module = self.gm.get_submodule(call.module_target)
+            module = submodule(self.gm, call.module_target)
             if self.usage.count(module) == 0:
                 delete_attr(self.gm, call.module_target)
         for constant in inputs:

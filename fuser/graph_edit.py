@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
-from .patterns import fetch_attr
+from .patterns import attribute, fetch_attr, submodule
 
 
 def referenced_objects(gm: fx.GraphModule, node: fx.Node) -> list[object]:
@@ -26,16 +26,46 @@ def referenced_objects(gm: fx.GraphModule, node: fx.Node) -> list[object]:
     """
     if node.op not in ("call_module", "get_attr"):
         return []
-    atoms = node.target.split(".")
-    owners = [gm.get_submodule(".".join(atoms[:i])) for i in range(1, len(atoms))]
-    target = fetch_attr(gm, node.target)
+    *path, name = node.target.split(".")
+    owners: list[object] = []
+    owner: object = gm
+    for atom in path:  # one walk down the path, checked as ``get_submodule`` checks it
+        owner = attribute(owner, atom)
+        if not isinstance(owner, nn.Module):
+            raise AttributeError(f"`{atom}` of {node.target!r} is not an nn.Module")
+        owners.append(owner)
+    target = attribute(owner, name)
     if isinstance(target, nn.Module):
         return [*owners, *module_objects(target)]
     return [*owners, target]
 
 
 def module_objects(module: nn.Module) -> list[object]:
-    return [*module.modules(), *module.parameters(), *module.buffers()]
+    """The module, its submodules, its parameters and its buffers (each list without repeats)."""
+    if module._modules or not _walks_as_module(type(module)):
+        return [*module.modules(), *module.parameters(), *module.buffers()]
+    # A leaf (most layers and BNs): what ``parameters()`` and ``buffers()`` yield, read directly.
+    return [
+        module,
+        *_distinct(module._parameters.values()),
+        *_distinct(module._buffers.values()),
+    ]
+
+
+def _walks_as_module(cls: type) -> bool:
+    """True when ``cls`` lists its modules, parameters and buffers as ``nn.Module`` does."""
+    return all(
+        getattr(cls, name) is getattr(nn.Module, name)
+        for name in ("modules", "parameters", "buffers")
+    )
+
+
+def _distinct(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for tensor in tensors:
+        if tensor is not None:
+            seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
 
 
 def objects_held_twice(model: nn.Module) -> frozenset[int]:
@@ -45,13 +75,24 @@ def objects_held_twice(model: nn.Module) -> frozenset[int]:
     see only their own graph; an object held at two places may be used by the other part too.
     """
     places: Counter[int] = Counter()
-    for _, module in model.named_modules(remove_duplicate=False):
-        places[id(module)] += 1
-    for _, tensor in model.named_parameters(remove_duplicate=False):
-        places[id(tensor)] += 1
-    for _, tensor in model.named_buffers(remove_duplicate=False):
-        places[id(tensor)] += 1
+    modules = [module for _, module in model.named_modules(remove_duplicate=False)]
+    if all(_names_members_as_module(type(module)) for module in modules):
+        # What named_parameters / named_buffers (remove_duplicate=False) would list, in one walk.
+        for module in modules:
+            places[id(module)] += 1
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None:
+                    places[id(tensor)] += 1
+    else:
+        places.update(id(module) for module in modules)
+        places.update(id(t) for _, t in model.named_parameters(remove_duplicate=False))
+        places.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
     return frozenset(key for key, count in places.items() if count > 1)
+
+
+def _names_members_as_module(cls: type) -> bool:
+    names = ("named_parameters", "named_buffers", "_named_members")
+    return all(getattr(cls, name) is getattr(nn.Module, name) for name in names)
 
 
 class UsageCounts:
@@ -100,20 +141,20 @@ def unique_path(gm: fx.GraphModule, base: str) -> str:
 
 def set_attr(gm: fx.GraphModule, qualname: str, value: object) -> None:
     owner_path, _, name = qualname.rpartition(".")
-    setattr(gm.get_submodule(owner_path), name, value)
+    setattr(submodule(gm, owner_path), name, value)
 
 
 def delete_attr(gm: fx.GraphModule, qualname: str) -> None:
     """Delete an attribute, then the empty placeholder modules FX created on its path."""
     owner_path, _, name = qualname.rpartition(".")
-    delattr(gm.get_submodule(owner_path), name)
+    delattr(submodule(gm, owner_path), name)
     while owner_path:
-        owner = gm.get_submodule(owner_path)
+        owner = submodule(gm, owner_path)
         empty = not (owner._parameters or owner._buffers or owner._modules)
         if type(owner) is not nn.Module or not empty:
             return
         owner_path, _, name = owner_path.rpartition(".")
-        delattr(gm.get_submodule(owner_path), name)
+        delattr(submodule(gm, owner_path), name)
 
 
 def tensor_like(
@@ -122,10 +163,14 @@ def tensor_like(
     """``value`` with the dtype, device, memory format and kind (parameter or not) of ``like``.
 
     ``like`` is None for a bias the layer did not have: it then follows ``reference`` (the weight).
+    ``value`` must be a fresh tensor: when it already has the dtype, device and strides of
+    ``like``, it is used as it is, not copied.
     """
     template = like if like is not None else reference
     with torch.no_grad():
-        if like is not None:
+        if like is not None and _same_layout(value, like):
+            result = value.detach()
+        elif like is not None:
             result = torch.empty_like(like).copy_(value)
         else:
             result = value.to(dtype=reference.dtype, device=reference.device)
@@ -134,8 +179,21 @@ def tensor_like(
     return result
 
 
+def _same_layout(value: torch.Tensor, like: torch.Tensor) -> bool:
+    return (
+        value.dtype == like.dtype
+        and value.device == like.device
+        and value.shape == like.shape
+        and value.stride() == like.stride()
+    )
+
+
 def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can."""
+    """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can.
+
+    Only the largest magnitude of ``value`` (or a NaN in it) matters, so ``value`` may also be any
+    tensor with the same largest magnitude, such as the extremes ``round_scaled`` returns.
+    """
     if not value.numel():
         return None
     largest = value.abs().max().item()  # one reduction: NaN and inf propagate through max

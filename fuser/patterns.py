@@ -139,8 +139,37 @@ def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> Non
 def fetch_attr(gm: fx.GraphModule, qualname: str) -> Any:
     value: Any = gm
     for atom in qualname.split("."):
-        value = getattr(value, atom)
+        value = attribute(value, atom)
     return value
+
+
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """``root.get_submodule(target)``, faster: the same module, or AttributeError where that
+    raises one."""
+    module = root
+    for atom in target.split(".") if target else ():
+        module = attribute(module, atom)
+        if not isinstance(module, nn.Module):
+            raise AttributeError(f"`{atom}` of {target!r} is not an nn.Module")
+    return module
+
+
+def attribute(owner: Any, name: str) -> Any:
+    """``getattr(owner, name)``. A module's registered child is read from its ``_modules`` when
+    nothing else could answer to that name (no class attribute, instance attribute, parameter or
+    buffer of that name): the same object, without ``nn.Module.__getattr__``'s slow fallback,
+    which is most of the time of looking a layer up by its path."""
+    if isinstance(owner, nn.Module):
+        child = owner._modules.get(name)
+        if (
+            child is not None
+            and name not in owner.__dict__
+            and name not in owner._parameters
+            and name not in owner._buffers
+            and not hasattr(type(owner), name)
+        ):
+            return child
+    return getattr(owner, name)
 
 
 def is_metadata_use(user: fx.Node) -> bool:
@@ -224,7 +253,7 @@ def _constant(gm: fx.GraphModule, value: Any) -> torch.Tensor | None:
 def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     """The BatchNorm call at ``node``, or None when ``node`` is not one."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = submodule(gm, node.target)
         if not is_batch_norm_module(module):
             return None
         call = BatchNormCall(node, node.target, node.target, _first_arg(node))
@@ -284,7 +313,7 @@ def _functional_batch_norm_problem(gm: fx.GraphModule, args: dict[str, Any]) -> 
 def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
     """The layer call at ``node``, or a short reason why it is not a foldable layer."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = submodule(gm, node.target)
         kind = layer_kind_of_module(module)
         if kind is None:
             return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"

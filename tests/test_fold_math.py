@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuser.fold_math import bn_scale_shift, fold_into_input, fold_into_output
+from fuser.fold_math import (
+    ROUNDING_BLOCK,
+    bn_scale_shift,
+    fold_into_input,
+    fold_into_output,
+    round_scaled,
+)
+from fuser.graph_edit import overflow_reason
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -172,7 +179,7 @@ def test_folding_after_a_conv_matches_batch_norm_of_the_conv(case, has_bias, aff
     expected = bn.apply_float64(conv(x, f64(weight), f64(bias), **geometry))
     folded_weight, folded_bias = fold_into_output(
         weight, bias, *bn.scale_shift(), layer="conv", groups=case.groups
-    )
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert folded_weight.shape == weight.shape
@@ -198,7 +205,7 @@ def test_folding_after_a_transposed_conv_matches_batch_norm_of_it(case, has_bias
     expected = bn.apply_float64(conv_transpose(x, f64(weight), f64(bias), **geometry))
     folded_weight, folded_bias = fold_into_output(
         weight, bias, *bn.scale_shift(), layer="conv_transpose", groups=case.groups
-    )
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert folded_weight.shape == weight.shape
@@ -213,7 +220,9 @@ def test_folding_after_a_linear_matches_batch_norm_of_the_linear(has_bias, affin
     x = random(4, 5, seed=3, dtype=F64)
 
     expected = bn.apply_float64(F.linear(x, f64(weight), f64(bias)))
-    folded_weight, folded_bias = fold_into_output(weight, bias, *bn.scale_shift(), layer="linear")
+    folded_weight, folded_bias = fold_into_output(
+        weight, bias, *bn.scale_shift(), layer="linear"
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert_close_float64(F.linear(x, folded_weight, folded_bias), expected)
@@ -226,7 +235,9 @@ def test_folding_after_a_conv_is_float64_whatever_the_layer_dtype(dtype):
     x = random(2, 2, 6, 6, seed=3, dtype=F64)
 
     expected = bn.apply_float64(F.conv2d(x, f64(weight), f64(bias)))
-    folded_weight, folded_bias = fold_into_output(weight, bias, *bn.scale_shift(), layer="conv")
+    folded_weight, folded_bias = fold_into_output(
+        weight, bias, *bn.scale_shift(), layer="conv"
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert_close_float64(F.conv2d(x, folded_weight, folded_bias), expected)
@@ -266,7 +277,7 @@ def test_folding_before_an_unpadded_conv_matches_the_conv_of_batch_norm(
     expected = conv(pad(bn.apply_float64(x)), f64(weight), f64(bias), **geometry)
     folded_weight, folded_bias = fold_into_input(
         weight, bias, *bn.scale_shift(), layer="conv", groups=case.groups
-    )
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert folded_weight.shape == weight.shape
@@ -281,7 +292,9 @@ def test_folding_before_a_linear_matches_the_linear_of_batch_norm(has_bias, affi
     x = random(4, 5, seed=3, dtype=F64)
 
     expected = F.linear(bn.apply_float64(x), f64(weight), f64(bias))
-    folded_weight, folded_bias = fold_into_input(weight, bias, *bn.scale_shift(), layer="linear")
+    folded_weight, folded_bias = fold_into_input(
+        weight, bias, *bn.scale_shift(), layer="linear"
+    ).float64()
 
     assert_float64_parameters(folded_weight, folded_bias)
     assert folded_weight.shape == weight.shape
@@ -299,3 +312,132 @@ def test_folding_leaves_its_inputs_untouched():
 
     for original, now in zip(before, (weight, bias, scale, shift), strict=True):
         assert torch.equal(original, now), "a fold function modified its input in place"
+
+
+# --- rounding the folded weight: round_scaled ----------------------------------------------------
+
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def _folds_of_every_layout(dtype):
+    """One fold of each kind and layout, with weights of ``dtype``: (name, FoldedLayer)."""
+    bn6, bn4 = random_bn(6, seed=3), random_bn(4, seed=4)
+    yield (
+        "conv",
+        fold_into_output(random(6, 2, 3, 3, dtype=dtype), None, *bn6.scale_shift(), layer="conv"),
+    )
+    yield (
+        "conv3d",
+        fold_into_output(
+            random(6, 4, 2, 2, 2, dtype=dtype), None, *bn6.scale_shift(), layer="conv"
+        ),
+    )
+    yield (
+        "linear",
+        fold_into_output(random(6, 5, dtype=dtype), None, *bn6.scale_shift(), layer="linear"),
+    )
+    yield (
+        "conv_transpose-groups",
+        fold_into_output(
+            random(4, 3, 3, 3, dtype=dtype),
+            None,
+            *bn6.scale_shift(),
+            layer="conv_transpose",
+            groups=2,
+        ),
+    )
+    yield (
+        "input-side-conv-groups",
+        fold_into_input(
+            random(6, 2, 1, 1, dtype=dtype), None, *bn4.scale_shift(), layer="conv", groups=2
+        ),
+    )
+    yield (
+        "input-side-linear",
+        fold_into_input(random(3, 4, dtype=dtype), None, *bn4.scale_shift(), layer="linear"),
+    )
+
+
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
+@pytest.mark.parametrize("block", [ROUNDING_BLOCK, 7, 1], ids=["one-block", "blocks", "row-by-row"])
+def test_rounded_weight_is_bit_identical_to_the_float64_formula_then_a_cast(
+    dtype, block, monkeypatch
+):
+    monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
+    for name, folded in _folds_of_every_layout(dtype):
+        exact, _ = folded.float64()
+        rounded, extremes = round_scaled(folded.weight, folded.factor, dtype)
+        assert rounded.dtype == dtype and rounded.shape == folded.weight.shape, name
+        assert torch.equal(_bits(rounded), _bits(exact.to(dtype))), name
+        assert extremes.abs().max().item() == exact.abs().max().item(), name
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_rounding_happens_once_from_float64_not_through_a_rounded_factor(dtype):
+    """Weights and a scale where rounding the scale to the weight's dtype first (as torch's fuse
+    does) gives another result: the float64 product must be rounded once."""
+    weight = random(64, 32, 3, 3, seed=5, dtype=dtype)
+    scale = torch.rand(64, dtype=F64, generator=torch.Generator().manual_seed(6)) * 3 + 0.1
+    factor = scale.reshape(-1, 1, 1, 1)
+    rounded, _ = round_scaled(weight, factor, dtype)
+    exact = (weight.double() * factor).to(dtype)
+    twice = weight * factor.to(dtype)
+    assert torch.equal(_bits(rounded), _bits(exact))
+    assert not torch.equal(_bits(rounded), _bits(twice)), "test data too easy: no double rounding"
+
+
+def test_rounded_weight_keeps_the_memory_format_and_leaves_the_weight_untouched():
+    weight = random(8, 3, 5, 5).to(memory_format=torch.channels_last)
+    before = weight.clone()
+    scale = torch.linspace(0.5, 2.0, 8, dtype=F64)
+    rounded, _ = round_scaled(weight, scale.reshape(-1, 1, 1, 1), torch.float32)
+    assert rounded.stride() == weight.stride()
+    assert torch.equal(rounded, (weight.double() * scale.reshape(-1, 1, 1, 1)).float())
+    assert torch.equal(weight, before)
+
+
+def test_an_empty_weight_rounds_to_an_empty_weight_that_fits():
+    rounded, extremes = round_scaled(torch.zeros(0, 3), torch.ones(0, 1, dtype=F64), torch.float16)
+    assert rounded.shape == (0, 3) and overflow_reason(extremes, torch.float16) is None
+
+
+FLOAT16_MAX = 65504.0
+
+
+@pytest.mark.parametrize(
+    ("value", "factor"),
+    [
+        (FLOAT16_MAX, 1.0),  # the largest float16 fits exactly
+        (FLOAT16_MAX, 1.0 + 2**-20),  # just above: rounds back to 65504 in float16, still refused
+        (65519.0, 1.0),  # rounds to 65504 in float16: refused, the product is above the limit
+        (65520.0, 1.0),  # rounds to inf in float16
+        (32752.0, 2.0),
+        (1.0, 1e300),
+        (1e-30, 1e-300),  # float64 underflow to zero
+        (float("inf"), 1.0),
+        (float("inf"), 0.0),  # inf * 0 = NaN
+        (0.0, float("inf")),  # 0 * inf = NaN
+        (float("nan"), 1.0),
+        (-70000.0, 1.0),  # the magnitude counts, not the signed value
+        (-70000.0, -0.5),
+    ],
+)
+@pytest.mark.parametrize("block", [ROUNDING_BLOCK, 1], ids=["one-block", "row-by-row"])
+def test_overflow_verdict_from_the_extremes_is_the_verdict_on_the_float64_product(
+    value, factor, block, monkeypatch
+):
+    monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
+    weight = torch.tensor([[0.5, -2.0, 3.0], [1.0, value, -4.0], [0.25, 1.0, 0.0]], dtype=F64)
+    factors = torch.tensor([1.5, factor, 1.0], dtype=F64).reshape(-1, 1)
+    exact = weight * factors
+    for dtype in LOW_PRECISION:
+        _, extremes = round_scaled(weight, factors, dtype)
+        assert overflow_reason(extremes, dtype) == overflow_reason(exact, dtype), (dtype, value)
+    if value == FLOAT16_MAX and factor == 1.0:
+        assert overflow_reason(extremes, torch.float16) is None
+    if abs(value * factor) > FLOAT16_MAX:
+        assert overflow_reason(extremes, torch.float16) is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fuser.fold_math import bn_scale_shift, fold_into_input, fold_into_output
+from fuser.fold_math import FoldedLayer, bn_scale_shift, fold_into_input, fold_into_output
 
 from ._patching import Fused, fuse_patched
 
@@ -150,9 +150,8 @@ def transposed_conv_scaled_on_input_axis(
     def fold(weight, bias, scale, shift, *, layer, groups=1):
         if layer != "conv_transpose":
             return fold_into_output(weight, bias, scale, shift, layer=layer, groups=groups)
-        w = weight.detach().double()
         b = torch.zeros_like(scale) if bias is None else bias.detach().double()
-        return w * _kernel_view(scale, w.ndim, 0), b * scale + shift
+        return FoldedLayer(weight, _kernel_view(scale, weight.ndim, 0), b * scale + shift)
 
     return fuse_patched(model, example_inputs, {_FOLD_OUTPUT: fold})
 
@@ -168,9 +167,8 @@ def transposed_conv_groups_ignored(model: nn.Module, example_inputs: tuple | Non
     def fold(weight, bias, scale, shift, *, layer, groups=1):
         if layer != "conv_transpose":
             return fold_into_output(weight, bias, scale, shift, layer=layer, groups=groups)
-        w = weight.detach().double()
         b = torch.zeros_like(scale) if bias is None else bias.detach().double()
-        return w * _kernel_view(scale, w.ndim, 1), b * scale + shift
+        return FoldedLayer(weight, _kernel_view(scale, weight.ndim, 1), b * scale + shift)
 
     return fuse_patched(model, example_inputs, {_FOLD_OUTPUT: fold})
 
@@ -194,7 +192,7 @@ def input_side_groups_interleaved(model: nn.Module, example_inputs: tuple | None
         per_output_shift = shift[channel].reshape(out_channels, in_per_group, *kernel)
         b = w.new_zeros(out_channels) if bias is None else bias.detach().double()
         new_bias = b + (w * per_output_shift).sum(dim=tuple(range(1, w.ndim)))
-        return w * per_output_scale, new_bias
+        return FoldedLayer(weight, per_output_scale, new_bias)
 
     return fuse_patched(model, example_inputs, {_FOLD_INPUT: fold})
 
@@ -209,8 +207,9 @@ def input_side_shift_through_folded_weight(
     """
 
     def fold(weight, bias, scale, shift, *, layer, groups=1):
-        new_weight, _ = fold_into_input(weight, bias, scale, shift, layer=layer, groups=groups)
-        _, new_bias = fold_into_input(new_weight, bias, scale, shift, layer=layer, groups=groups)
-        return new_weight, new_bias
+        folded = fold_into_input(weight, bias, scale, shift, layer=layer, groups=groups)
+        new_weight, _ = folded.float64()
+        reused = fold_into_input(new_weight, bias, scale, shift, layer=layer, groups=groups)
+        return FoldedLayer(weight, folded.factor, reused.bias)
 
     return fuse_patched(model, example_inputs, {_FOLD_INPUT: fold})

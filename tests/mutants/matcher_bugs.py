@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 import fuser.patterns as patterns
-from fuser.fold_math import fold_into_input
+from fuser.fold_math import FoldedLayer, fold_into_input
 from fuser.fold_pass import _FoldPass, _Left
 from fuser.patterns import (
     BatchNormCall,
@@ -144,7 +144,7 @@ def _fold_into_input_or_transposed(weight, bias, scale, shift, *, layer, groups=
     taps = (w * shift.reshape(-1, *kernel)).sum(dim=tuple(range(2, w.ndim)))  # (in, out/groups)
     per_output = taps.reshape(groups, in_channels // groups, out_per_group).sum(dim=1).flatten()
     b = w.new_zeros(per_output.shape) if bias is None else bias.detach().double()
-    return w * scale.reshape(-1, *kernel), b + per_output
+    return FoldedLayer(weight, scale.reshape(-1, *kernel), b + per_output)
 
 
 def input_side_into_transposed_conv(model: nn.Module, example_inputs: tuple | None = None) -> Fused:

@@ -157,10 +157,18 @@ def folded_weights_left_float64(model: nn.Module, example_inputs: tuple | None =
     original (a dtype mismatch raises in the conv).
     """
 
+    def float64_product(weight, factor, dtype):
+        product = weight.detach().double() * factor
+        return product, product
+
     def keep_float64(value, like, reference):
         return _tensor_like(value, like, reference, cast=False)
 
-    return fuse_patched(model, example_inputs, {"fuser.fold_pass.tensor_like": keep_float64})
+    patches = {
+        "fuser.fold_pass.round_scaled": float64_product,
+        "fuser.fold_pass.tensor_like": keep_float64,
+    }
+    return fuse_patched(model, example_inputs, patches)
 
 
 def requires_grad_dropped(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
