@@ -51,6 +51,7 @@ class FoldTracer(fx.Tracer):
         self.untraced = untraced if untraced is not None else []
         self._entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
+        self.attributes_before_trace: dict[int, tuple] = {}  # set by _trace_with
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.opaque or has_hooks(m) or is_foldable_layer_or_batch_norm(m):
@@ -88,7 +89,12 @@ class _RetraceNeeded(Exception):
 
 class _TraceCheckpoint:
     """What a failed submodule call must undo: its nodes, its attribute changes, the tracer's
-    bookkeeping, and the reports of untraceable modules found inside it (it is opaque whole)."""
+    bookkeeping, and the reports of untraceable modules found inside it (it is opaque whole).
+
+    Attributes go back to the copy taken when the trace began (the trace's end restores them to
+    it anyway), rather than to a copy taken at every call: that would cost a walk of each
+    submodule's subtree per call, in every trace, for a rollback that rarely happens.
+    """
 
     def __init__(self, tracer: FoldTracer, module: nn.Module) -> None:
         self.tracer = tracer
@@ -96,7 +102,7 @@ class _TraceCheckpoint:
         self.stack_depth = len(tracer.module_stack)
         self.num_calls = dict(getattr(tracer, "num_calls", {}))
         self.untraced = len(tracer.untraced)
-        self.attributes = _attributes_of(module)
+        self.module = module
 
     def roll_back(self) -> None:
         tracer, graph = self.tracer, self.tracer.graph
@@ -113,7 +119,8 @@ class _TraceCheckpoint:
         if hasattr(tracer, "num_calls"):
             tracer.num_calls = self.num_calls
         del tracer.untraced[self.untraced :]
-        _restore_attributes(self.attributes)
+        saved = tracer.attributes_before_trace
+        _restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
 
 
 def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) -> fx.GraphModule:
@@ -122,7 +129,8 @@ def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) ->
 
 
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> fx.GraphModule:
-    with _attributes_restored(module):
+    with _attributes_restored(module) as saved:
+        tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
         graph = tracer.trace(module)
         # Made before the restore: it copies the constants tracing stored on the root.
         return fx.GraphModule(tracer.root, graph, type(module).__name__)
@@ -132,7 +140,7 @@ _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 @contextlib.contextmanager
-def _attributes_restored(module: nn.Module) -> Iterator[None]:
+def _attributes_restored(module: nn.Module) -> Iterator[list]:
     """Undo what running ``forward`` on proxies did to the modules' attributes.
 
     Tracing runs user code, and user code caches things: torchvision's ``MultiScaleRoIAlign``
@@ -141,12 +149,12 @@ def _attributes_restored(module: nn.Module) -> Iterator[None]:
     """
     saved = _attributes_of(module)
     try:
-        yield
+        yield saved
     finally:
         _restore_attributes(saved)
 
 
-def _attributes_of(module: nn.Module) -> list:
+def _attributes_of(module: nn.Module) -> list[tuple]:
     return [
         (
             m,
