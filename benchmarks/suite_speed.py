@@ -70,7 +70,6 @@ STAGES: tuple[tuple[str, str, str], ...] = (
 #: itself would time every step of its recursion.
 DEEPCOPY_STAGES: tuple[tuple[str, str], ...] = (
     ("fuse: deepcopy", "fuser.fuse"),
-    ("reference: deepcopy", "strategies.properties"),
     ("reference: deepcopy", "strategies.tolerance"),
 )
 
