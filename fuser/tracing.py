@@ -100,7 +100,6 @@ class _TraceCheckpoint:
         self.tracer = tracer
         self.last_node = next(iter(reversed(tracer.graph.nodes)), None)
         self.stack_depth = len(tracer.module_stack)
-        self.num_calls = dict(getattr(tracer, "num_calls", {}))
         self.untraced = len(tracer.untraced)
         self.module = module
 
@@ -114,10 +113,10 @@ class _TraceCheckpoint:
             for name, proxy in list(tracer._proxy_cache.items()):
                 if getattr(proxy.node, "_erased", False):
                     del tracer._proxy_cache[name]
+        # (FX's per-module call counts stay as they are: they only number the module-stack
+        # metadata, and copying them at every call would make a trace quadratic.)
         while len(tracer.module_stack) > self.stack_depth:
             tracer.module_stack.popitem(last=True)
-        if hasattr(tracer, "num_calls"):
-            tracer.num_calls = self.num_calls
         del tracer.untraced[self.untraced :]
         saved = tracer.attributes_before_trace
         _restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
