@@ -117,6 +117,10 @@ class _Fuser:
                 self._report_unseen_call(child_path, path)
             if is_foldable_layer_or_batch_norm(child) or not _holds_batch_norm(child):
                 continue
+            if isinstance(child, torch.jit.ScriptModule):  # compiled: no Python code to trace
+                reason = "TorchScript module: runs as it is, nothing inside it is folded"
+                self.report.untraced.append(UntracedModule(child_path, reason))
+                continue
             verdict = usage[name]
             if verdict == CALLED:
                 fused = self.fuse_module(child, child_path)

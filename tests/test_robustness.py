@@ -185,6 +185,35 @@ def test_scripted_submodule_runs_as_it_is_and_the_rest_of_the_model_folds(with_e
     assert_equivalent(model, fused, x)
 
 
+class GateOverScriptedChild(nn.Module):
+    """Untraceable at the top level, with a TorchScript child: fused child by child."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 4)
+        self.scripted = torch.jit.script(prepared(conv_bn(4, 4), seed=1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > 0:
+            return self.scripted(x)
+        return -self.scripted(x)
+
+
+def test_scripted_child_of_an_untraceable_model_is_named_as_running_as_it_is():
+    model = prepared(GateOverScriptedChild())
+    x = image(2, 3, 5, 5)
+
+    fused, report = fuse_with_report(model)
+
+    assert report.site("stem.1").folded, report
+    reasons = {module.name: module.error for module in report.untraced}
+    assert "TorchScript" in reasons.get("scripted", ""), report  # not a tracer's AssertionError
+    assert isinstance(fused.get_submodule("scripted"), torch.jit.ScriptModule)
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * x)
+
+
 @pytest.mark.parametrize("compile_with", ["script", "trace"])
 def test_torchscript_model_raises_a_fuser_error_naming_torchscript(compile_with):
     model = prepared(nn.Sequential(conv_bn(3, 4), nn.ReLU()))
