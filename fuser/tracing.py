@@ -33,22 +33,15 @@ def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
 class FoldTracer(fx.Tracer):
     """FX's tracer with the fuser's leaf rules; ``opaque`` holds ids of untraceable modules.
 
-    With ``discover=True`` a submodule whose code fails to trace is rolled back and kept as one
-    call (made opaque) on the spot, and the trace goes on: one trace finds every untraceable
-    submodule, where tracing each candidate again on its own would cost a trace per module.
+    A submodule whose code fails to trace is rolled back and kept as one call (made opaque) on
+    the spot, and the trace goes on: one trace finds every untraceable submodule, where tracing
+    each candidate again on its own would cost a trace per module.
     """
 
-    def __init__(
-        self,
-        opaque: set[int] | frozenset[int] = frozenset(),
-        discover: bool = False,
-        untraced: list[tuple[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, opaque: set[int], untraced: list[tuple[str, str]]) -> None:
         super().__init__()
         self.opaque = opaque
-        self.discover = discover
-        # (qualified name, why) of each module made opaque; kept across retraces
-        self.untraced = untraced if untraced is not None else []
+        self.untraced = untraced  # (qualified name, why) of each module made opaque
         self._entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
         self.attributes_before_trace: dict[int, tuple] = {}  # set by _trace_with
@@ -65,7 +58,7 @@ class FoldTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):
-        if not self.discover or self.is_leaf_module(m, ""):
+        if self.is_leaf_module(m, ""):
             return super().call_module(m, forward, args, kwargs)
         checkpoint = _TraceCheckpoint(self, m)
         try:
@@ -122,11 +115,6 @@ class _TraceCheckpoint:
         _restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
 
 
-def trace(module: nn.Module, opaque: set[int] | frozenset[int] = frozenset()) -> fx.GraphModule:
-    """Trace ``module`` with the fuser's leaf rules; raises whatever tracing raised."""
-    return _trace_with(FoldTracer(opaque), module)
-
-
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> fx.GraphModule:
     with _attributes_restored(module) as saved:
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
@@ -179,11 +167,6 @@ def is_library_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def is_leaf(module: nn.Module) -> bool:
-    """Would the tracer keep this module as a single call even if it could trace it?"""
-    return FoldTracer().is_leaf_module(module, "")
-
-
 def _describe(error: Exception) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first_line}"[:300]
@@ -208,7 +191,7 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
     outcome = TraceOutcome(None)
     untraced: list[tuple[str, str]] = []
     while True:
-        tracer = FoldTracer(outcome.opaque, discover=True, untraced=untraced)
+        tracer = FoldTracer(outcome.opaque, untraced)  # both kept across retraces
         try:
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:
