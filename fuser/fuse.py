@@ -7,12 +7,11 @@ on its own. The caller's model is never touched: all work happens on a deep copy
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 
 from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
+from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
 from .graph_edit import objects_held_twice, set_attr
@@ -185,12 +184,12 @@ class _Fuser:
 
 
 def _deep_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy``, except that GraphModules keep their hooks.
+    """``copy.deepcopy`` (by ``copying.deep_copy``), except that GraphModules keep their hooks.
 
     ``GraphModule.__deepcopy__`` rebuilds the module and drops its hooks, so a fused model
     (whose hooked parts are GraphModules carrying their hooks) would lose them when fused again.
     """
-    duplicate = copy.deepcopy(model)
+    duplicate = deep_copy(model)
     for path, original in model.named_modules():
         if isinstance(original, fx.GraphModule):
             copied = duplicate.get_submodule(path)

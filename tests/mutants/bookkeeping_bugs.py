@@ -8,7 +8,6 @@ broken even when some output is numerically right.
 from __future__ import annotations
 
 import dataclasses
-import types
 from unittest import mock
 
 from torch import fx, nn
@@ -35,7 +34,7 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     still running its BNs, now applies every folded BN twice). Caught by: the input model is
     untouched.
     """
-    patches = {"fuser.fuse.copy": types.SimpleNamespace(deepcopy=lambda module: module)}
+    patches = {"fuser.fuse.deep_copy": lambda module: module}
     return fuse_patched(model, example_inputs, patches)
 
 
