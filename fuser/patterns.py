@@ -6,8 +6,8 @@ plain description (``BatchNormCall`` or ``LayerCall``) or ``None``. Nothing here
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
@@ -58,13 +58,14 @@ METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", 
 METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
 
 
-@cache
 def _frozen_batch_norm_type() -> type | None:
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:  # torchvision is a dependency, but the fuser works without it
-        return None
-    return FrozenBatchNorm2d
+    """torchvision's FrozenBatchNorm2d, if its module has been imported.
+
+    Looked up rather than imported: a model cannot hold an instance of the class before its
+    module is imported, and importing torchvision for every user (about a second, and 150,000
+    objects on the heap that every full garbage collection then walks) would buy nothing.
+    """
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
 
 
 def batch_norm_module_types() -> tuple[type[nn.Module], ...]:
