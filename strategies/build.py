@@ -44,7 +44,9 @@ def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     sys.modules[name] = module
     _remember(name)
     exec(_compiled(source, filename), module.__dict__)
-    return module.model, module.inputs
+    # Handed over, not kept: the module stays importable for its classes' source, and a network
+    # it held would stay alive (and be walked by every full garbage collection) until evicted.
+    return module.__dict__.pop("model"), module.__dict__.pop("inputs")
 
 
 @functools.lru_cache(maxsize=LIVE_MODULES)
