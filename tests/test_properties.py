@@ -143,7 +143,7 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
     check_fused_matches_original(trial)
     check_output_signature_preserved(trial)
     check_idempotent(trial)
-    check_training_model_refused_or_equivalent(spec, fuser_under_test)
+    check_training_model_refused_or_equivalent(spec, fuser_under_test, built=trial)
 
 
 @pytest.mark.completeness
