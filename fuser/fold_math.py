@@ -19,6 +19,7 @@ Weight layouts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,41 @@ def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Te
     result = torch.empty_like(w, dtype=dtype)
     if not w.numel():
         return result, torch.zeros(0, dtype=torch.float64, device=w.device)
+    extremes: list[Tensor] = []
+    _scale_into(result, w, factor, extremes)
+    return result, torch.stack(extremes)
+
+
+def product_fits(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> bool:
+    """True when ``weight.double() * factor`` certainly fits ``dtype``: the largest magnitude of
+    the weight times that of the factor does. One pass over the weight in its own dtype, cheaper
+    than finding the product's extremes; False (not proven) on NaN, infinity or a large bound."""
+    w = weight.detach()
+    if not w.numel() or not factor.numel():
+        return False
+    smallest, largest = (value.item() for value in torch.aminmax(w))
+    if not (math.isfinite(smallest) and math.isfinite(largest)):  # Python's max() skips NaN
+        return False
+    bound = max(-smallest, largest) * factor.abs().max().item()
+    return math.isfinite(bound) and bound <= torch.finfo(dtype).max
+
+
+def scale_in_place(weight: Tensor, factor: Tensor) -> None:
+    """Replace ``weight`` by ``(weight.double() * factor).to(weight.dtype)``, bit for bit as
+    ``round_scaled`` gives it, without allocating a second weight-sized tensor.
+
+    The caller owns the weight's storage outright and has proved the product fits
+    (``product_fits``): nothing is checked here, and a fold refused afterwards could not undo it.
+    Each block of rows is read whole into the float64 buffer before it is written back.
+    """
+    w = weight.detach()
+    if w.numel():
+        _scale_into(w, w, factor, None)
+
+
+def _scale_into(result: Tensor, w: Tensor, factor: Tensor, extremes: list[Tensor] | None) -> None:
+    """Write the rounded product into ``result`` (which may be ``w``), block by block; append
+    each block's min and max to ``extremes`` unless it is None."""
     rows = w.shape[0]
     per_row = max(1, w.numel() // rows)
     step = max(1, ROUNDING_BLOCK // per_row) if w.device.type == "cpu" else rows
@@ -172,15 +208,16 @@ def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Te
         if step >= rows:  # one block: the fewest calls, which is what a small layer's time is
             product = w.to(torch.float64, copy=True).mul_(factor)
             result.copy_(product)
-            return result, torch.stack(torch.aminmax(product))
+            if extremes is not None:
+                extremes += torch.aminmax(product)
+            return
         row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
         buffer = torch.empty((step, *w.shape[1:]), dtype=torch.float64, device=w.device)
-        extremes: list[Tensor] = []
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             block = buffer[: stop - start]
             block.copy_(w[start:stop])
             block.mul_(factor[start:stop] if row_factor else factor)
             result[start:stop].copy_(block)
-            extremes += torch.aminmax(block)
-    return result, torch.stack(extremes)
+            if extremes is not None:
+                extremes += torch.aminmax(block)

@@ -21,7 +21,9 @@ from .fold_math import (
     bn_scale_shift,
     fold_into_input,
     fold_into_output,
+    product_fits,
     round_scaled,
+    scale_in_place,
 )
 from .graph_edit import (
     UsageCounts,
@@ -61,23 +63,32 @@ class _Outcome:
 
 
 def fold_batch_norms(
-    gm: fx.GraphModule, path: str = "", shared: frozenset[int] = frozenset()
+    gm: fx.GraphModule,
+    path: str = "",
+    shared: frozenset[int] = frozenset(),
+    private_storages: frozenset[int] = frozenset(),
 ) -> list[SiteReport]:
     """Fold every foldable BN of ``gm`` in place; report every BN call site, in graph order.
 
     ``path`` is the qualified name of ``gm`` in the caller's model, prefixed to reported names.
     ``shared`` holds ids of modules and tensors also reachable from outside ``gm`` (the model
-    holds them at several places): they are never changed in place.
+    holds them at several places, or they are the caller's): they are never changed in place.
+    ``private_storages`` holds the data pointers of weight storages nothing else uses (see
+    ``graph_edit.private_storages``): a layer read by one call only gets its folded weight
+    written into them, instead of into a new tensor the size of the weight.
     """
-    return _FoldPass(gm, path, shared).run()
+    return _FoldPass(gm, path, shared, private_storages).run()
 
 
 class _FoldPass:
-    def __init__(self, gm: fx.GraphModule, path: str, shared: frozenset[int]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, path: str, shared: frozenset[int], private: frozenset[int]
+    ) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.path = path
         self.usage = UsageCounts(gm, shared)
+        self.private_storages = private
         self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
 
     def run(self) -> list[SiteReport]:
@@ -240,11 +251,15 @@ class _FoldPass:
         The weight is the float64 product rounded once to the layer's dtype; the fold is left
         when that product or the bias does not fit the dtype."""
         dtype = layer.weight.dtype
-        weight, extremes = round_scaled(folded.weight, folded.factor, dtype)
-        reason = overflow_reason(extremes, dtype) or overflow_reason(folded.bias, dtype)
-        if reason is not None:
-            raise _Left(reason)
-        new_weight = tensor_like(weight, layer.weight, layer.weight)
+        if self._may_scale_in_place(layer, folded):
+            scale_in_place(layer.weight, folded.factor)
+            new_weight = layer.weight
+        else:
+            weight, extremes = round_scaled(folded.weight, folded.factor, dtype)
+            reason = overflow_reason(extremes, dtype) or overflow_reason(folded.bias, dtype)
+            if reason is not None:
+                raise _Left(reason)
+            new_weight = tensor_like(weight, layer.weight, layer.weight)
         new_bias = tensor_like(folded.bias, layer.bias, layer.weight)
         if layer.module_target is not None:
             module = self._exclusive_module(layer.node)
@@ -257,6 +272,25 @@ class _FoldPass:
         self._replace_constant(layer, "bias", layer.bias_node, new_bias)
         return self._qualify(self._original_name(layer.weight_node.target))
 
+    def _may_scale_in_place(self, layer: LayerCall, folded: FoldedLayer) -> bool:
+        """May the folded weight overwrite the layer's weight? Only a module's own parameter,
+        whose storage nothing else uses, in a module only this call reads, and only when the
+        fold is certain to succeed: the product provably fits and so does the bias."""
+        weight = layer.weight
+        if layer.module_target is None or type(weight) is not torch.nn.Parameter:
+            return False
+        if folded.weight is not weight or not weight.numel():
+            return False
+        if weight.untyped_storage().data_ptr() not in self.private_storages:
+            return False
+        module = submodule(self.gm, layer.module_target)
+        if module.weight is not weight or not self.usage.only_this_call_reads(module):
+            return False
+        dtype = weight.dtype
+        return overflow_reason(folded.bias, dtype) is None and product_fits(
+            weight, folded.factor, dtype
+        )
+
     def _original_name(self, target: str) -> str:
         return self.copied_from.get(target, target)
 
@@ -266,6 +300,11 @@ class _FoldPass:
         if self.usage.only_this_call_reads(module):
             return module
         duplicate = copy.deepcopy(module)
+        if any(self.usage.is_shared(part) for part in module_objects(duplicate)):
+            raise _Left(
+                f"{type(module).__name__}'s __deepcopy__ does not copy it (the copy keeps parts "
+                "held elsewhere or by the caller), so it cannot be changed for this call alone"
+            )
         new_target = unique_path(self.gm, f"{node.target}_folded")
         self.gm.add_submodule(new_target, duplicate)
         self.copied_from[new_target] = self._original_name(node.target)

@@ -14,7 +14,7 @@ from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
-from .graph_edit import objects_held_twice, set_attr
+from .graph_edit import objects_held_twice, objects_shared_with, private_storages, set_attr
 from .patterns import has_hooks, is_batch_norm_module
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
@@ -43,7 +43,8 @@ def fuse_with_report(
     working_copy = _deep_copy(model)
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
-    fuser = _Fuser(recorded, report, objects_held_twice(working_copy))
+    shared = objects_held_twice(working_copy) | objects_shared_with(working_copy, model)
+    fuser = _Fuser(recorded, report, shared, private_storages(working_copy, model))
     return fuser.fuse_module(working_copy, ""), report
 
 
@@ -74,11 +75,16 @@ class _Fuser:
     """Fuses a module tree; ``inputs`` maps module ids to the arguments of their first call."""
 
     def __init__(
-        self, inputs: dict[int, tuple], report: FusionReport, shared: frozenset[int]
+        self,
+        inputs: dict[int, tuple],
+        report: FusionReport,
+        shared: frozenset[int],
+        private: frozenset[int],
     ) -> None:
         self.inputs = inputs
         self.report = report
-        self.shared = shared
+        self.shared = shared  # objects never changed in place (see fold_batch_norms)
+        self.private = private  # weight storages a fold may overwrite
         self.inputs_recorded = not inputs
 
     def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
@@ -96,7 +102,7 @@ class _Fuser:
         example_inputs = self.inputs.get(id(module))
         if example_inputs is not None:
             self._propagate_shapes(gm, example_inputs, strict=not path)
-        self.report.sites.extend(fold_batch_norms(gm, path, self.shared))
+        self.report.sites.extend(fold_batch_norms(gm, path, self.shared, self.private))
         if leaves_to_enter:
             self._fuse_inside_leaves(gm, path, outcome.opaque)
         _carry_over(module, gm)

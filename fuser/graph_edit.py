@@ -90,6 +90,38 @@ def objects_held_twice(model: nn.Module) -> frozenset[int]:
     return frozenset(key for key, count in places.items() if count > 1)
 
 
+def objects_shared_with(duplicate: nn.Module, original: nn.Module) -> frozenset[int]:
+    """Ids of the modules and tensors a deep copy still shares with the model it was copied from.
+
+    A class whose ``__deepcopy__`` returns the object itself (to share frozen, pretrained parts)
+    leaves the caller's own objects in the copy: changing them would change the caller's model.
+    """
+    originals = {id(part) for part in _parts(original)}
+    return frozenset(id(part) for part in _parts(duplicate) if id(part) in originals)
+
+
+def private_storages(duplicate: nn.Module, original: nn.Module) -> frozenset[int]:
+    """Data pointers of the storages that exactly one parameter or buffer of the deep copy uses,
+    and no parameter or buffer of the original: a fold may overwrite them in place.
+
+    ``copy.deepcopy`` gives every parameter a fresh storage of its own; these are the storages
+    for which that held (a custom ``__deepcopy__`` may share, or alias, instead).
+    """
+    caller = {_storage_of(t) for t in (*original.parameters(), *original.buffers())}
+    uses = Counter(_storage_of(t) for t in (*duplicate.parameters(), *duplicate.buffers()))
+    return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
+
+
+def _parts(model: nn.Module) -> list[object]:
+    return [*model.modules(), *model.parameters(), *model.buffers()]
+
+
+def _storage_of(tensor: torch.Tensor) -> int | None:
+    if tensor.layout is not torch.strided or not tensor.numel():
+        return None
+    return tensor.untyped_storage().data_ptr()
+
+
 def _names_members_as_module(cls: type) -> bool:
     names = ("named_parameters", "named_buffers", "_named_members")
     return all(getattr(cls, name) is getattr(nn.Module, name) for name in names)
@@ -114,6 +146,10 @@ class UsageCounts:
             self._counts[id(obj)] -= 1
             if self._counts[id(obj)] <= 0:
                 del self._counts[id(obj)]
+
+    def is_shared(self, obj: object) -> bool:
+        """Held outside this graph too (at another place in the model, or by the caller)."""
+        return id(obj) in self._shared
 
     def count(self, obj: object) -> int:
         return self._counts.get(id(obj), 0) + (id(obj) in self._shared)

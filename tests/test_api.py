@@ -13,9 +13,10 @@ from helpers import (
     remaining_batch_norms,
     tutorial_model,
 )
-from torch import nn
+from torch import fx, nn
 
 from fuser import FuserError, FusionReport, fuse, fuse_with_report
+from fuser.fold_pass import fold_batch_norms
 
 
 def conv_bn_relu(channels_in: int, channels_out: int) -> nn.Sequential:
@@ -130,6 +131,95 @@ def test_fusing_never_modifies_the_callers_model(with_example_inputs):
         now, _ = after["tensors"][name]
         assert now is tensor, f"{name} was replaced on the caller's model"
         assert torch.equal(now, saved), f"{name} changed value on the caller's model"
+
+
+class SharedOnCopy(nn.Conv2d):
+    """A conv whose ``__deepcopy__`` returns itself, as code sharing pretrained parts does."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SharedParameter(nn.Parameter):
+    """A parameter whose ``__deepcopy__`` returns itself: the copied conv holds the caller's."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SharesStorageOnCopy(nn.Conv2d):
+    """A conv whose copies get new parameters over the same storage (a cheap "copy")."""
+
+    def __deepcopy__(self, memo):
+        duplicate = SharesStorageOnCopy(self.in_channels, self.out_channels, self.kernel_size)
+        duplicate.weight = nn.Parameter(self.weight.data)
+        duplicate.bias = nn.Parameter(self.bias.data)
+        return duplicate
+
+
+def conv_with_shared_weight() -> nn.Conv2d:
+    conv = nn.Conv2d(3, 4, 3)
+    conv.weight = SharedParameter(conv.weight.detach().clone())
+    return conv
+
+
+@pytest.mark.parametrize(
+    "make_conv",
+    [lambda: SharedOnCopy(3, 4, 3), conv_with_shared_weight, lambda: SharesStorageOnCopy(3, 4, 3)],
+    ids=["module", "weight", "storage"],
+)
+def test_a_part_deepcopy_does_not_copy_is_never_changed(make_conv):
+    """The fold must not change the caller's objects that the working copy still holds."""
+    torch.manual_seed(0)
+    model = randomise_bn_stats(nn.Sequential(make_conv(), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = image(2, 3, 6, 6)
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    expected = model(x)
+
+    fused, report = fuse_with_report(model)
+
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed on the caller's model"
+    torch.testing.assert_close(fused(x), expected)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    if isinstance(model[0], SharedOnCopy):  # the module itself is the caller's: left as it is
+        (site,) = report.sites
+        assert not site.folded and "__deepcopy__ does not copy it" in site.reason
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["private", "not-private"])
+@pytest.mark.parametrize("make", [lambda: conv_bn_relu(3, 4), ConvCalledTwice], ids=["one", "two"])
+def test_a_fold_overwrites_a_weight_only_when_its_storage_and_layer_are_private(private, make):
+    """A weight whose storage nothing else uses (``private_storages``), in a layer one call reads,
+    takes the folded values in place: fusing then holds one copy of the weights, not two. Any
+    other weight is replaced by a new tensor, and the result is the same either way."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(randomise_bn_stats(make()).eval())
+    conv = next(m for m in gm.modules() if isinstance(m, nn.Conv2d))
+    weight, x = conv.weight, image(2, 3, 5, 5)
+    before = weight.detach().clone()
+    expected = gm(x)
+    storages = frozenset({weight.untyped_storage().data_ptr()}) if private else frozenset()
+
+    (site,) = fold_batch_norms(gm, "", frozenset(), storages)
+
+    assert site.folded
+    torch.testing.assert_close(gm(x), expected)
+    if make is ConvCalledTwice:  # the other call still reads the conv: the fold went into a copy
+        assert conv.weight is weight and torch.equal(weight, before)
+    elif private:
+        assert conv.weight is weight and not torch.equal(weight, before)
+    else:
+        assert conv.weight is not weight and torch.equal(weight, before)
 
 
 # --- what the fused model is ----------------------------------------------------------------------

@@ -17,7 +17,9 @@ from fuser.fold_math import (
     bn_scale_shift,
     fold_into_input,
     fold_into_output,
+    product_fits,
     round_scaled,
+    scale_in_place,
 )
 from fuser.graph_edit import overflow_reason
 
@@ -376,6 +378,28 @@ def test_rounded_weight_is_bit_identical_to_the_float64_formula_then_a_cast(
         assert extremes.abs().max().item() == exact.abs().max().item(), name
 
 
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
+@pytest.mark.parametrize("block", [ROUNDING_BLOCK, 7, 1], ids=["one-block", "blocks", "row-by-row"])
+def test_scaling_in_place_gives_the_rounded_weight_bit_for_bit(dtype, block, monkeypatch):
+    monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
+    for name, folded in _folds_of_every_layout(dtype):
+        rounded, _ = round_scaled(folded.weight, folded.factor, dtype)
+        weight = folded.weight.clone()
+        storage = weight.untyped_storage().data_ptr()
+        scale_in_place(weight, folded.factor)
+        assert torch.equal(_bits(weight), _bits(rounded)), name
+        assert weight.untyped_storage().data_ptr() == storage, name
+
+
+def test_scaling_in_place_keeps_the_memory_format():
+    weight = random(8, 3, 5, 5).to(memory_format=torch.channels_last)
+    factor = torch.linspace(0.5, 2.0, 8, dtype=F64).reshape(-1, 1, 1, 1)
+    expected = (weight.double() * factor).float()
+    stride = weight.stride()
+    scale_in_place(weight, factor)
+    assert weight.stride() == stride and torch.equal(weight, expected)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_rounding_happens_once_from_float64_not_through_a_rounded_factor(dtype):
     """Weights and a scale where rounding the scale to the weight's dtype first (as torch's fuse
@@ -409,6 +433,25 @@ FLOAT16_MAX = 65504.0
 
 
 @pytest.mark.parametrize(
+    ("weight", "factor", "fits"),
+    [
+        ([1.0, -2.0], [3.0, 1.0], True),  # bound 2 * 3: the largest weight times the largest factor
+        ([FLOAT16_MAX / 2, 1.0], [2.0, 0.5], True),  # bound exactly the limit
+        ([FLOAT16_MAX / 2, 1.0], [2.0 + 2**-10, 0.0], False),  # the bound is above; the product too
+        ([FLOAT16_MAX, 1.0], [0.5, 2.0], False),  # fits, but the bound cannot prove it
+        ([float("nan"), 1.0], [1.0, 1.0], False),
+        ([float("inf"), 1.0], [0.0, 1.0], False),
+        ([1.0, 1.0], [float("nan"), 1.0], False),
+        ([], [], False),
+    ],
+)
+def test_product_fits_only_when_its_bound_proves_it(weight, factor, fits):
+    weight = torch.tensor(weight, dtype=F64).reshape(-1, 1)
+    factor = torch.tensor(factor, dtype=F64).reshape(-1, 1)
+    assert product_fits(weight, factor, torch.float16) is fits
+
+
+@pytest.mark.parametrize(
     ("value", "factor"),
     [
         (FLOAT16_MAX, 1.0),  # the largest float16 fits exactly
@@ -437,6 +480,8 @@ def test_overflow_verdict_from_the_extremes_is_the_verdict_on_the_float64_produc
     for dtype in LOW_PRECISION:
         _, extremes = round_scaled(weight, factors, dtype)
         assert overflow_reason(extremes, dtype) == overflow_reason(exact, dtype), (dtype, value)
+        if product_fits(weight, factors, dtype):  # the in-place fold's proof: never a false yes
+            assert overflow_reason(exact, dtype) is None, (dtype, value, factor)
     if value == FLOAT16_MAX and factor == 1.0:
         assert overflow_reason(extremes, torch.float16) is None
     if abs(value * factor) > FLOAT16_MAX:
