@@ -107,8 +107,11 @@ def private_storages(duplicate: nn.Module, original: nn.Module) -> frozenset[int
     ``copy.deepcopy`` gives every parameter a fresh storage of its own; these are the storages
     for which that held (a custom ``__deepcopy__`` may share, or alias, instead).
     """
-    caller = {_storage_of(t) for t in (*original.parameters(), *original.buffers())}
-    uses = Counter(_storage_of(t) for t in (*duplicate.parameters(), *duplicate.buffers()))
+    try:
+        caller = {_storage_of(t) for t in (*original.parameters(), *original.buffers())}
+        uses = Counter(_storage_of(t) for t in (*duplicate.parameters(), *duplicate.buffers()))
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
+        return frozenset()  # then no storage is known to be private
     return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
 
 
@@ -119,7 +122,7 @@ def _parts(model: nn.Module) -> list[object]:
 def _storage_of(tensor: torch.Tensor) -> int | None:
     if tensor.layout is not torch.strided or not tensor.numel():
         return None
-    return tensor.untyped_storage().data_ptr()
+    return tensor.untyped_storage().data_ptr() or None  # 0: no memory (the meta device)
 
 
 def _names_members_as_module(cls: type) -> bool:
