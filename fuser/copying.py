@@ -7,10 +7,10 @@ rebuilding the object from its state. A module goes that way, and so does each o
 (mostly empty) hook ``OrderedDict``s every module carries.
 
 Here a plain ``nn.Module``, and an exact ``dict``, ``OrderedDict``, ``tuple`` or ``set``, are
-rebuilt directly, doing what ``copy.deepcopy`` does for them. Everything else (tensors, user objects, containers, modules with
-a copy protocol of their own, such as ``GraphModule``) goes to ``copy.deepcopy`` with the same
-memo, so objects shared within the model, and cycles, are copied exactly as ``copy.deepcopy``
-copies them.
+rebuilt directly, doing what ``copy.deepcopy`` does for them. Everything else (tensors, user
+objects, other containers, modules with a copy protocol of their own, such as ``GraphModule``)
+goes to ``copy.deepcopy`` with the same memo, so objects shared within the model, and cycles, are
+copied exactly as ``copy.deepcopy`` copies them.
 """
 
 from __future__ import annotations

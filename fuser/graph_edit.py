@@ -96,8 +96,8 @@ def objects_shared_with(duplicate: nn.Module, original: nn.Module) -> frozenset[
     A class whose ``__deepcopy__`` returns the object itself (to share frozen, pretrained parts)
     leaves the caller's own objects in the copy: changing them would change the caller's model.
     """
-    originals = {id(part) for part in _parts(original)}
-    return frozenset(id(part) for part in _parts(duplicate) if id(part) in originals)
+    originals = {id(part) for part in module_objects(original)}
+    return frozenset(id(part) for part in module_objects(duplicate) if id(part) in originals)
 
 
 def private_storages(duplicate: nn.Module, original: nn.Module) -> frozenset[int]:
@@ -113,10 +113,6 @@ def private_storages(duplicate: nn.Module, original: nn.Module) -> frozenset[int
     except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
         return frozenset()  # then no storage is known to be private
     return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
-
-
-def _parts(model: nn.Module) -> list[object]:
-    return [*model.modules(), *model.parameters(), *model.buffers()]
 
 
 def _storage_of(tensor: torch.Tensor) -> int | None:
