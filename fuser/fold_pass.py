@@ -74,7 +74,7 @@ def fold_batch_norms(
     ``shared`` holds ids of modules and tensors also reachable from outside ``gm`` (the model
     holds them at several places, or they are the caller's): they are never changed in place.
     ``private_storages`` holds the data pointers of weight storages nothing else uses (see
-    ``graph_edit.private_storages``): a layer read by one call only gets its folded weight
+    ``sharing.ModelParts.private_storages``): a layer read by one call only gets its folded weight
     written into them, instead of into a new tensor the size of the weight.
     """
     return _FoldPass(gm, path, shared, private_storages).run()

@@ -14,10 +14,11 @@ from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
-from .graph_edit import objects_held_twice, objects_shared_with, private_storages, set_attr
+from .graph_edit import set_attr
 from .patterns import has_hooks, is_batch_norm_module
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
+from .sharing import ModelParts
 from .tracing import (
     is_foldable_layer_or_batch_norm,
     is_library_leaf,
@@ -43,8 +44,9 @@ def fuse_with_report(
     working_copy = _deep_copy(model)
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
-    shared = objects_held_twice(working_copy) | objects_shared_with(working_copy, model)
-    fuser = _Fuser(recorded, report, shared, private_storages(working_copy, model))
+    parts, callers = ModelParts.of(working_copy), ModelParts.of(model)
+    shared = parts.held_twice() | parts.shared_with(callers)
+    fuser = _Fuser(recorded, report, shared, parts.private_storages(callers))
     return fuser.fuse_module(working_copy, ""), report
 
 

@@ -68,64 +68,6 @@ def _distinct(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def objects_held_twice(model: nn.Module) -> frozenset[int]:
-    """Ids of the modules and tensors that ``model`` holds at more than one place.
-
-    Parts of a model fused separately (children of an untraceable module, hooked modules) each
-    see only their own graph; an object held at two places may be used by the other part too.
-    """
-    places: Counter[int] = Counter()
-    modules = [module for _, module in model.named_modules(remove_duplicate=False)]
-    if all(_names_members_as_module(type(module)) for module in modules):
-        # What named_parameters / named_buffers (remove_duplicate=False) would list, in one walk.
-        for module in modules:
-            places[id(module)] += 1
-            for tensor in (*module._parameters.values(), *module._buffers.values()):
-                if tensor is not None:
-                    places[id(tensor)] += 1
-    else:
-        places.update(id(module) for module in modules)
-        places.update(id(t) for _, t in model.named_parameters(remove_duplicate=False))
-        places.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
-    return frozenset(key for key, count in places.items() if count > 1)
-
-
-def objects_shared_with(duplicate: nn.Module, original: nn.Module) -> frozenset[int]:
-    """Ids of the modules and tensors a deep copy still shares with the model it was copied from.
-
-    A class whose ``__deepcopy__`` returns the object itself (to share frozen, pretrained parts)
-    leaves the caller's own objects in the copy: changing them would change the caller's model.
-    """
-    originals = {id(part) for part in module_objects(original)}
-    return frozenset(id(part) for part in module_objects(duplicate) if id(part) in originals)
-
-
-def private_storages(duplicate: nn.Module, original: nn.Module) -> frozenset[int]:
-    """Data pointers of the storages that exactly one parameter or buffer of the deep copy uses,
-    and no parameter or buffer of the original: a fold may overwrite them in place.
-
-    ``copy.deepcopy`` gives every parameter a fresh storage of its own; these are the storages
-    for which that held (a custom ``__deepcopy__`` may share, or alias, instead).
-    """
-    try:
-        caller = {_storage_of(t) for t in (*original.parameters(), *original.buffers())}
-        uses = Counter(_storage_of(t) for t in (*duplicate.parameters(), *duplicate.buffers()))
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
-        return frozenset()  # then no storage is known to be private
-    return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
-
-
-def _storage_of(tensor: torch.Tensor) -> int | None:
-    if tensor.layout is not torch.strided or not tensor.numel():
-        return None
-    return tensor.untyped_storage().data_ptr() or None  # 0: no memory (the meta device)
-
-
-def _names_members_as_module(cls: type) -> bool:
-    names = ("named_parameters", "named_buffers", "_named_members")
-    return all(getattr(cls, name) is getattr(nn.Module, name) for name in names)
-
-
 class UsageCounts:
     """How many graph nodes reference each module and tensor, keyed by object identity."""
 
