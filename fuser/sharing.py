@@ -37,7 +37,7 @@ class ModelParts:
     @classmethod
     def of(cls, model: nn.Module) -> ModelParts:
         modules = [module for _, module in model.named_modules(remove_duplicate=False)]
-        if not all(_lists_members_as_module(type(module)) for module in modules):
+        if not all(_lists_members_as_module(kind) for kind in {type(m) for m in modules}):
             return cls._by_methods(model, modules)
         places: Counter[int] = Counter(id(module) for module in modules)
         objects: dict[int, object] = {id(module): module for module in modules}
