@@ -167,6 +167,7 @@ class _FoldPass:
         if layer.out_channels != call.channels:
             raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
         self._check_rank(layer, producer)
+        self._check_values(layer, call)
         scale, shift = self._scale_shift(call)
         folded = fold_into_output(
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
@@ -196,6 +197,7 @@ class _FoldPass:
         self._check_rank(layer, call.node)
         if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not call.node):
             raise _Left(f"{label(consumer)} reads other graph values, so it cannot move to the BN")
+        self._check_values(layer, call)
         scale, shift = self._scale_shift(call)
         folded = fold_into_input(
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
@@ -225,6 +227,20 @@ class _FoldPass:
         args = normalized_args(node, layer.arg_names, {})
         others = [v for name, v in args.items() if name != "input"]
         return args.get("input") is value and value not in others
+
+    @staticmethod
+    def _check_values(layer: LayerCall, call: BatchNormCall) -> None:
+        """The fold computes with the tensors' values: they must have some, on one device."""
+        tensors = (layer.weight, layer.bias, call.running_mean, call.running_var, call.weight)
+        devices = {t.device for t in (*tensors, call.bias) if t is not None}
+        if any(device.type == "meta" for device in devices):
+            raise _Left(
+                "its tensors are on the meta device, which holds no values: the folded weights "
+                "could not be computed or proven to fit (load the weights, then fuse)"
+            )
+        if len(devices) > 1:
+            names = ", ".join(sorted(str(device) for device in devices))
+            raise _Left(f"the layer's and the BN's tensors are on different devices ({names})")
 
     @staticmethod
     def _check_rank(layer: LayerCall, value: fx.Node) -> None:

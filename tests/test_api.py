@@ -449,3 +449,27 @@ def test_fuse_time_grows_linearly_with_the_graph():
         f"fusing 1600 conv/bn pairs took {large_per_pair * 1e3:.2f} ms per pair, "
         f"200 pairs {small_per_pair * 1e3:.2f} ms per pair: fuse time grows faster than the graph"
     )
+
+
+@pytest.mark.parametrize("on_meta", ["layer", "bn", "both"])
+def test_a_fold_on_the_meta_device_is_left_with_a_reason_not_an_error(on_meta):
+    """Meta tensors hold no values: there is nothing to fold and no overflow to rule out."""
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    if on_meta in ("layer", "both"):
+        conv = conv.to("meta")
+    if on_meta in ("bn", "both"):
+        bn = bn.to("meta")
+    model = nn.Sequential(nn.Sequential(conv, bn), nn.BatchNorm2d(4).to("meta"), nn.Conv2d(4, 2, 1))
+    fused, report = fuse_with_report(model.eval())
+    assert [site.folded for site in report.sites] == [False, False]
+    assert all("meta device, which holds no values" in site.reason for site in report.sites)
+    called = [fused.get_submodule(n.target) for n in fused.graph.nodes if n.op == "call_module"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in called) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+def test_a_layer_and_bn_on_different_devices_are_left_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).cuda()).eval()
+    _, report = fuse_with_report(model)
+    (site,) = report.sites
+    assert not site.folded and "on different devices (cpu, cuda:0)" in site.reason
