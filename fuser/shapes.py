@@ -48,6 +48,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
+    gm.recompile()  # a traced module has no code yet (``tracing.TracedGraphModule``)
     try:
         with state_preserved(gm):
             gm(*example_inputs)

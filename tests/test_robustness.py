@@ -341,3 +341,48 @@ def test_fusing_an_untraceable_model_twice_folds_nothing_the_second_time():
     assert [m.name for m in report.untraced] == ["outer", "outer.inner.1"], report
     for sign in (1, -1):
         assert_equivalent(model, refused, sign * (x.abs() + 0.1))
+
+
+# --- example inputs FX's interpreter cannot run ---------------------------------------------------
+
+
+class AppendsToItsList(nn.Module):
+    """Writes to the list it is called with, as torchvision's Swin3D does. Hooked, so it stays one
+    call in the graph, where FX's interpreter hands it an immutable list and it fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_hook(lambda module, args, output: None)
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        parts.append(parts[0])
+        return torch.cat(parts, dim=1)
+
+
+class ConvsJoinedThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 2), conv_bn(3, 2)
+        self.join = AppendsToItsList()
+        self.head = nn.Linear(6 * 4 * 4, 5)
+        self.head_bn = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = self.join([self.a(x), self.b(x)])
+        return self.head_bn(self.head(joined.flatten(1)))
+
+
+def test_inputs_the_interpreter_cannot_run_leave_only_the_folds_that_need_shapes():
+    """Shape propagation fails where the model runs: the fused model is run to tell the two
+    apart, the convolutions still fold, and the Linear (which needs a proven 2-D input) is left."""
+    model, x = prepared(ConvsJoinedThenLinear()), image(2, 3, 4, 4)
+    fused, report = fuse_with_report(model, example_inputs=(x,))
+    assert [report.site(name).folded for name in ("a.1", "b.1")] == [True, True]
+    assert_left(report, "head_bn", because=("example_inputs",))
+    assert_equivalent(model, fused, x)
+
+
+def test_inputs_the_model_itself_rejects_raise_a_fuser_error():
+    model = prepared(ConvsJoinedThenLinear())
+    with pytest.raises(FuserError, match="example_inputs could not be run through the model"):
+        fuse(model, example_inputs=(image(2, 5, 4, 4),))

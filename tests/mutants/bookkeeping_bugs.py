@@ -53,15 +53,19 @@ def dead_batch_norm_left_in_graph(model: nn.Module, example_inputs: tuple | None
 
 
 def recompile_forgotten(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
-    """Bug: the graph is edited but ``gm.recompile()`` is never called, so the GraphModule keeps its
-    old generated ``forward``, which still calls the deleted BN modules (or, where a BN survived,
-    applies it on top of already-folded weights). Caught by: fused output matches the original
-    (the fused model raises or is wrong).
+    """Bug: the graph is edited but ``gm.recompile()`` is never called, so the GraphModule keeps the
+    ``forward`` generated for the graph as traced, which still calls the deleted BN modules (or,
+    where a BN survived, applies it on top of already-folded weights). Caught by: fused output
+    matches the original (the fused model raises or is wrong).
+
+    (Our tracer leaves code generation to the fold pass, so the mutant first generates the code
+    FX's own GraphModule constructor would have: that is the stale ``forward`` it keeps.)
     """
 
-    def fold_without_recompile(*args, **kwargs):
+    def fold_without_recompile(gm, *args, **kwargs):
+        gm.recompile()  # the traced graph's code, as fx.GraphModule(root, graph) generates it
         with mock.patch.object(fx.GraphModule, "recompile", lambda self: None):
-            return fold_batch_norms(*args, **kwargs)
+            return fold_batch_norms(gm, *args, **kwargs)
 
     return fuse_patched(
         model, example_inputs, {"fuser.fuse.fold_batch_norms": fold_without_recompile}
