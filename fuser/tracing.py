@@ -142,6 +142,10 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with _attributes_restored(module) as saved:
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
         graph = tracer.trace(module)
+        # FX records the tracer's class so that unpickling can trace the generated code again.
+        # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
+        # and a fused model saved whole then loads with torch alone.
+        graph._tracer_cls = None
         # Made before the restore: it copies the constants tracing stored on the root.
         return TracedGraphModule(tracer.root, graph, type(module).__name__)
 

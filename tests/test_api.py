@@ -3,6 +3,10 @@ what it works with, and fuse time linear in the graph's size."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+import subprocess
+import sys
 import time
 
 import pytest
@@ -418,6 +422,49 @@ def test_fused_model_works_with_torch_export():
     assert_equivalent(model, exported.module(), x)
     targets = {str(node.target) for node in exported.graph.nodes}
     assert not any("batch_norm" in target for target in targets), targets
+
+
+_LOAD_WITHOUT_FUSER = """
+import sys
+import torch
+sys.modules["fuser"] = None  # importing the fuser now fails: the saved model must not need it
+torch.set_num_threads(1)  # as the test's own run: the same kernels, so the same bits
+model = torch.load(sys.argv[1], weights_only=False)
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(x), sys.argv[3])
+"""
+
+
+def test_a_fused_model_saved_whole_loads_and_runs_with_torch_alone(tmp_path):
+    """``torch.save(fused)`` pickles a GraphModule with the class of the tracer that made it, which
+    unpickling instantiates; the saved model must load where this package is not installed."""
+    model, x = small_net(), image(2, 3, 6, 6)
+    fused = fuse(model)
+    torch.save(fused, tmp_path / "fused.pt")
+    torch.save(x, tmp_path / "x.pt")
+    command = [sys.executable, "-c", _LOAD_WITHOUT_FUSER]
+    paths = [str(tmp_path / name) for name in ("fused.pt", "x.pt", "y.pt")]
+    subprocess.run(command + paths, check=True, capture_output=True, cwd=tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_fused_models_survive_pickling_and_deep_copies_of_themselves():
+    torch.manual_seed(0)
+    x = image(2, 3, 6, 6)
+    for model in (small_net(), randomise_bn_stats(DataDependentTop()).eval()):
+        fused = fuse(model)
+        for again in (pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused)):
+            again = pickle.loads(pickle.dumps(again))  # a copy of a copy, pickled once more
+            assert_equivalent(model, again, x)
+            assert remaining_batch_norms(again) == []
 
 
 # --- fuse time is linear in the graph's size ------------------------------------------------------
