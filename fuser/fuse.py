@@ -41,7 +41,13 @@ def fuse_with_report(
 ) -> tuple[nn.Module, FusionReport]:
     """Like ``fuse``, and also say what became of every BatchNorm call site."""
     inputs = _check_input(model, example_inputs)
-    working_copy = _deep_copy(model)
+    try:
+        working_copy = _deep_copy(model)
+    except Exception as error:  # the model's own parts decide how (and whether) they copy
+        raise FuserError(
+            "fuse works on a deep copy of the model (yours is never changed), and "
+            f"copy.deepcopy(model) failed: {type(error).__name__}: {error}"
+        ) from error
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
     parts, callers = ModelParts.of(working_copy), ModelParts.of(model)

@@ -7,6 +7,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -57,6 +58,15 @@ def test_fuser_error_is_a_value_error():
 def test_model_in_training_mode_raises_fuser_error_asking_for_eval():
     model = small_net().train()
     with pytest.raises(FuserError, match=r"\.eval\(\)"):
+        fuse(model)
+
+
+def test_a_model_deepcopy_cannot_copy_raises_a_fuser_error_naming_the_copy():
+    """The fuser works on a deep copy; a model holding something uncopyable (a lock, or the
+    non-leaf weight an old-style ``weight_norm`` leaves after a forward) gets a clear error."""
+    model = small_net()
+    model.lock = threading.Lock()
+    with pytest.raises(FuserError, match=r"copy\.deepcopy\(model\) failed: TypeError"):
         fuse(model)
 
 
