@@ -49,6 +49,7 @@ from .patterns import (
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
+from .sharing import storage_of
 
 
 class _Left(Exception):
@@ -297,7 +298,7 @@ class _FoldPass:
             return False
         if folded.weight is not weight or not weight.numel():
             return False
-        if weight.untyped_storage().data_ptr() not in self.private_storages:
+        if storage_of(weight) not in self.private_storages:
             return False
         module = submodule(self.gm, layer.module_target)
         if module.weight is not weight or not self.usage.only_this_call_reads(module):

@@ -93,7 +93,7 @@ class UsageCounts:
         return id(obj) in self._shared
 
     def count(self, obj: object) -> int:
-        return self._counts.get(id(obj), 0) + (id(obj) in self._shared)
+        return self._counts.get(id(obj), 0) + self.is_shared(obj)
 
     def only_this_call_reads(self, module: nn.Module) -> bool:
         """True when a module (and each tensor inside it) is referenced by one node only."""

@@ -83,8 +83,8 @@ class ModelParts:
         storages for which that held (a custom ``__deepcopy__`` may share, or alias, instead).
         """
         try:
-            caller = {_storage_of(t) for t in (*original.parameters, *original.buffers)}
-            uses = Counter(_storage_of(t) for t in (*self.parameters, *self.buffers))
+            caller = {storage_of(t) for t in (*original.parameters, *original.buffers)}
+            uses = Counter(storage_of(t) for t in (*self.parameters, *self.buffers))
         except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
             return frozenset()  # then no storage is known to be private
         return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
@@ -94,7 +94,9 @@ def _lists_members_as_module(cls: type) -> bool:
     return all(getattr(cls, name) is getattr(nn.Module, name) for name in _WALK_METHODS)
 
 
-def _storage_of(tensor: torch.Tensor) -> int | None:
+def storage_of(tensor: torch.Tensor) -> int | None:
+    """The data pointer of ``tensor``'s storage, the key of ``private_storages``; None where
+    there is none to overwrite (an empty or non-strided tensor, the meta device)."""
     if tensor.layout is not torch.strided or not tensor.numel():
         return None
     return tensor.untyped_storage().data_ptr() or None  # 0: no memory (the meta device)
