@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.nn.parameter import is_lazy
 
 from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .copying import deep_copy
@@ -41,6 +42,8 @@ def fuse_with_report(
 ) -> tuple[nn.Module, FusionReport]:
     """Like ``fuse``, and also say what became of every BatchNorm call site."""
     inputs = _check_input(model, example_inputs)
+    callers = ModelParts.of(model)
+    _check_initialized(model, callers)
     try:
         working_copy = _deep_copy(model)
     except Exception as error:  # the model's own parts decide how (and whether) they copy
@@ -50,7 +53,7 @@ def fuse_with_report(
         ) from error
     recorded = {id(working_copy): inputs} if inputs is not None else {}
     report = FusionReport()
-    parts, callers = ModelParts.of(working_copy), ModelParts.of(model)
+    parts = ModelParts.of(working_copy)
     shared = parts.held_twice() | parts.shared_with(callers)
     fuser = _Fuser(recorded, report, shared, parts.private_storages(callers))
     return fuser.fuse_module(working_copy, ""), report
@@ -76,6 +79,21 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
         return tuple(example_inputs)
     raise TypeError(
         f"example_inputs must be a tuple of forward arguments, got {type(example_inputs).__name__}"
+    )
+
+
+def _check_initialized(model: nn.Module, parts: ModelParts) -> None:
+    """A lazy module (``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, ...) has no weights or statistics
+    until its first forward: there is nothing to fold yet, and the copy the fuser works on would
+    draw its own random weights on its first call, computing something the caller's model never
+    will. Refused with the parts to initialize, before any copy is made."""
+    if not any(is_lazy(tensor) for tensor in (*parts.parameters, *parts.buffers)):
+        return
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers())
+    names = ", ".join(sorted({name for name, tensor in named if is_lazy(tensor)}))
+    raise FuserError(
+        f"the model has uninitialized lazy parameters or buffers ({names}): "
+        "run one forward pass on a real batch to initialize them, then fuse"
     )
 
 

@@ -70,6 +70,40 @@ def test_a_model_deepcopy_cannot_copy_raises_a_fuser_error_naming_the_copy():
         fuse(model)
 
 
+@pytest.mark.parametrize(
+    ("make_model", "names"),
+    [
+        (lambda: nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)), "0.bias, 0.weight"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()),
+            "1.bias, 1.running_mean, 1.running_var, 1.weight",
+        ),
+        (lambda: nn.Sequential(nn.Flatten(), nn.LazyLinear(5), nn.BatchNorm1d(5)), "1.bias"),
+    ],
+    ids=["lazy conv", "lazy batchnorm", "lazy linear"],
+)
+def test_an_uninitialized_lazy_module_raises_a_fuser_error_naming_its_parameters(make_model, names):
+    """Before its first forward a lazy module has nothing to fold, and a copy of it would draw
+    its own random weights: a clear error, not the raw one from reading an uninitialized tensor
+    (a ValueError from ``numel`` or from the deep copy, before this check)."""
+    model = make_model().eval()
+    for inputs in (None, (image(2, 3, 8, 8),)):
+        with pytest.raises(FuserError, match=rf"uninitialized lazy .*\({names}.*forward pass"):
+            fuse(model, inputs)
+    assert any(isinstance(p, nn.UninitializedParameter) for p in model.parameters())
+
+
+def test_a_lazy_module_fuses_once_a_forward_pass_has_initialized_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    model(image(2, 3, 8, 8))  # the first forward gives the lazy modules their shapes
+    model = randomise_bn_stats(model).eval()
+    x = image(2, 3, 8, 8, seed=2)
+    fused = fuse(model, (x,))
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, x)
+
+
 def test_torchscript_module_raises_a_clear_error():
     scripted = torch.jit.script(small_net())
     with pytest.raises((TypeError, FuserError), match=r"(?i)script"):
