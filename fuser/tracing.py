@@ -9,6 +9,7 @@ the smallest untraceable submodules become opaque leaves so that the rest of the
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -139,7 +140,7 @@ class TracedGraphModule(fx.GraphModule):
 
 
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
-    with _attributes_restored(module) as saved:
+    with _attributes_restored(module) as saved, _autocast_refused():
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
         graph = tracer.trace(module)
         # FX records the tracer's class so that unpickling can trace the generated code again.
@@ -148,6 +149,40 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         graph._tracer_cls = None
         # Made before the restore: it copies the constants tracing stored on the root.
         return TracedGraphModule(tracer.root, graph, type(module).__name__)
+
+
+class AutocastInForward(Exception):
+    """Raised inside a trace when the traced code enters ``torch.autocast``."""
+
+
+@contextlib.contextmanager
+def _autocast_refused() -> Iterator[None]:
+    """Make code that enters ``torch.autocast`` untraceable while a trace runs.
+
+    FX runs a ``with torch.autocast(...)`` block while tracing but records none of it: the
+    traced graph runs those operations without autocast, in other dtypes, and (for a region
+    that turns autocast off) differently again under a caller's autocast. So the module whose
+    code enters it stays one opaque call that runs its own code. ``torch.autocast.__enter__``
+    is what every form goes through: the ``with`` statement, the decorator, and the
+    ``torch.cuda.amp`` and ``torch.cpu.amp`` subclasses, which call it. Other threads, which
+    may be running models under autocast meanwhile, are not affected.
+    """
+    original = torch.autocast.__dict__["__enter__"]
+    tracing_thread = threading.get_ident()
+
+    def refuse(self):
+        if threading.get_ident() != tracing_thread:
+            return original(self)
+        raise AutocastInForward(
+            "its code enters torch.autocast, which FX does not record (traced, the code "
+            "would run without it)"
+        )
+
+    torch.autocast.__enter__ = refuse
+    try:
+        yield
+    finally:
+        torch.autocast.__enter__ = original
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")

@@ -8,6 +8,9 @@ pin that classes are told apart by qualified name and that missing source means 
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 from helpers import assert_equivalent, randomise_bn_stats, remaining_batch_norms
 from torch import nn
@@ -110,6 +113,91 @@ def test_attributes_a_failed_call_set_are_not_left_on_either_model():
     assert fused.child.cached is None, "a proxy from the failed call was left on the copy"
     for sign in (1, -1):
         assert_equivalent(model, fused, sign * (image().abs() + 0.1))
+
+
+# --- code FX runs but does not record: torch.autocast ------------------------------------------
+
+
+class AutocastBlock(nn.Module):
+    """Runs a conv/BN under bfloat16 autocast in each way code can enter it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.how = how
+        self.register_buffer("precision", torch.zeros(()))  # the model's own dtype
+
+    def forward(self, x):
+        if self.how == "with":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.block(x)
+        if self.how == "decorator":
+            return self.decorated(x)
+        with torch.autocast(
+            "cpu", enabled=False
+        ):  # "off": full precision under a caller's autocast
+            return self.block(x.to(self.precision.dtype))
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def decorated(self, x):
+        return self.block(x)
+
+
+class StemThenAutocast(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.mixed = AutocastBlock(how)
+
+    def forward(self, x):
+        return self.mixed(self.stem(x))
+
+
+@pytest.mark.parametrize("how", ["with", "decorator", "off"])
+def test_a_module_entering_autocast_stays_one_call_and_keeps_its_dtypes(how):
+    # FX runs the autocast block while tracing and records none of it: traced through, the
+    # block would run in float32 (or, for "off", under the caller's autocast), and the fused
+    # model would return another dtype. Torch's own fuse does exactly that.
+    model = prepared(StemThenAutocast(how))
+    caller_autocast = how == "off"
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert [module.name for module in report.untraced] == ["mixed"], report
+    assert "torch.autocast" in report.untraced[0].error
+    assert isinstance(fused, torch.fx.GraphModule), "the rest of the model still traces"
+    assert {site.bn for site in report.folded} == {"stem.1", "mixed.block.1"}, report
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=caller_autocast):
+        expected, got = model(image()), fused(image())
+    assert got.dtype == expected.dtype == (torch.float32 if how == "off" else torch.bfloat16)
+    assert_equivalent(model, fused, image())
+
+
+def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
+    """The trace makes entering autocast fail in its own thread only."""
+    dtypes: list[torch.dtype] = []
+
+    def other_thread() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes.append((torch.ones(2, 2) @ torch.ones(2, 2)).dtype)
+
+    class StartsAThread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        def forward(self, x):
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            return self.block(x)
+
+    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
+    dtypes.clear()
+    fused, report = fuse_with_report(model)
+
+    assert report.untraced == [], report
+    assert dtypes == [torch.bfloat16], "the other thread's autocast worked during the trace"
+    assert remaining_batch_norms(fused) == []
 
 
 class GateWithThreshold(nn.Module):
