@@ -16,7 +16,7 @@ from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
-from .patterns import has_hooks, is_batch_norm_module
+from .patterns import forward_replaced, has_hooks, is_batch_norm_module
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
 from .sharing import ModelParts
@@ -141,6 +141,9 @@ class _Fuser:
         container it only indexes or loops over and calls are fused one by one; a child it uses
         in any other way is left untouched (see ``child_usage``).
         """
+        if forward_replaced(module):
+            self._leave_children(module, path, "whose forward is replaced on the instance")
+            return
         usage = _usage_of_children(module)
         for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
@@ -162,12 +165,26 @@ class _Fuser:
             elif any(is_batch_norm_module(m) for m in child.modules()):
                 owner = path or "the model"
                 reason = f"not fused: {owner}'s code uses it other than by calling it"
-                self.report.untraced.append(UntracedModule(child_path, reason))
-                for bn_path, bn in child.named_modules(prefix=child_path):
-                    if is_batch_norm_module(bn):
-                        self.report.sites.append(
-                            SiteReport(bn_path, 0, folded=False, reason=f"inside {reason}")
-                        )
+                self._leave_child(child, child_path, reason)
+
+    def _leave_children(self, module: nn.Module, path: str, why: str) -> None:
+        """Report every child holding a BatchNorm as left whole: ``module``'s code (the code
+        that runs, not its class's) cannot be read, so no use of a child is known to be a call."""
+        owner = path or "the model"
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if is_batch_norm_module(child):
+                self._report_unseen_call(child_path, path)
+            elif any(is_batch_norm_module(m) for m in child.modules()):
+                self._leave_child(child, child_path, f"not fused: {owner} {why}")
+
+    def _leave_child(self, child: nn.Module, child_path: str, reason: str) -> None:
+        self.report.untraced.append(UntracedModule(child_path, reason))
+        for bn_path, bn in child.named_modules(prefix=child_path):
+            if is_batch_norm_module(bn):
+                self.report.sites.append(
+                    SiteReport(bn_path, 0, folded=False, reason=f"inside {reason}")
+                )
 
     def _report_unseen_call(self, bn_path: str, owner_path: str) -> None:
         """A BN module called by code FX cannot trace: its calls are never seen, so never folded."""

@@ -82,9 +82,24 @@ def _known_base(module: nn.Module, bases: tuple[type, ...]) -> type | None:
     return None
 
 
+#: What calling a module looks up on the instance before its class: code that sets one of these
+#: on an instance (a monkeypatched ``forward``; accelerate's hooks do it) changes what it computes.
+CALL_PATH = ("forward", "_call_impl", "_wrapped_call_impl")
+
+
+def forward_replaced(module: nn.Module) -> bool:
+    """Does this instance carry its own ``forward`` (or call path), hiding its class's?"""
+    return any(name in vars(module) for name in CALL_PATH)
+
+
 def _inherits_behaviour(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
-    """True when a subclass overrides none of the ``methods`` that define its computation."""
-    return all(getattr(type(module), name, None) is getattr(base, name, None) for name in methods)
+    """True when neither a subclass nor the instance itself replaces any of the ``methods`` that
+    define its computation."""
+    cls, own = type(module), vars(module)
+    return not forward_replaced(module) and all(
+        getattr(cls, name, None) is getattr(base, name, None) and name not in own
+        for name in methods
+    )
 
 
 def layer_kind_of_module(module: nn.Module) -> str | None:
@@ -284,6 +299,8 @@ def _first_arg(node: fx.Node) -> fx.Node | None:
 
 
 def _module_batch_norm_problem(module: nn.Module) -> str | None:
+    if forward_replaced(module):
+        return "the BatchNorm module's forward is replaced on the instance"
     if not batch_norm_module_behaves_as_base(module):
         return f"{type(module).__name__} overrides forward"
     if has_hooks(module):
@@ -316,6 +333,8 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
     if node.op == "call_module":
         module = submodule(gm, node.target)
         kind = layer_kind_of_module(module)
+        if kind is None and forward_replaced(module) and _known_base(module, tuple(LAYER_MODULES)):
+            return f"layer {node.target}'s forward is replaced on the instance"
         if kind is None:
             return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"
         if has_hooks(module):

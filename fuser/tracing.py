@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from .patterns import (
     batch_norm_module_behaves_as_base,
+    forward_replaced,
     has_hooks,
     is_batch_norm_module,
     layer_kind_of_module,
@@ -252,6 +253,9 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
     module traced through at one call site and untraceable at another.
     """
     outcome = TraceOutcome(None)
+    if forward_replaced(module):  # FX traces ``type(root).forward``: the instance's never runs
+        outcome.error = "its forward is replaced on the instance, and FX traces its class's"
+        return outcome
     untraced: list[tuple[str, str]] = []
     while True:
         tracer = FoldTracer(outcome.opaque, untraced)  # both kept across retraces

@@ -4,6 +4,8 @@ model computes what the original does (against a float64 reference)."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,59 @@ def test_conv_subclass_that_overrides_conv_forward_is_not_folded_into():
     model = prepared(Chain(conv=ScaledWeightConv(3, 4, 1), bn=nn.BatchNorm2d(4)))
     _, report = fused_and_checked(model, image(2, 3, 4, 4))
     assert not report.site("bn").folded, report
+
+
+def plus_one(module: nn.Module) -> None:
+    """Replace ``module.forward`` on the instance (as monkeypatching, or accelerate's hooks, do)
+    with one that adds 1 to what the class's forward returns. A bound method, so that copies of
+    the module (the float64 reference is one) call their own class forward."""
+    module.forward = types.MethodType(lambda self, x: type(self).forward(self, x) + 1.0, module)
+
+
+@pytest.mark.parametrize(
+    ("replaced", "verdict"),
+    [
+        (("bn",), "left"),
+        (("conv",), "input side into head"),
+        (("head",), "output side into conv"),
+        (("conv", "head"), "left"),
+    ],
+)
+def test_a_layer_or_batchnorm_whose_forward_is_replaced_on_the_instance_takes_no_fold(
+    replaced, verdict
+):
+    # To FX and to its class it is a Conv2d or a BatchNorm2d; the instance computes something
+    # else. Folded anyway (as torch's own fuse does), the fused model was off by gamma/sigma - 1.
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4), head=nn.Conv2d(4, 2, 1)))
+    for name in replaced:
+        plus_one(getattr(model, name))
+    _, report = fused_and_checked(model, image(2, 3, 6, 6))
+    if verdict == "left":
+        assert_left(report, "bn", because=("replaced on the instance",))
+    elif verdict == "input side into head":
+        assert_folded(report, "bn", side=INPUT_SIDE, into="head")
+    else:
+        assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+
+
+def test_a_model_whose_forward_is_replaced_on_the_instance_runs_that_forward():
+    # FX traces type(model).forward: the replacement would silently not run in the fused model.
+    # So the model is not traced, and its children (which that code may use any way) are left.
+    model = prepared(
+        Chain(block=Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)), relu=nn.ReLU())
+    )
+    plus_one(model)
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert [module.name for module in report.untraced] == ["<model>", "block"], report
+    assert "replaced on the instance" in report.untraced[0].error
+    assert_left(report, "block.bn", because=("replaced on the instance",))
+
+    inner = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)))
+    plus_one(inner)  # called by a traced parent: traced through the replacement, and folded
+    model = prepared(Chain(block=inner, relu=nn.ReLU()))
+    fused, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_folded(report, "block.bn", side=OUTPUT_SIDE, into="block.conv")
+    assert remaining_batch_norms(fused) == []
 
 
 # --- rule 1 and 2: functional forms --------------------------------------------------------------
