@@ -16,7 +16,7 @@ from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
-from .patterns import forward_replaced, has_hooks, is_batch_norm_module
+from .patterns import call_overridden, forward_replaced, has_hooks, is_batch_norm_module
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
 from .sharing import ModelParts
@@ -143,6 +143,9 @@ class _Fuser:
         """
         if forward_replaced(module):
             self._leave_children(module, path, "whose forward is replaced on the instance")
+            return
+        if call_overridden(module):
+            self._leave_children(module, path, "whose class overrides __call__")
             return
         usage = _usage_of_children(module)
         for name, child in list(module.named_children()):

@@ -92,11 +92,32 @@ def forward_replaced(module: nn.Module) -> bool:
     return any(name in vars(module) for name in CALL_PATH)
 
 
+def call_overridden(module: nn.Module) -> bool:
+    """Does the module's class run code of its own around ``forward`` when called?
+
+    A class that overrides ``__call__`` (or ``nn.Module``'s call path) breaks FX's model of a
+    module call: tracing runs that code and records what it does around the call, and a
+    ``call_module`` node then runs it again. GraphModules are FX's own and exempt: their
+    ``__call__`` only hands over to ``forward``.
+    """
+    for cls in type(module).__mro__:
+        if cls is nn.Module or issubclass(cls, fx.GraphModule):
+            return False
+        if any(name in vars(cls) for name in ("__call__", *CALL_PATH[1:])):
+            return True
+    return False
+
+
+def runs_other_code_when_called(module: nn.Module) -> bool:
+    """Calling it runs more than its class's ``forward``, which is all FX traces of a root."""
+    return forward_replaced(module) or call_overridden(module)
+
+
 def _inherits_behaviour(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
     """True when neither a subclass nor the instance itself replaces any of the ``methods`` that
-    define its computation."""
+    define its computation, or the way it is called."""
     cls, own = type(module), vars(module)
-    return not forward_replaced(module) and all(
+    return not runs_other_code_when_called(module) and all(
         getattr(cls, name, None) is getattr(base, name, None) and name not in own
         for name in methods
     )
@@ -301,6 +322,8 @@ def _first_arg(node: fx.Node) -> fx.Node | None:
 def _module_batch_norm_problem(module: nn.Module) -> str | None:
     if forward_replaced(module):
         return "the BatchNorm module's forward is replaced on the instance"
+    if call_overridden(module):
+        return f"{type(module).__name__} overrides __call__"
     if not batch_norm_module_behaves_as_base(module):
         return f"{type(module).__name__} overrides forward"
     if has_hooks(module):
@@ -333,8 +356,11 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
     if node.op == "call_module":
         module = submodule(gm, node.target)
         kind = layer_kind_of_module(module)
-        if kind is None and forward_replaced(module) and _known_base(module, tuple(LAYER_MODULES)):
-            return f"layer {node.target}'s forward is replaced on the instance"
+        if kind is None and _known_base(module, tuple(LAYER_MODULES)) is not None:
+            if forward_replaced(module):
+                return f"layer {node.target}'s forward is replaced on the instance"
+            if call_overridden(module):
+                return f"layer {node.target} ({type(module).__name__}) overrides __call__"
         if kind is None:
             return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"
         if has_hooks(module):

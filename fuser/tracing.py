@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from .patterns import (
     batch_norm_module_behaves_as_base,
+    call_overridden,
     forward_replaced,
     has_hooks,
     is_batch_norm_module,
@@ -61,6 +62,7 @@ class FoldTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         if self.is_leaf_module(m, ""):
+            _refuse_own_call_code(m)
             return super().call_module(m, forward, args, kwargs)
         checkpoint = _TraceCheckpoint(self, m)
         try:
@@ -69,6 +71,7 @@ class FoldTracer(fx.Tracer):
             raise
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             checkpoint.roll_back()
+            _refuse_own_call_code(m)
             self.opaque.add(id(m))
             self.untraced.append((self.path_of_module(m), _describe(error)))
             if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
@@ -76,6 +79,23 @@ class FoldTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         self._entered.add(id(m))
         return result
+
+
+class OwnCallCode(Exception):
+    """Raised inside a trace at a module call that cannot be recorded as one ``call_module``."""
+
+
+def _refuse_own_call_code(module: nn.Module) -> None:
+    """A module kept as one call whose class overrides ``__call__`` cannot be recorded: the trace
+    has already recorded what its ``__call__`` did around the call, and the node would run that
+    again. The module calling it fails to trace instead (and stays opaque, calling it as written).
+    A traced-through module is fine: its ``__call__`` code is recorded once, its forward inlined.
+    """
+    if call_overridden(module):
+        raise OwnCallCode(
+            f"it calls {type(module).__name__}, whose class overrides __call__, and that cannot "
+            "be kept as one call"
+        )
 
 
 class _RetraceNeeded(Exception):
@@ -255,6 +275,9 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
     outcome = TraceOutcome(None)
     if forward_replaced(module):  # FX traces ``type(root).forward``: the instance's never runs
         outcome.error = "its forward is replaced on the instance, and FX traces its class's"
+        return outcome
+    if call_overridden(module):  # the fused module would be called without that code
+        outcome.error = f"its class {type(module).__name__} overrides __call__"
         return outcome
     untraced: list[tuple[str, str]] = []
     while True:

@@ -200,6 +200,61 @@ def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
     assert remaining_batch_norms(fused) == []
 
 
+# --- code FX runs but does not record: a class's own __call__ -----------------------------------
+
+
+class DoublingConv(nn.Conv2d):
+    """Calling it doubles what its (inherited) forward returns."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2
+
+
+class ShiftingBatchNorm(nn.BatchNorm2d):
+    def __call__(self, x):
+        return super().__call__(x) + 1
+
+
+class CallsItsChildTwice(nn.Module):
+    """Its own __call__ runs the model's children around forward; FX traces only forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def __call__(self, x):
+        return super().__call__(self.block(x))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def with_hook(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda module, args, output: output - 0.5)
+    return module
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(DoublingConv(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        lambda: nn.Sequential(with_hook(DoublingConv(4, 4, 3, padding=1)), nn.BatchNorm2d(4)),
+        lambda: nn.Sequential(conv_bn(4), ShiftingBatchNorm(4), conv_bn(4)),
+        lambda: nn.Sequential(conv_bn(4), with_hook(ShiftingBatchNorm(4)), conv_bn(4)),
+        CallsItsChildTwice,
+        lambda: nn.Sequential(CallsItsChildTwice(), conv_bn(4)),
+    ],
+    ids=["conv", "hooked conv", "batchnorm", "hooked batchnorm", "model", "child"],
+)
+def test_a_module_whose_class_overrides_call_computes_what_it_did(make):
+    # Kept as one call, its __call__ code ran twice (once recorded by the trace, once in the
+    # node); fused as a root or replaced by its fused GraphModule, it ran not at all.
+    model = prepared(make())
+    for example_inputs in ((image(),), None):
+        fused, _ = fuse_with_report(model, example_inputs)
+        assert_equivalent(model, fused, image())
+
+
 class GateWithThreshold(nn.Module):
     """Traceable when called without a threshold, untraceable with one."""
 
