@@ -34,6 +34,7 @@ from strategies.spec import (
     METADATA_METHODS,
     MODULE,
     OPAQUE_SUBCLASS,
+    REPLACED_FORWARD,
     SEQUENTIAL,
     SHRINKING,
     TRACED_SUBCLASS,
@@ -346,6 +347,8 @@ def layers(
         layer, out = draw(_convolution(shape, kind, functional, hooked, bias, purpose))
     if purpose == "spiked_layer":
         layer = replace(layer, spiked=True)
+    if not functional and not hooked and draw(chance(1, 12)):
+        layer = replace(layer, replaced_forward=True)
     return (replace(layer, frozen=True) if frozen else layer), out
 
 
@@ -580,7 +583,8 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
     momentum = draw(one_of_values((0.1, None, 0.01, 0.5)))
     defect = None
     if style in (MODULE, FUNCTIONAL) and draw(chance(1, 4)):
-        defects = (TRAINING, FORWARD_HOOK, FORWARD_PRE_HOOK) if style == MODULE else (TRAINING,)
+        module_defects = (TRAINING, FORWARD_HOOK, FORWARD_PRE_HOOK, REPLACED_FORWARD)
+        defects = module_defects if style == MODULE else (TRAINING,)
         defect = draw(one_of_values(defects))
     if gain is not None:
         affine, track, defect = True, True, None

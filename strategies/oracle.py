@@ -34,6 +34,7 @@ from strategies.spec import (
     LINEAR,
     METADATA_TAPS,
     OPAQUE_SUBCLASS,
+    REPLACED_FORWARD,
     SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
@@ -148,7 +149,14 @@ def _unfoldable_reason(norm: Norm) -> str | None:
         return "no running statistics"
     if norm.defect in (FORWARD_HOOK, FORWARD_PRE_HOOK):
         return f"has a {norm.defect.replace('_', ' ')}"
+    if norm.defect == REPLACED_FORWARD:
+        return "its forward is replaced on the instance"
     return None
+
+
+def _computes_as_its_class(layer: Layer) -> bool:
+    """Rule 6: a hooked layer, or one whose forward is replaced, takes no fold on either side."""
+    return not (layer.hooked or layer.replaced_forward)
 
 
 def _lower(spec: NetSpec) -> _Graph:
@@ -205,7 +213,7 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
     for norm, name in zip(block.first_norms, names.first_norms, strict=True):
         first = graph.norm(norm, name, first)
     if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run
-        second_layer = replace(block.layer, functional=True, hooked=False)
+        second_layer = replace(block.layer, functional=True, hooked=False, replaced_forward=False)
         second = graph.layer(second_layer, f"{names.layer}.weight", value)
     else:
         second = graph.layer(block.layer, names.layer, value)
@@ -218,7 +226,7 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
 def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
     """Rule 2: the norm reads a layer's output, and nothing else reads that output's values."""
     producer = norm_node.inputs[0]
-    if producer.kind != "layer" or producer.layer.hooked:
+    if producer.kind != "layer" or not _computes_as_its_class(producer.layer):
         return False
     if graph.value_users(producer) != [norm_node]:
         return False
@@ -251,7 +259,7 @@ def _pads_with_zeros(layer: Layer) -> bool:
 def _takes_input_fold(graph: _Graph, norm_node: _Node) -> _Node | None:
     """Rule 3: the norm's only value reader is a layer reading it as input; that layer."""
     users = graph.value_users(norm_node)
-    if len(users) != 1 or users[0].kind != "layer" or users[0].layer.hooked:
+    if len(users) != 1 or users[0].kind != "layer" or not _computes_as_its_class(users[0].layer):
         return None
     layer = users[0].layer
     if layer.kind == CONV and not _pads_with_zeros(layer):

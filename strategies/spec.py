@@ -23,6 +23,7 @@ OPAQUE_SUBCLASS = "opaque_subclass"
 TRAINING = "training"
 FORWARD_HOOK = "forward_hook"
 FORWARD_PRE_HOOK = "forward_pre_hook"
+REPLACED_FORWARD = "replaced_forward"
 
 INLINE = "inline"
 SEQUENTIAL = "sequential"
@@ -52,7 +53,10 @@ class Layer:
     2-D input. Functional layers are ``F.conv*``/``F.linear`` calls on registered parameters;
     they only support ``padding_mode="zeros"``. A hooked layer carries a forward hook that changes
     its output, so folding into it would be visible. A frozen layer's parameters have
-    ``requires_grad=False``, which its folded parameters must keep. A spiked layer's first weight
+    ``requires_grad=False``, which its folded parameters must keep. A layer whose forward is
+    replaced has, on the instance, a ``forward`` that shifts its class's output (monkeypatching,
+    or accelerate's hooks, do this): to FX and to its class it is still a conv or linear, so
+    folding into it would be wrong. A spiked layer's first weight
     entry is ``SPIKE`` and its bias is scaled by ``2**-GAIN_EXPONENT``: it reads a shrinking BN's
     small output, and an amplifying BN folded into it would overflow float16 (see ``Norm``).
     """
@@ -74,6 +78,7 @@ class Layer:
     hooked: bool = False
     frozen: bool = False
     spiked: bool = False
+    replaced_forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class Norm:
     ReLU, like timm's ``BatchNormAct2d``) or ``opaque_subclass`` (a subclass whose forward calls
     ``super().forward(x)`` and adds a constant: FX cannot trace it). ``defect`` makes a site
     unfoldable on purpose: ``training`` (a training-mode module, or ``training=True`` in the
-    functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values).
+    functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values), or
+    ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output).
 
     ``gain`` makes a float16 fold overflow without the network overflowing: a ``shrinking`` BN's
     gamma and beta are scaled by ``2**-GAIN_EXPONENT``, so its output is about 2**-12; an

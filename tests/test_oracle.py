@@ -138,6 +138,7 @@ def test_anything_between_the_layer_and_the_bn_blocks_the_fold():
         bn(defect="training"),
         bn(defect="forward_hook"),
         bn(defect="forward_pre_hook"),
+        bn(defect="replaced_forward"),
         bn(track_running_stats=False),
         bn(style="opaque_subclass"),
         bn(style="functional", defect="training"),

@@ -34,7 +34,9 @@ from strategies.spec import literal
 from tests import pinned
 from tests.compat import cpu_runs_float16
 
-SAMPLE_SIZE = 500
+# 1,000 networks: with 500, a feature drawn in about 3.5% of networks (measured over 2,000) came
+# out at 1.4% in one sample, after new draws shifted which networks the fixed seeds give.
+SAMPLE_SIZE = 1000
 RARE = 0.015  # not rare: every feature shows up in at least 1.5% of networks
 
 
@@ -120,6 +122,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("hooked layer")
             if op.frozen:
                 found.add("frozen layer")
+            if op.replaced_forward:
+                found.add("layer forward replaced")
         elif isinstance(op, Norm):
             found.add(f"batchnorm{ {2: 1, 3: 1, 4: 2, 5: 3}[op.input_ndim] }d")
             found.add(f"bn style {op.style}")
@@ -190,6 +194,8 @@ REQUIRED = [
     "bn defect training",
     "bn defect forward_hook",
     "bn defect forward_pre_hook",
+    "bn defect replaced_forward",
+    "layer forward replaced",
     "hooked layer",
     "frozen layer",
     "boundary hooked",
@@ -227,7 +233,7 @@ def test_every_feature_is_drawn_and_none_is_rare():
     sample = draw_sample(net_specs(), SAMPLE_SIZE)
     counts = Counter(feature for spec in sample for feature in features(spec))
     rare = {name: counts[name] for name in REQUIRED if counts[name] < RARE * len(sample)}
-    assert not rare, f"drawn in fewer than {RARE:.0%} of {len(sample)} networks: {rare}"
+    assert not rare, f"drawn in fewer than {RARE:.1%} of {len(sample)} networks: {rare}"
 
 
 def test_float16_networks_often_hold_a_fold_that_would_overflow():
