@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from strategies.spec import (
     ADD,
     AMPLIFYING,
+    AUTOCAST,
     CAT,
     CONV,
     CONV_TRANSPOSE,
@@ -200,6 +201,10 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         else:
             block, shape = draw(two_calls(shape))
         blocks.append(block)
+    last = blocks[-1]
+    unguarded = isinstance(last, Chain) and last.boundary is None
+    if dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
+        blocks[-1] = replace(last, boundary=AUTOCAST)
     seed = draw(integers(0, 2**16 - 1))
     return NetSpec((batch, channels, *spatial), tuple(blocks), dtype, device, seed)
 

@@ -7,8 +7,8 @@ exactly there. Both ask this module, so the two can only agree.
 Layout: block ``i`` packaged inline puts its ops on the root as ``b{i}_{role}{k}``; a wrapper block
 is ``b{i}`` with attributes ``{role}{k}``; a sequential block is ``b{i}`` nested as a staircase
 (``Sequential(op0, Sequential(op1, Sequential(op2)))``) so that chains cross ``Sequential``
-boundaries. Behind an untraceable boundary, the guard module is ``b{i}``: it holds an inline chain's
-ops itself, and a sequential or wrapper chain as ``b{i}.inner``.
+boundaries. Behind an untraceable or autocast boundary, the guard module is ``b{i}``: it holds an
+inline chain's ops itself, and a sequential or wrapper chain as ``b{i}.inner``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from strategies.spec import (
     CONV,
     CONV_TRANSPOSE,
     FUNCTIONAL,
+    GUARDED,
     INLINE,
     SEQUENTIAL,
     TRACED_SUBCLASS,
-    UNTRACEABLE,
     Act,
     Chain,
     Layer,
@@ -72,7 +72,7 @@ def staircase(count: int, depth: int) -> list[tuple[int, ...]]:
 
 def chain_container(block_index: int, chain: Chain) -> str | None:
     """Qualified name of the module holding a chain's ops, ``None`` for the root."""
-    if chain.boundary == UNTRACEABLE:
+    if chain.boundary in GUARDED:
         return f"b{block_index}" if chain.packaging == INLINE else f"b{block_index}.inner"
     return None if chain.packaging == INLINE else f"b{block_index}"
 

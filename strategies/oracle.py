@@ -30,6 +30,7 @@ from strategies.spec import (
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FUNCTIONAL,
+    GUARDED,
     INLINE,
     LINEAR,
     METADATA_TAPS,
@@ -38,7 +39,6 @@ from strategies.spec import (
     SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
-    UNTRACEABLE,
     Chain,
     Layer,
     NetSpec,
@@ -173,12 +173,13 @@ def _lower(spec: NetSpec) -> _Graph:
 
 def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node:
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
-    and output) and, in the enclosing graph, a single opaque call. Behind an untraceable boundary
-    an inline chain's ops are children of the guard module, each fused alone: nothing folds."""
+    and output) and, in the enclosing graph, a single opaque call. Behind an untraceable or
+    autocast boundary an inline chain's ops are children of the guard module, each fused alone:
+    nothing folds."""
     if chain.boundary is None:
         return _lower_chain_ops(graph, index, chain, value)
     opaque = None
-    if chain.boundary == UNTRACEABLE and chain.packaging == INLINE:
+    if chain.boundary in GUARDED and chain.packaging == INLINE:
         opaque = "called from the forward of a module FX cannot trace"
     inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
     graph.add(_Node("output", [inner_output]))

@@ -18,6 +18,7 @@ from strategies.spec import (
     FORWARD_PRE_HOOK,
     FUNCTIONAL,
     GAIN_EXPONENT,
+    GUARDED,
     HOOKED,
     INLINE,
     OPAQUE_SUBCLASS,
@@ -454,14 +455,22 @@ class _Renderer:
         elif chain.packaging == WRAPPER:
             init, forward = self._chain_lines(index, chain)
             module = self._wrapper_class(f"Block{index}", init, forward)
-        if chain.boundary == UNTRACEABLE:
+        if chain.boundary in GUARDED:
             if module is None:
                 init, forward = self._chain_lines(index, chain)
             else:
                 init, forward = [f"self.inner = {module}"], ["x = self.inner(x)"]
-            doc = "Checks the input's rank in Python control flow, which FX cannot trace."
-            self.classes.append(self._class(f"Guarded{index}", doc, init, [*RANK_GUARD, *forward]))
-            module = f"Guarded{index}()"
+            if chain.boundary == UNTRACEABLE:
+                name = f"Guarded{index}"
+                doc = "Checks the input's rank in Python control flow, which FX cannot trace."
+                forward = [*RANK_GUARD, *forward]
+            else:
+                name = f"Autocast{index}"
+                doc = "Runs its chain under torch.autocast, which FX runs but does not record."
+                autocast = f"with torch.autocast({self.spec.device!r}, dtype=torch.bfloat16):"
+                forward = [autocast, *(INDENT + line for line in forward)]
+            self.classes.append(self._class(name, doc, init, forward))
+            module = f"{name}()"
         if module is None:
             init, forward = self._chain_lines(index, chain)
             self.root_init += init

@@ -36,6 +36,10 @@ SPIKE = 16.0  # the spiked weight entry: 16 * 1.25 * 2**12 = 81920 > float16's 6
 
 HOOKED = "hooked"
 UNTRACEABLE = "untraceable"
+AUTOCAST = "autocast"
+#: Boundaries whose module FX cannot trace: it holds an inline chain's ops itself, another chain as
+#: its child ``inner``, and runs its own code (see ``Chain``).
+GUARDED = (UNTRACEABLE, AUTOCAST)
 
 ADD = "add"
 CAT = "cat"
@@ -156,6 +160,10 @@ class Chain:
     Sequential or wrapper has a forward hook that changes values) or ``untraceable`` (the chain sits
     in a module whose forward checks the input's rank in Python, which FX cannot trace; a Sequential
     or wrapper chain is its child ``inner``, an inline chain's ops are its own attributes).
+    ``autocast`` is packaged the same way, in a module that runs the chain under
+    ``torch.autocast(..., dtype=torch.bfloat16)``: FX runs that block but records none of it.
+    Drawn only for a float32 network's last block, so the network returns bfloat16, and a fuser
+    that traces through the block returns float32 instead.
     """
 
     ops: tuple[Op, ...]

@@ -264,6 +264,33 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # A chain run under torch.autocast (bfloat16) by its module's forward: FX runs the block and
+    # records none of it, so the fused network returns float32 where the model returns bfloat16.
+    # Our fuser did the same until 2ab5147 (it keeps such a module as one call, fusing inside it).
+    "torch_fuse_autocast_block": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
+                packaging="sequential",
+                boundary="autocast",
+            ),
+        ),
+    ),
     # Linear on (N, C, L) then BatchNorm1d(C): folded per output feature when out_features == C,
     # AssertionError when not.
     "torch_fuse_linear_on_3d_input": NetSpec(

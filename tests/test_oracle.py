@@ -202,12 +202,14 @@ def test_a_hooked_container_is_fused_on_its_own():
     assert verdicts(*outside_then_inside) == [("b1.bn0", 0, None), ("b1.bn2", 0, "output")]
 
 
-def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold():
-    inline = Chain((conv(), bn()), boundary="untraceable")
+@pytest.mark.parametrize("boundary", ["untraceable", "autocast"])
+def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boundary):
+    # A module entering torch.autocast is one FX must not trace through (README).
+    inline = Chain((conv(), bn()), boundary=boundary)
     assert verdicts(inline) == [("b0.bn1", 0, None)]
-    sequential = Chain((conv(), bn()), "sequential", boundary="untraceable")
+    sequential = Chain((conv(), bn()), "sequential", boundary=boundary)
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
-    wrapper = Chain((conv(), bn()), "wrapper", boundary="untraceable")
+    wrapper = Chain((conv(), bn()), "wrapper", boundary=boundary)
     assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
 
 

@@ -200,6 +200,7 @@ REQUIRED = [
     "frozen layer",
     "boundary hooked",
     "boundary untraceable",
+    "boundary autocast",
     "output-side fold",
     "input-side fold",
     "dtype float32",
