@@ -32,6 +32,7 @@ from fuser.patterns import (
 from ._patching import Fused, fuse_patched
 
 __all__ = [
+    "autocast_traced_through",
     "bn_hooks_ignored",
     "bn_subclass_matched_by_isinstance",
     "functional_bn_not_recognised",
@@ -44,6 +45,7 @@ __all__ = [
     "metadata_users_block_folds",
     "missing_running_stats_taken_as_identity",
     "other_users_of_layer_output_ignored",
+    "replaced_forward_ignored",
     "training_mode_bn_folded",
 ]
 
@@ -259,6 +261,34 @@ def layer_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -
             return describe_layer(gm, node)
 
     patches = {"fuser.fold_pass.describe_layer": describe_ignoring_hooks}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def _class_behaviour_only(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
+    return all(getattr(type(module), name, None) is getattr(base, name, None) for name in methods)
+
+
+def replaced_forward_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a conv, linear or BN whose ``forward`` is replaced on the instance folds as its class
+    does. It is recognised by its class alone (as monkeypatching leaves it), so what the replacement
+    adds is folded away or scaled. Needs layers or BNs with a replaced forward. Caught by: fused
+    output matches the original.
+    """
+    patches = {
+        "fuser.patterns._inherits_behaviour": _class_behaviour_only,
+        "fuser.patterns.forward_replaced": lambda module: False,
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def autocast_traced_through(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a module whose forward enters ``torch.autocast`` is traced through like any other. FX
+    runs the block and records none of it, so the fused model runs it without autocast (float32
+    where the model returns bfloat16). Needs an autocast block. Caught by: the report agreeing with
+    the oracle (the inline chain's BN, which must stay in the autocast module, is folded) and
+    output dtype, device and shape preserved.
+    """
+    patches = {"fuser.tracing._autocast_refused": contextlib.nullcontext}
     return fuse_patched(model, example_inputs, patches)
 
 
