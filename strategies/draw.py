@@ -206,7 +206,9 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     if dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
         blocks[-1] = replace(last, boundary=AUTOCAST)
     seed = draw(integers(0, 2**16 - 1))
-    return NetSpec((batch, channels, *spatial), tuple(blocks), dtype, device, seed)
+    replaced_forward = draw(chance(1, 16))
+    input_shape = (batch, channels, *spatial)
+    return NetSpec(input_shape, tuple(blocks), dtype, device, seed, replaced_forward)
 
 
 @reused

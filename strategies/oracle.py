@@ -319,4 +319,7 @@ def foldable_sites(spec: NetSpec) -> list[Site]:
                 reason,
             )
         )
+    if spec.replaced_forward:  # the model is not traced, and its children are left whole
+        reason = "the model's forward is replaced on the instance"
+        return [Site(site.bn, site.call_index, False, None, None, reason) for site in sites]
     return sites

@@ -345,6 +345,8 @@ class _Renderer:
             self._block(index, block)
 
     def program(self) -> str:
+        if self.spec.replaced_forward:
+            self.helpers.add("shift_forward")
         helper_order = [name for name in HELPERS if name in self.helpers]
         parts = [HEADER]
         if self.helpers & {"shrink_batch_norm", "spike_weight", "amplify_batch_norm"}:
@@ -375,6 +377,7 @@ class _Renderer:
             f"model = model.to({target}).eval()",
             f"randomize(model, seed={spec.seed})",
             *self.setup,
+            *(["shift_forward(model)"] if spec.replaced_forward else []),
             f"generator = torch.Generator().manual_seed({spec.seed + 1})",
             f"x = torch.randn({spec.input_shape!r}, generator=generator, dtype=torch.float64)",
             f"return model, (x.to({target}),)",

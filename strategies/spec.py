@@ -195,13 +195,20 @@ Block = Chain | TwoCalls
 @dataclass(frozen=True)
 class NetSpec:
     """A whole network: its input shape (batched, channels on dim 1), blocks, dtype, device and
-    the seed from which every weight, BN statistic and input value is derived."""
+    the seed from which every weight, BN statistic and input value is derived.
+
+    ``replaced_forward``: the built model's ``forward`` is replaced on the instance by one that
+    shifts what its class's forward returns (see ``Layer``). FX traces ``type(model).forward``,
+    so a fuser that traces the model anyway drops the shift; one that does not trace it cannot
+    see how its code uses its children, and leaves every one whole (README).
+    """
 
     input_shape: tuple[int, ...]
     blocks: tuple[Block, ...]
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    replaced_forward: bool = False
 
 
 def literal(value: object) -> str:

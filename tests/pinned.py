@@ -291,6 +291,31 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # The model's own forward replaced on the instance: FX traces type(model).forward, so the
+    # fused model drops what the replacement adds (0.25). Our fuser did the same until cf445f9.
+    "torch_fuse_model_replaced_forward": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                )
+            ),
+        ),
+        replaced_forward=True,
+    ),
     # Linear on (N, C, L) then BatchNorm1d(C): folded per output feature when out_features == C,
     # AssertionError when not.
     "torch_fuse_linear_on_3d_input": NetSpec(

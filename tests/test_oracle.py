@@ -6,6 +6,8 @@ tests; each case is small enough to check against the README by reading it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from compat import requires_cpu_float16
@@ -211,6 +213,17 @@ def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boun
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
     wrapper = Chain((conv(), bn()), "wrapper", boundary=boundary)
     assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
+
+
+def test_a_model_whose_forward_is_replaced_folds_nothing():
+    # Not traced (FX would trace its class's forward), and its children are left whole.
+    blocks = (Chain((conv(), bn())), Chain((conv(), bn()), "sequential"))
+    spec = NetSpec(MAP, blocks, replaced_forward=True)
+    assert [(site.bn, site.foldable) for site in foldable_sites(spec)] == [
+        ("b0_bn1", False),
+        ("b1.1", False),
+    ]
+    assert all(site.foldable for site in foldable_sites(replace(spec, replaced_forward=False)))
 
 
 def _overflowing_chain(padding=(1, 1)) -> Chain:
