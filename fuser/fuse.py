@@ -66,6 +66,12 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
         raise FuserError(
             "fuse cannot trace a torch.jit.ScriptModule: fuse the eager nn.Module, then script it"
         )
+    if model.training and _from_torch_export(model):
+        raise FuserError(
+            "the model is a torch.export module (ExportedProgram.module()): its BatchNorms are "
+            "ATen calls whose train or eval behaviour was fixed when it was exported, and it "
+            "refuses .eval(); fuse the eager model, then export the fused one"
+        )
     if model.training:
         raise FuserError(
             "the model is in training mode, where BatchNorm uses batch statistics and cannot be "
@@ -80,6 +86,12 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
     raise TypeError(
         f"example_inputs must be a tuple of forward arguments, got {type(example_inputs).__name__}"
     )
+
+
+def _from_torch_export(model: nn.Module) -> bool:
+    """``ExportedProgram.module()`` (torch 2.3 and later) reports ``training=True`` and raises
+    on ``.eval()``, so the usual advice would be impossible to follow."""
+    return any(cls.__module__.startswith("torch.export") for cls in type(model).__mro__)
 
 
 def _check_initialized(model: nn.Module, parts: ModelParts) -> None:

@@ -104,6 +104,17 @@ def test_a_lazy_module_fuses_once_a_forward_pass_has_initialized_it():
     assert_equivalent(model, fused, x)
 
 
+def test_a_torch_export_module_raises_a_fuser_error_that_does_not_ask_for_eval():
+    exported = torch.export.export(small_net(), (image(2, 3, 6, 6),)).module()
+    try:
+        exported.eval()
+    except Exception:  # torch 2.3 and later: a training flag that .eval() cannot change
+        with pytest.raises(FuserError, match=r"torch\.export module .* fuse the eager model"):
+            fuse(exported)
+    else:
+        pytest.skip("this torch's exported modules accept .eval(): the advice can be followed")
+
+
 def test_torchscript_module_raises_a_clear_error():
     scripted = torch.jit.script(small_net())
     with pytest.raises((TypeError, FuserError), match=r"(?i)script"):
