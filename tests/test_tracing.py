@@ -133,9 +133,8 @@ class AutocastBlock(nn.Module):
                 return self.block(x)
         if self.how == "decorator":
             return self.decorated(x)
-        with torch.autocast(
-            "cpu", enabled=False
-        ):  # "off": full precision under a caller's autocast
+        # "off": full precision even under a caller's autocast
+        with torch.autocast("cpu", enabled=False):
             return self.block(x.to(self.precision.dtype))
 
     @torch.autocast("cpu", dtype=torch.bfloat16)
@@ -192,11 +191,11 @@ def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
             return self.block(x)
 
     model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
-    dtypes.clear()
     fused, report = fuse_with_report(model)
 
     assert report.untraced == [], report
-    assert dtypes == [torch.bfloat16], "the other thread's autocast worked during the trace"
+    assert dtypes, "the other thread ran during the trace"
+    assert set(dtypes) == {torch.bfloat16}, "the other thread's autocast worked during the trace"
     assert remaining_batch_norms(fused) == []
 
 
