@@ -52,6 +52,14 @@ FUNCTIONAL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "
 BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training")
 BATCH_NORM_ARGS += ("momentum", "eps")
 BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+# ``torch.batch_norm``, which ``F.batch_norm`` calls, takes the affine parameters first and no defaults.
+TORCH_BATCH_NORM_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training")
+TORCH_BATCH_NORM_ARGS += ("momentum", "eps", "cudnn_enabled")
+#: Functional BatchNorms: (argument names, defaults, the name reasons give) of each callable FX records.
+FUNCTIONAL_BATCH_NORMS: dict[Any, tuple[tuple[str, ...], dict, str]] = {
+    F.batch_norm: (BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS, "F.batch_norm"),
+    torch.batch_norm: (TORCH_BATCH_NORM_ARGS, {}, "torch.batch_norm"),
+}
 
 # Node uses that read only a tensor's metadata, never its values.
 METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
@@ -299,12 +307,13 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
             call.running_mean, call.running_var = module.running_mean, module.running_var
             call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
         return call
-    if node.op == "call_function" and node.target is F.batch_norm:
-        args = normalized_args(node, BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS)
+    if node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS:
+        names, defaults, label = FUNCTIONAL_BATCH_NORMS[node.target]
+        args = normalized_args(node, names, defaults)
         mean_node = args.get("running_mean")
         name = mean_node.target if _constant(gm, mean_node) is not None else node.name
         call = BatchNormCall(node, name, None, args.get("input"))
-        call.not_foldable = _functional_batch_norm_problem(gm, args)
+        call.not_foldable = _functional_batch_norm_problem(gm, args, label)
         if call.not_foldable is None:
             call.running_mean = _constant(gm, args["running_mean"])
             call.running_var = _constant(gm, args["running_var"])
@@ -336,18 +345,20 @@ def _module_batch_norm_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _functional_batch_norm_problem(gm: fx.GraphModule, args: dict[str, Any]) -> str | None:
+def _functional_batch_norm_problem(
+    gm: fx.GraphModule, args: dict[str, Any], label: str
+) -> str | None:
     if args.get("training") is not False:
-        return "F.batch_norm is called with training=True (or a non-constant training flag)"
+        return f"{label} is called with training=True (or a non-constant training flag)"
     if _constant(gm, args.get("running_mean")) is None:
-        return "F.batch_norm's running_mean is not a constant of the module"
+        return f"{label}'s running_mean is not a constant of the module"
     if _constant(gm, args.get("running_var")) is None:
-        return "F.batch_norm's running_var is not a constant of the module"
+        return f"{label}'s running_var is not a constant of the module"
     for name in ("weight", "bias"):
         if args.get(name) is not None and _constant(gm, args[name]) is None:
-            return f"F.batch_norm's {name} is not a constant of the module"
+            return f"{label}'s {name} is not a constant of the module"
     if not isinstance(args.get("eps"), (int, float)):
-        return "F.batch_norm's eps is not a constant"
+        return f"{label}'s eps is not a constant"
     return None
 
 

@@ -6,8 +6,9 @@ suite compares it with an independent oracle, so the naming here is part of the 
 
 Site naming (all names are qualified names in the caller's original model):
 - a BatchNorm module call: ``bn`` is the module's qualified name (``"layer1.0.bn1"``);
-- a functional ``F.batch_norm`` call: ``bn`` is the qualified name of its ``running_mean`` tensor
-  (``"head.norm.running_mean"``), or the graph node's name when it has no constant running stats.
+- a functional ``F.batch_norm`` (or ``torch.batch_norm``) call: ``bn`` is the qualified name of its
+  ``running_mean`` tensor (``"head.norm.running_mean"``), or the graph node's name when it has no
+  constant running stats.
 - ``call_index`` counts the calls of the same ``bn`` in execution order, from 0, so a module
   called twice has two sites.
 - ``into`` is the layer folded into: its module's qualified name, or for a functional layer the

@@ -260,6 +260,43 @@ def test_functional_batch_norm_on_computed_statistics_is_left():
     assert report.folded == [], report
 
 
+class TorchBatchNormCalls(FunctionalConvBatchNorm):
+    """``torch.batch_norm`` (which ``F.batch_norm`` calls; its affine parameters come first) after
+    F.conv2d, then again before a 1x1 conv, on registered parameters and buffers."""
+
+    def __init__(self, training: bool = False):
+        super().__init__()
+        self.training_flag = training
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight, self.bias, padding=1)
+        y = torch.batch_norm(
+            y, self.bn_gamma, self.bn_beta, self.bn_mean, self.bn_var, False, 0.1, 1e-3, False
+        )
+        y = torch.relu(y)
+        y = torch.batch_norm(
+            y, None, None, self.bn_mean, self.bn_var, self.training_flag, 0.0, 1e-3, False
+        )
+        return self.head(y)
+
+
+def test_torch_batch_norm_folds_like_functional_batch_norm():
+    model = TorchBatchNormCalls().eval()
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5))
+    assert [site.folded for site in report.sites] == [True, True], report
+    assert report.sites[0].side == OUTPUT_SIDE, report
+    assert report.sites[1].side == INPUT_SIDE and report.sites[1].into == "head", report
+    assert remaining_batch_norms(fused) == []
+
+
+def test_torch_batch_norm_in_training_mode_is_left():
+    model = TorchBatchNormCalls(training=True).eval()
+    _, report = fused_and_checked(model, image(4, 3, 5, 5))
+    assert [site.folded for site in report.sites] == [True, False], report
+    assert "torch.batch_norm is called with training=True" in report.sites[1].reason
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm's BatchNormAct2d, trimmed: a BN subclass whose forward asserts the rank, calls
     F.batch_norm on its own buffers, then an activation."""

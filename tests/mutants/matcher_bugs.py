@@ -234,8 +234,8 @@ def functional_training_bn_folded(model: nn.Module, example_inputs: tuple | None
     ``training=True``. Caught by: fused output matches the original.
     """
 
-    def problem_ignoring_training(gm: fx.GraphModule, args: dict) -> str | None:
-        return _functional_batch_norm_problem(gm, {**args, "training": False})
+    def problem_ignoring_training(gm: fx.GraphModule, args: dict, label: str) -> str | None:
+        return _functional_batch_norm_problem(gm, {**args, "training": False}, label)
 
     patches = {"fuser.patterns._functional_batch_norm_problem": problem_ignoring_training}
     return fuse_patched(model, example_inputs, patches)
