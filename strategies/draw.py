@@ -595,7 +595,9 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
         defect = draw(one_of_values(defects))
     if gain is not None:
         affine, track, defect = True, True, None
-    return Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect, gain)
+    torch_call = style == FUNCTIONAL and draw(chance(1, 3))
+    norm = Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect, gain)
+    return replace(norm, torch_call=True) if torch_call else norm
 
 
 @reused

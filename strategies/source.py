@@ -297,8 +297,12 @@ def _call(op: Op, value: str, owner: str | None) -> str:
     if isinstance(op, Norm) and op.style == FUNCTIONAL:
         training = op.defect == TRAINING or not op.track_running_stats
         momentum = 0.1 if op.momentum is None else op.momentum
-        stats = f"{owner}.running_mean, {owner}.running_var, {owner}.weight, {owner}.bias"
-        return f"F.batch_norm({value}, {stats}, {training}, {momentum!r}, {op.eps!r})"
+        running = f"{owner}.running_mean, {owner}.running_var"
+        affine = f"{owner}.weight, {owner}.bias"
+        if op.torch_call:
+            arguments = f"{value}, {affine}, {running}, {training}, {momentum!r}, {op.eps!r}, False"
+            return f"torch.batch_norm({arguments})"
+        return f"F.batch_norm({value}, {running}, {affine}, {training}, {momentum!r}, {op.eps!r})"
     if isinstance(op, Act) and op.functional:
         return {
             "relu": f"F.relu({value})",

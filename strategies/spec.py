@@ -95,7 +95,9 @@ class Norm:
     ``super().forward(x)`` and adds a constant: FX cannot trace it). ``defect`` makes a site
     unfoldable on purpose: ``training`` (a training-mode module, or ``training=True`` in the
     functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values), or
-    ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output).
+    ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output). A
+    functional call with ``torch_call`` is ``torch.batch_norm`` (which ``F.batch_norm`` calls: the
+    affine parameters first, every argument positional) instead of ``F.batch_norm``.
 
     ``gain`` makes a float16 fold overflow without the network overflowing: a ``shrinking`` BN's
     gamma and beta are scaled by ``2**-GAIN_EXPONENT``, so its output is about 2**-12; an
@@ -116,6 +118,7 @@ class Norm:
     style: str = MODULE
     defect: str | None = None
     gain: str | None = None
+    torch_call: bool = False
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,8 @@ def features(spec: NetSpec) -> set[str]:
         elif isinstance(op, Norm):
             found.add(f"batchnorm{ {2: 1, 3: 1, 4: 2, 5: 3}[op.input_ndim] }d")
             found.add(f"bn style {op.style}")
+            if op.torch_call:
+                found.add("bn style functional via torch.batch_norm")
             found.add(f"bn defect {op.defect}")
             if not op.affine:
                 found.add("bn affine off")
@@ -192,6 +194,7 @@ REQUIRED = [
     "flatten from dim 2",
     "functional layer",
     "bn style functional",
+    "bn style functional via torch.batch_norm",
     "module layer with functional bn",
     "bn style traced_subclass",
     "bn style opaque_subclass",

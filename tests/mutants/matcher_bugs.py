@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 import fuser.patterns as patterns
@@ -46,6 +47,7 @@ __all__ = [
     "missing_running_stats_taken_as_identity",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
+    "torch_batch_norm_not_recognised",
     "training_mode_bn_folded",
 ]
 
@@ -323,6 +325,16 @@ def bn_subclass_matched_by_isinstance(
         "fuser.patterns.batch_norm_module_behaves_as_base": is_batch_norm_module,
         "fuser.tracing.batch_norm_module_behaves_as_base": is_batch_norm_module,
     }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def torch_batch_norm_not_recognised(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug (completeness): ``torch.batch_norm`` calls are not matched, only ``F.batch_norm`` (which
+    calls it); they are never folded nor reported. Sound but incomplete. Needs functional BNs
+    written as ``torch.batch_norm``. Caught by: the completeness properties.
+    """
+    only_f = {f: entry for f, entry in patterns.FUNCTIONAL_BATCH_NORMS.items() if f is F.batch_norm}
+    patches = {"fuser.patterns.FUNCTIONAL_BATCH_NORMS": only_f}
     return fuse_patched(model, example_inputs, patches)
 
 
