@@ -16,7 +16,7 @@ from .copying import deep_copy
 from .errors import FuserError
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
-from .patterns import call_overridden, forward_replaced, has_hooks, is_batch_norm_module
+from .patterns import has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import propagate_shapes, record_module_inputs
 from .sharing import ModelParts
@@ -153,11 +153,9 @@ class _Fuser:
         container it only indexes or loops over and calls are fused one by one; a child it uses
         in any other way is left untouched (see ``child_usage``).
         """
-        if forward_replaced(module):
-            self._leave_children(module, path, "whose forward is replaced on the instance")
-            return
-        if call_overridden(module):
-            self._leave_children(module, path, "whose class overrides __call__")
+        own_code = own_call_code(module)
+        if own_code is not None:
+            self._leave_children(module, path, own_code)
             return
         usage = _usage_of_children(module)
         for name, child in list(module.named_children()):

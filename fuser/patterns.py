@@ -116,16 +116,23 @@ def call_overridden(module: nn.Module) -> bool:
     return False
 
 
-def runs_other_code_when_called(module: nn.Module) -> bool:
-    """Calling it runs more than its class's ``forward``, which is all FX traces of a root."""
-    return forward_replaced(module) or call_overridden(module)
+def own_call_code(module: nn.Module) -> str | None:
+    """Why calling ``module`` runs more than its class's ``forward`` (which is all FX traces of a
+    root, and all a fold assumes of a layer or BN), as a predicate of it; None when it does not.
+    The one answer for the fold rules, the tracer's roots and the children of untraced modules.
+    """
+    if forward_replaced(module):
+        return "has its forward replaced on the instance"
+    if call_overridden(module):
+        return f"has a class ({type(module).__name__}) that overrides __call__"
+    return None
 
 
 def _inherits_behaviour(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
     """True when neither a subclass nor the instance itself replaces any of the ``methods`` that
     define its computation, or the way it is called."""
     cls, own = type(module), vars(module)
-    return not runs_other_code_when_called(module) and all(
+    return own_call_code(module) is None and all(
         getattr(cls, name, None) is getattr(base, name, None) and name not in own
         for name in methods
     )
@@ -329,10 +336,9 @@ def _first_arg(node: fx.Node) -> fx.Node | None:
 
 
 def _module_batch_norm_problem(module: nn.Module) -> str | None:
-    if forward_replaced(module):
-        return "the BatchNorm module's forward is replaced on the instance"
-    if call_overridden(module):
-        return f"{type(module).__name__} overrides __call__"
+    own_code = own_call_code(module)
+    if own_code is not None:
+        return f"the BatchNorm module {own_code}"
     if not batch_norm_module_behaves_as_base(module):
         return f"{type(module).__name__} overrides forward"
     if has_hooks(module):
@@ -367,11 +373,9 @@ def describe_layer(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
     if node.op == "call_module":
         module = submodule(gm, node.target)
         kind = layer_kind_of_module(module)
-        if kind is None and _known_base(module, tuple(LAYER_MODULES)) is not None:
-            if forward_replaced(module):
-                return f"layer {node.target}'s forward is replaced on the instance"
-            if call_overridden(module):
-                return f"layer {node.target} ({type(module).__name__}) overrides __call__"
+        own_code = own_call_code(module)
+        if kind is None and own_code is not None and _known_base(module, tuple(LAYER_MODULES)):
+            return f"layer {node.target} {own_code}"
         if kind is None:
             return f"{node.target} ({type(module).__name__}) is not a conv or linear layer"
         if has_hooks(module):

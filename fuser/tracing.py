@@ -19,10 +19,10 @@ from torch import fx, nn
 from .patterns import (
     batch_norm_module_behaves_as_base,
     call_overridden,
-    forward_replaced,
     has_hooks,
     is_batch_norm_module,
     layer_kind_of_module,
+    own_call_code,
 )
 from .report import UntracedModule
 
@@ -273,11 +273,9 @@ def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
     module traced through at one call site and untraceable at another.
     """
     outcome = TraceOutcome(None)
-    if forward_replaced(module):  # FX traces ``type(root).forward``: the instance's never runs
-        outcome.error = "its forward is replaced on the instance, and FX traces its class's"
-        return outcome
-    if call_overridden(module):  # the fused module would be called without that code
-        outcome.error = f"its class {type(module).__name__} overrides __call__"
+    own_code = own_call_code(module)
+    if own_code is not None:  # FX traces ``type(root).forward``: that code would never run
+        outcome.error = f"it {own_code}, and FX traces only its class's forward"
         return outcome
     untraced: list[tuple[str, str]] = []
     while True:
