@@ -63,32 +63,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--size", type=int, help="input height and width (default 224 images, 112 video)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the models run (default cpu); the fold itself is the same on either",
+    )
     return parser.parse_args(argv)
 
 
-def probe_dtype(dtype: torch.dtype, samples: int = 5) -> str:
-    """Whether a conv and an eval-mode BN run in ``dtype`` on this CPU, and how fast vs float32.
+def probe_dtype(dtype: torch.dtype, device: str = "cpu", samples: int = 5) -> str:
+    """Whether a conv and an eval-mode BN run in ``dtype`` on ``device``, and how fast vs float32.
 
     The two dtypes are timed alternately (median of ``samples`` each), so a busy spell of a shared
     machine does not land on one of them only.
     """
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, 56, 56, generator=generator)
-    w = torch.randn(64, 64, 3, 3, generator=generator)
+    x = torch.randn(1, 64, 56, 56, generator=generator).to(device)
+    w = torch.randn(64, 64, 3, 3, generator=generator).to(device)
+    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     try:
         y = F.conv2d(x.to(dtype), w.to(dtype), padding=1)
-        stats = torch.zeros(64, dtype=dtype), torch.ones(64, dtype=dtype)
+        stats = (
+            torch.zeros(64, dtype=dtype, device=device),
+            torch.ones(64, dtype=dtype, device=device),
+        )
         F.batch_norm(y, *stats, training=False)
     except (RuntimeError, NotImplementedError) as error:
-        return f"unsupported on CPU ({(str(error).splitlines() or [''])[0][:80]})"
+        return f"unsupported on {device} ({(str(error).splitlines() or [''])[0][:80]})"
     if dtype == torch.float32:
         return "supported (the baseline)"
     times: dict[torch.dtype, list[float]] = {dtype: [], torch.float32: []}
     for _ in range(samples):
         for dt in times:
             xd, wd = x.to(dt), w.to(dt)
+            synchronize()
             start = time.perf_counter()
             F.conv2d(xd, wd, padding=1)
+            synchronize()
             times[dt].append(time.perf_counter() - start)
     slowdown = statistics.median(times[dtype]) / statistics.median(times[torch.float32])
     return f"supported; a 64-channel 3x3 conv on 56x56 takes {slowdown:.1f}x its float32 time"
@@ -152,10 +164,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     threads = fix_threads(args.threads)
     print(environment_header(threads))
-    print("\nDtype support on this CPU:\n")
+    print(f"\nDtype support on {args.device}:\n")
     supported = []
     for name in args.dtypes:
-        probe = probe_dtype(DTYPES[name])
+        probe = probe_dtype(DTYPES[name], args.device)
         print(f"- {name}: {probe}")
         if probe.startswith("supported"):
             supported.append(name)
@@ -167,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             per_seed = []
             for seed in range(args.seeds):
                 workload = build_workload(model_name, size=args.size, seed=seed)
-                per_seed.append(measure(workload.model, workload.inputs, DTYPES[dtype_name]))
+                model = workload.model.to(args.device)
+                inputs = tuple(x.to(args.device) for x in workload.inputs)
+                per_seed.append(measure(model, inputs, DTYPES[dtype_name]))
             unfused = [e.unfused for e in per_seed]
             fuse_cast = [e.fuse_cast for e in per_seed]
             cast_fuse = [e.cast_fuse for e in per_seed]
