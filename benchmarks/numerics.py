@@ -69,6 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="where the models run (default cpu); the fold itself is the same on either",
     )
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="CUDA: run float32 convolutions in float32, not in cuDNN's default TF32",
+    )
     return parser.parse_args(argv)
 
 
@@ -163,6 +168,8 @@ def geometric_mean_ratio(fused: list[float], unfused: list[float]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     threads = fix_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
     print(environment_header(threads))
     print(f"\nDtype support on {args.device}:\n")
     supported = []
