@@ -9,6 +9,7 @@ the smallest untraceable submodules become opaque leaves so that the rest of the
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -161,7 +162,11 @@ class TracedGraphModule(fx.GraphModule):
 
 
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
-    with _attributes_restored(module) as saved, _autocast_refused():
+    with (
+        _attributes_restored(module) as saved,
+        _autocast_refused(),
+        _augmented_assignments_recorded(),
+    ):
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
         graph = tracer.trace(module)
         # FX records the tracer's class so that unpickling can trace the generated code again.
@@ -204,6 +209,73 @@ def _autocast_refused() -> Iterator[None]:
         yield
     finally:
         torch.autocast.__enter__ = original
+
+
+#: ``x op= y`` on a traced value, and the function Python runs for it.
+AUGMENTED_ASSIGNMENTS = {
+    f"__i{name}__": getattr(operator, f"i{name}")
+    for name in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+        "lshift", "rshift", "and", "or", "xor",
+    )
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _augmented_assignments_recorded() -> Iterator[None]:
+    """Record ``x += y`` (and every ``op=``) on a traced value as the in-place operation it is.
+
+    FX's ``Proxy`` has no in-place operators, so Python falls back to ``x = x + y``: the graph adds
+    out of place and the tensor ``x`` named before is left unchanged. Wherever that tensor is seen
+    again, the traced model computes something else: another name for it (``skip = x``), a view of
+    it, the caller's input. The graph gets ``operator.iadd(x, y)`` instead, which at run time is
+    ``x += y`` itself: the same tensor changes, as it does in eager code (and a number, which has no
+    in-place form, is replaced, as it is there). Other threads, which may be tracing with FX
+    meanwhile, keep FX's behaviour.
+    """
+    tracing_thread = threading.get_ident()
+    originals = {name: fx.Proxy.__dict__.get(name) for name in AUGMENTED_ASSIGNMENTS}
+
+    def recorded(name: str, function):
+        original = originals[name]
+
+        def augmented(self: fx.Proxy, other):
+            if threading.get_ident() != tracing_thread:
+                return NotImplemented if original is None else original(self, other)
+            return self.tracer.create_proxy("call_function", function, (self, other), {})
+
+        return augmented
+
+    for name, function in AUGMENTED_ASSIGNMENTS.items():
+        setattr(fx.Proxy, name, recorded(name, function))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(fx.Proxy, name)
+            else:
+                setattr(fx.Proxy, name, original)
+
+
+def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
+    """Write ``operator.iadd(x, y)`` as ``x.__iadd__(y)`` where ``x`` is known to be a tensor.
+
+    Both run the same in-place operation; they differ when the model is pickled. A GraphModule is
+    saved as its code and traced again by FX's own tracer on load, which has no in-place
+    operators: ``x += y`` (the code FX writes for ``operator.iadd``) loads as ``x = x + y``, and a
+    view of ``x`` or the caller's tensor no longer changes. A method call loads as the method
+    call. Numbers have no such methods, so only nodes that shape propagation saw produce a tensor
+    (``meta["type"]``) are rewritten; the others keep the operator, which is exact until pickled.
+    """
+    methods = {function: name for name, function in AUGMENTED_ASSIGNMENTS.items()}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in methods:
+            continue
+        target = node.args[0]
+        value_type = target.meta.get("type") if isinstance(target, fx.Node) else None
+        if isinstance(value_type, type) and issubclass(value_type, torch.Tensor):
+            node.op, node.target = "call_method", methods[node.target]
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")

@@ -192,6 +192,38 @@ def test_fusing_never_modifies_the_callers_model(with_example_inputs):
         assert torch.equal(now, saved), f"{name} changed value on the caller's model"
 
 
+class ChangesItsInput(nn.Module):
+    """Adds to its input in place, by an operator or a method; ``branch`` makes it untraceable,
+    so that the fuser runs it eagerly to record its children's inputs."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.branch = branch
+        self.body = conv_bn_relu(3, 4)
+
+    def forward(self, x):
+        x += 1.0
+        x.mul_(2.0)
+        if self.branch and bool(x.sum() > 0):
+            x.sub_(1.0)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "run eagerly"])
+def test_example_inputs_are_not_changed_by_a_model_that_changes_its_input(branch):
+    # The fuser runs the model on example_inputs (shape propagation, recording children's inputs).
+    model = randomise_bn_stats(ChangesItsInput(branch)).eval()
+    x = image(2, 3, 6, 6)
+    before = x.clone()
+
+    fused, report = fuse_with_report(model, example_inputs=(x,))
+
+    assert torch.equal(x, before), "fuse changed the caller's example input"
+    assert report.folded, report
+    expected, got = model(x.clone()), fused(x.clone())
+    torch.testing.assert_close(got, expected)
+
+
 class SharedOnCopy(nn.Conv2d):
     """A conv whose ``__deepcopy__`` returns itself, as code sharing pretrained parts does."""
 

@@ -8,6 +8,8 @@ pin that classes are told apart by qualified name and that missing source means 
 
 from __future__ import annotations
 
+import operator
+import pickle
 import threading
 
 import pytest
@@ -17,6 +19,7 @@ from torch import nn
 
 from fuser import fuse_with_report
 from fuser.child_usage import CALLED, ELEMENTS_CALLED, OTHER, child_usage
+from fuser.tracing import AUGMENTED_ASSIGNMENTS
 
 
 def conv_bn(channels: int) -> nn.Sequential:
@@ -372,3 +375,97 @@ def test_child_of_a_class_without_source_is_left_alone():
     )
 
     assert child_usage(namespace["NoSource"]()) == {"child": OTHER}
+
+
+# --- code FX runs but does not record: x += y ---------------------------------------------------
+
+
+class ShiftsItsInput(nn.Module):
+    """Changes the tensor its caller passed in, then computes from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def forward(self, x):
+        x += 0.5
+        return self.block(x)
+
+
+class ChangesATensorSeenElsewhere(nn.Module):
+    """``op=`` on a tensor that is also read through another name, a view, or by its caller
+    (after a child changed it); and on a number, which has no in-place form."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.block = conv_bn(4)
+        self.shift = ShiftsItsInput()
+
+    def forward(self, x):
+        out = self.block(x)
+        if self.how == "another name":
+            skip = out
+            out *= 2.0
+            return out + skip
+        if self.how == "a view":
+            flat = out.flatten(1)
+            flat -= 0.5
+            return out
+        if self.how == "the caller":
+            shifted = self.shift(out)
+            return out + shifted
+        channels = out.shape[1]
+        channels //= 2
+        return out[:, :channels]
+
+
+@pytest.mark.parametrize("how", ["another name", "a view", "the caller", "a number"])
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["example_inputs", "no inputs"])
+def test_an_augmented_assignment_changes_the_tensor_in_place(how, with_inputs):
+    # FX's Proxy has no in-place operators, so Python runs ``out = out * 2`` instead: traced, the
+    # tensor read through the other name (or view, or by the caller) keeps its old value, and the
+    # fused model computes something else (off by up to 2x the output here). Torch's fuse does.
+    model = prepared(ChangesATensorSeenElsewhere(how))
+    fused, report = fuse_with_report(model, (image(),) if with_inputs else None)
+
+    assert isinstance(fused, torch.fx.GraphModule) and report.untraced == [], report
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, image())
+
+
+@pytest.mark.parametrize("how", ["another name", "a view", "the caller"])
+def test_a_fused_model_changing_a_tensor_in_place_pickles_exactly(how):
+    # A GraphModule is saved as code and traced again on load by FX's own tracer, which writes
+    # ``x += y`` as ``x = x + y``: with example inputs, the fuser writes tensor ``op=`` as method
+    # calls (``x.__iadd__(y)``), which load as they are.
+    model = prepared(ChangesATensorSeenElsewhere(how))
+    fused = fuse_with_report(model, (image(),))[0]
+
+    assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
+
+
+def test_augmented_assignment_in_another_thread_keeps_fx_behaviour_while_a_model_is_traced():
+    """The in-place operators exist on FX's proxies for the tracing thread only, and only while
+    it traces."""
+    graphs: list[torch.fx.Graph] = []
+
+    def other_thread() -> None:
+        def adds(x):
+            x += 1
+            return x
+
+        graphs.append(torch.fx.symbolic_trace(adds).graph)
+
+    class StartsAThread(nn.Module):
+        def forward(self, x):
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            return x
+
+    fuse_with_report(nn.Sequential(StartsAThread(), conv_bn(4)).eval())
+
+    (graph,) = graphs
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [operator.add]
+    assert not any(name in vars(torch.fx.Proxy) for name in AUGMENTED_ASSIGNMENTS)
