@@ -252,7 +252,18 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
         tap = draw(taps(ops, shapes))
     if tap is not None and tap.kind == CAT:
         shape = replace(shape, channels=2 * shape.channels)
+    if tap is not None and _may_shift(tap, ops) and draw(chance(1, 3)):
+        tap = replace(tap, shifted=True)
     return Chain(tuple(ops), packaging, depth, tap, boundary), shape
+
+
+def _may_shift(tap: Tap, ops: list[Op]) -> bool:
+    """A value tap may be changed in place (``Tap.shifted``) where the tapped tensor is new: a
+    layer's or BN's output (an identity or a flatten returns its input or a view of it, which
+    may be the network's input), and not in a float16 gain chain, whose values are tuned."""
+    fresh = isinstance(ops[tap.after], (Layer, Norm))
+    tuned = any(isinstance(op, Norm) and op.gain is not None for op in ops)
+    return tap.kind in (ADD, CAT) and fresh and not tuned
 
 
 @reused

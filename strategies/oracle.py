@@ -203,6 +203,8 @@ def _lower_chain_ops(
                 graph.add(_Node("metadata", [value]))
             else:
                 tapped = value
+            if chain.tap.shifted:  # ``x *= 0.5``: an op reading the tapped value, in place
+                value = graph.add(_Node("value", [value]))
     if chain.tap is not None and chain.tap.kind in (ADD, CAT):
         value = graph.add(_Node("value", [value, tapped]))
     return value

@@ -505,6 +505,8 @@ class _Renderer:
             if tap is not None and tap.after == position:
                 if tap.kind in (ADD, CAT):
                     forward.append("tap = x")
+                    if tap.shifted:
+                        forward.append("x *= 0.5  # in place: tap is halved too")
                 else:
                     forward.append(_metadata_assert(tap.kind, "x", tap.expected))
         if chain.tap is not None and chain.tap.kind == ADD:

@@ -147,11 +147,16 @@ class Tap:
     blocks an output-side fold into that op. The metadata kinds (``ndim``, ``shape``, ``size``,
     ``dim``, ``numel``) only read shape facts through ``torch._assert`` and block nothing;
     ``expected`` is the value the assertion checks.
+
+    ``shifted`` (value taps of a layer or BN output only): right after ``tap = x`` the chain
+    changes that tensor in place, ``x *= 0.5``, so the tap reads the halved tensor too. FX records
+    ``x *= 0.5`` as ``x = x * 0.5``: a fuser that runs that graph adds the tensor as it was.
     """
 
     after: int
     kind: str
     expected: int = 0
+    shifted: bool = False
 
 
 @dataclass(frozen=True)

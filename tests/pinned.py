@@ -316,6 +316,28 @@ PINNED: dict[str, NetSpec] = {
         ),
         replaced_forward=True,
     ),
+    # ``tap = x; x *= 0.5; x + tap``: FX's proxies have no in-place operators, so Python traces
+    # ``x = x * 0.5`` and tap keeps the unhalved tensor (off by half the output). Our fuser did the
+    # same until 576fb7e (it records ``operator.imul``).
+    "torch_fuse_in_place_alias": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0),
+                ),
+                tap=Tap(after=1, kind="add", shifted=True),
+            ),
+        ),
+    ),
     # Linear on (N, C, L) then BatchNorm1d(C): folded per output feature when out_features == C,
     # AssertionError when not.
     "torch_fuse_linear_on_3d_input": NetSpec(

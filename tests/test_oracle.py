@@ -122,6 +122,17 @@ def test_a_value_reader_of_the_conv_output_blocks_the_fold():
     assert verdicts(concat) == [("b0_bn1", 0, None)]
 
 
+def test_a_tap_changed_in_place_is_an_op_between_and_still_reads_the_value():
+    # ``tap = x; x *= 0.5``: the halving sits between the tapped op and the next (no fold across
+    # it), and the tap still reads the tapped op's output (no input-side fold of a tapped BN).
+    shifted = Tap(after=0, kind="add", shifted=True)
+    assert verdicts(Chain((conv(), bn()), tap=shifted)) == [("b0_bn1", 0, None)]
+    after_bn = Chain((conv(), bn(), conv(padding="valid")), tap=replace(shifted, after=1))
+    assert verdicts(after_bn) == [("b0_bn1", 0, "output")]
+    before_layer = Chain((bn(), conv(padding="valid")), tap=shifted)
+    assert verdicts(before_layer) == [("b0_bn0", 0, None)]
+
+
 @pytest.mark.parametrize("kind", ["ndim", "shape", "size", "dim", "numel"])
 def test_metadata_readers_do_not_block_the_fold(kind):
     assert verdicts(Chain((conv(), bn()), tap=Tap(after=0, kind=kind, expected=1))) == [

@@ -70,6 +70,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("nested Sequential depth >= 3")
             if block.tap is not None:
                 found.add(f"extra user {block.tap.kind}")
+                if block.tap.shifted:
+                    found.add("tapped tensor changed in place")
             kinds = [type(op).__name__ for op in block.ops]
             for first, second in itertools.pairwise(kinds):
                 found.add(f"{first} -> {second}")
@@ -181,6 +183,7 @@ REQUIRED = [
     "layer read twice (functional)",
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
+    "tapped tensor changed in place",
     "Layer -> Norm",
     "Norm -> Norm",
     "Norm -> Layer",

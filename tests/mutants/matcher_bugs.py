@@ -33,6 +33,7 @@ from fuser.patterns import (
 from ._patching import Fused, fuse_patched
 
 __all__ = [
+    "augmented_assignment_out_of_place",
     "autocast_traced_through",
     "bn_hooks_ignored",
     "bn_subclass_matched_by_isinstance",
@@ -291,6 +292,17 @@ def autocast_traced_through(model: nn.Module, example_inputs: tuple | None = Non
     output dtype, device and shape preserved.
     """
     patches = {"fuser.tracing._autocast_refused": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def augmented_assignment_out_of_place(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: ``x *= 0.5`` (any ``op=``) is traced as FX records it, ``x = x * 0.5``: a tensor also
+    read through another name keeps its old value. Needs a tap changed in place
+    (``Tap.shifted``). Caught by: fused output matches the original.
+    """
+    patches = {"fuser.tracing._augmented_assignments_recorded": contextlib.nullcontext}
     return fuse_patched(model, example_inputs, patches)
 
 
