@@ -15,13 +15,15 @@ from torch.utils._pytree import tree_map
 from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .copying import deep_copy
 from .errors import FuserError
+from .fidelity import ForwardReference
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
 from .patterns import has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
-from .shapes import propagate_shapes, record_module_inputs
+from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
 from .tracing import (
+    TraceOutcome,
     is_foldable_layer_or_batch_norm,
     is_library_leaf,
     tensor_augmented_assignments_as_methods,
@@ -147,25 +149,64 @@ class _Fuser:
 
     def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
         outcome = trace_with_opaque_submodules(module, path)
-        gm = outcome.graph_module
-        if gm is None:
-            self.report.untraced.append(UntracedModule(path or "<model>", outcome.error or ""))
-            self._record_inputs(module)
-            self.fuse_children(module, path)
-            return module
-        self.report.untraced.extend(outcome.untraced)
-        leaves_to_enter = outcome.opaque or any(has_hooks(m) for m in gm.modules())
-        if leaves_to_enter:
-            self._record_inputs(module)
+        if outcome.graph_module is None:
+            return self._fuse_untraced(module, path, outcome.error or "")
         example_inputs = self.inputs.get(id(module))
         if example_inputs is not None:
-            self._propagate_shapes(gm, example_inputs, strict=not path)
+            outcome, mismatch = self._faithful_trace(module, path, outcome, example_inputs)
+            if mismatch is not None:
+                return self._fuse_untraced(module, path, mismatch)
+        gm = outcome.graph_module
+        if example_inputs is not None:
             tensor_augmented_assignments_as_methods(gm)
+        leaves_to_enter = outcome.opaque or outcome.kept or any(has_hooks(m) for m in gm.modules())
+        if leaves_to_enter:
+            self._record_inputs(module)
+        self.report.untraced.extend(outcome.untraced)
         self.report.sites.extend(fold_batch_norms(gm, path, self.shared, self.private))
         if leaves_to_enter:
-            self._fuse_inside_leaves(gm, path, outcome.opaque)
+            self._fuse_inside_leaves(gm, path, outcome.opaque, outcome.kept)
         _carry_over(module, gm)
         return gm
+
+    def _faithful_trace(
+        self, module: nn.Module, path: str, outcome: TraceOutcome, example_inputs: tuple
+    ) -> tuple[TraceOutcome, str | None]:
+        """A trace of ``module`` whose graph computes its forward on the example inputs, or the
+        first trace and why it does not (``fidelity``).
+
+        When the plain trace differs, the code FX froze may sit in one child: the module is traced
+        again keeping that child as one call, one child at a time, then all of them at once. The
+        first that matches is used, and each kept child is fused on its own, where the same check
+        narrows it down further. So a type check deep in one block costs the folds across that
+        block's boundary, not the whole model's.
+        """
+        reference = ForwardReference(module, example_inputs)
+        strict = not path
+        mismatch = self._run_and_compare(outcome.graph_module, reference, example_inputs, strict)
+        if mismatch is None:
+            return outcome, None
+        children = _children_traced_through(module, outcome.opaque)
+        choices = [frozenset({id(child)}) for child in children]
+        if len(children) > 1:
+            choices.append(frozenset(id(child) for child in children))
+        for kept in choices:
+            retried = trace_with_opaque_submodules(module, path, kept)
+            gm = retried.graph_module
+            if (
+                gm is not None
+                and self._run_and_compare(gm, reference, example_inputs, strict) is None
+            ):
+                return retried, None
+        return outcome, mismatch
+
+    def _fuse_untraced(self, module: nn.Module, path: str, why: str) -> nn.Module:
+        """``module`` runs as written (it could not be traced, or its trace computes something
+        else); its children are fused on their own."""
+        self.report.untraced.append(UntracedModule(path or "<model>", why))
+        self._record_inputs(module)
+        self.fuse_children(module, path)
+        return module
 
     def fuse_children(self, module: nn.Module, path: str) -> None:
         """Fuse the children of a module whose own code runs as it is, as far as that is safe.
@@ -221,16 +262,19 @@ class _Fuser:
                 )
 
     def _report_unseen_call(self, bn_path: str, owner_path: str) -> None:
-        """A BN module called by code FX cannot trace: its calls are never seen, so never folded."""
+        """A BN module called by code that runs as written: its calls are never seen, so never
+        folded."""
         owner = owner_path or "the model"
-        reason = f"called by {owner}'s code, which FX cannot trace"
+        reason = f"called by {owner}'s code, which runs as written (not traced)"
         self.report.sites.append(SiteReport(bn_path, 0, folded=False, reason=reason))
 
-    def _fuse_inside_leaves(self, gm: fx.GraphModule, path: str, opaque: set[int]) -> None:
-        """Opaque and hooked modules stay single calls in ``gm``; they are fused on their own.
+    def _fuse_inside_leaves(
+        self, gm: fx.GraphModule, path: str, opaque: set[int], kept: frozenset[int]
+    ) -> None:
+        """Opaque, kept and hooked modules stay single calls in ``gm``; they are fused on their own.
 
-        A hooked module is traced and folded by itself and keeps its hooks; an opaque one cannot
-        be traced, so its children are fused instead.
+        A hooked or kept module is traced and folded by itself (a hooked one keeps its hooks); an
+        opaque one cannot be traced, so its children are fused instead.
         """
         done: set[int] = set()
         for node in gm.graph.nodes:
@@ -243,7 +287,7 @@ class _Fuser:
             module_path = f"{path}.{node.target}" if path else node.target
             if id(module) in opaque:
                 self.fuse_children(module, module_path)
-            elif has_hooks(module) and not is_library_leaf(module):
+            elif id(module) in kept or (has_hooks(module) and not is_library_leaf(module)):
                 fused = self.fuse_module(module, module_path)
                 if fused is not module:
                     set_attr(gm, node.target, fused)
@@ -258,12 +302,20 @@ class _Fuser:
             self.inputs.update(record_module_inputs(module, root_inputs))
 
     @staticmethod
-    def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, strict: bool) -> None:
-        try:
-            propagate_shapes(gm, example_inputs)
-        except FuserError:
-            if strict:  # the caller's inputs are wrong; recorded child inputs may just not replay
-                raise
+    def _run_and_compare(
+        gm: fx.GraphModule, reference: ForwardReference, example_inputs: tuple, strict: bool
+    ) -> str | None:
+        """Run the traced graph on the example inputs (recording shapes) and compare its output
+        with the module's own forward: why the graph cannot be used, or None.
+
+        Inputs that run through neither are the caller's mistake at the top (``strict``); inputs
+        recorded for a submodule may just not replay, and then shapes stay unknown.
+        """
+        run = propagate_shapes(gm, example_inputs)
+        mismatch = reference.mismatch(run.output, run.error)
+        if run.error is not None and mismatch is None and strict:
+            raise example_inputs_rejected(run.error) from run.error
+        return mismatch
 
 
 def _deep_copy(model: nn.Module) -> nn.Module:
@@ -297,6 +349,17 @@ def _usage_of_children(module: nn.Module) -> dict[str, str]:
     if isinstance(module, _CONTAINERS) and type(module).__module__.startswith("torch.nn"):
         return {name: CALLED for name, _ in module.named_children()}
     return child_usage(module)
+
+
+def _children_traced_through(module: nn.Module, opaque: set[int]) -> list[nn.Module]:
+    """The children of ``module`` a trace enters (each once): not the layers and BNs it folds,
+    torch.nn's own modules, hooked, compiled or opaque ones, which it keeps as calls anyway."""
+    children: dict[int, nn.Module] = {}
+    for child in module.children():
+        leaf = is_foldable_layer_or_batch_norm(child) or is_library_leaf(child) or has_hooks(child)
+        if not leaf and id(child) not in opaque and not isinstance(child, torch.jit.ScriptModule):
+            children.setdefault(id(child), child)
+    return list(children.values())
 
 
 def _holds_batch_norm(module: nn.Module) -> bool:

@@ -9,7 +9,9 @@ would draw random numbers, so buffers and the RNG state are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -30,31 +32,47 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def _run_failed(error: Exception) -> FuserError:
+def example_inputs_rejected(error: Exception) -> FuserError:
+    """The caller's inputs do not run through the model."""
     return FuserError(f"example_inputs could not be run through the model: {error}")
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
-    """Record each node's output shape in ``node.meta["tensor_meta"]``; False if it could not.
+def copy_inputs(inputs: tuple) -> tuple:
+    """Fresh tensors with the same values (aliasing between the inputs kept): a run that changes
+    its inputs in place must not change what the next run reads."""
+    return copy.deepcopy(inputs, memo={})
+
+
+@dataclass
+class TracedRun:
+    """One run of a traced graph on the example inputs: its output, or the error that stopped it."""
+
+    output: object = None
+    error: Exception | None = None
+    shapes_known: bool = False
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> TracedRun:
+    """Run ``gm`` on copies of ``example_inputs``, recording each node's output shape in
+    ``node.meta["tensor_meta"]``.
 
     FX's interpreter can fail where the model runs fine (it hands wrapped functions immutable
-    lists, which torchvision's Swin3D writes to). Then the shapes stay unknown and only sites
-    that need them are left; only inputs the model itself rejects are an error.
+    lists, which torchvision's Swin3D writes to). Then the graph's generated code runs instead, the
+    shapes stay unknown, and only sites that need them are left.
     """
     try:
         with state_preserved(gm):
-            ShapeProp(gm).propagate(*example_inputs)
-        return True
+            output = ShapeProp(gm).propagate(*copy_inputs(example_inputs))
+        return TracedRun(output, shapes_known=True)
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
     gm.recompile()  # a traced module has no code yet (``tracing.TracedGraphModule``)
     try:
         with state_preserved(gm):
-            gm(*example_inputs)
+            return TracedRun(gm(*copy_inputs(example_inputs)))
     except Exception as error:
-        raise _run_failed(error) from error
-    return False
+        return TracedRun(error=error)
 
 
 def record_module_inputs(model: nn.Module, example_inputs: tuple) -> dict[int, tuple]:
@@ -76,7 +94,7 @@ def record_module_inputs(model: nn.Module, example_inputs: tuple) -> dict[int, t
         with state_preserved(model):
             model(*example_inputs)
     except Exception as error:
-        raise _run_failed(error) from error
+        raise example_inputs_rejected(error) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -35,23 +35,29 @@ def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
 
 
 class FoldTracer(fx.Tracer):
-    """FX's tracer with the fuser's leaf rules; ``opaque`` holds ids of untraceable modules.
+    """FX's tracer with the fuser's leaf rules; ``opaque`` holds ids of untraceable modules, and
+    ``kept`` ids of modules to keep as calls and fuse on their own (see ``fuse.py``).
 
     A submodule whose code fails to trace is rolled back and kept as one call (made opaque) on
     the spot, and the trace goes on: one trace finds every untraceable submodule, where tracing
     each candidate again on its own would cost a trace per module.
     """
 
-    def __init__(self, opaque: set[int], untraced: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, opaque: set[int], untraced: list[tuple[str, str]], kept: frozenset[int] = frozenset()
+    ) -> None:
         super().__init__()
         self.opaque = opaque
+        self.kept = kept
         self.untraced = untraced  # (qualified name, why) of each module made opaque
         self._entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
         self.attributes_before_trace: dict[int, tuple] = {}  # set by _trace_with
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if id(m) in self.opaque or has_hooks(m) or is_foldable_layer_or_batch_norm(m):
+        if id(m) in self.opaque or id(m) in self.kept or has_hooks(m):
+            return True
+        if is_foldable_layer_or_batch_norm(m):
             return True
         if isinstance(m, torch.jit.ScriptModule):  # compiled code: FX cannot look inside
             return True
@@ -336,22 +342,26 @@ class TraceOutcome:
     error: str | None = None
     opaque: set[int] = field(default_factory=set)
     untraced: list[UntracedModule] = field(default_factory=list)
+    kept: frozenset[int] = frozenset()
 
 
-def trace_with_opaque_submodules(module: nn.Module, path: str) -> TraceOutcome:
-    """Trace ``module``, keeping its smallest untraceable submodules as opaque single calls.
+def trace_with_opaque_submodules(
+    module: nn.Module, path: str, kept: frozenset[int] = frozenset()
+) -> TraceOutcome:
+    """Trace ``module``, keeping its smallest untraceable submodules as opaque single calls, and
+    the modules in ``kept`` (ids) as calls.
 
     One trace finds them (see ``FoldTracer``); a second is needed only in the rare case of a
     module traced through at one call site and untraceable at another.
     """
-    outcome = TraceOutcome(None)
+    outcome = TraceOutcome(None, kept=kept)
     own_code = own_call_code(module)
     if own_code is not None:  # FX traces ``type(root).forward``: that code would never run
         outcome.error = f"it {own_code}, and FX traces only its class's forward"
         return outcome
     untraced: list[tuple[str, str]] = []
     while True:
-        tracer = FoldTracer(outcome.opaque, untraced)  # both kept across retraces
+        tracer = FoldTracer(outcome.opaque, untraced, kept)  # kept across retraces
         try:
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:

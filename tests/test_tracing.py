@@ -8,6 +8,7 @@ pin that classes are told apart by qualified name and that missing source means 
 
 from __future__ import annotations
 
+import collections
 import operator
 import pickle
 import threading
@@ -19,6 +20,7 @@ from torch import nn
 
 from fuser import fuse_with_report
 from fuser.child_usage import CALLED, ELEMENTS_CALLED, OTHER, child_usage
+from fuser.fidelity import ForwardReference
 from fuser.tracing import AUGMENTED_ASSIGNMENTS
 
 
@@ -469,3 +471,84 @@ def test_augmented_assignment_in_another_thread_keeps_fx_behaviour_while_a_model
     (graph,) = graphs
     assert [n.target for n in graph.nodes if n.op == "call_function"] == [operator.add]
     assert not any(name in vars(torch.fx.Proxy) for name in AUGMENTED_ASSIGNMENTS)
+
+
+# --- code FX freezes: a type check on a traced value ---------------------------------------------
+
+
+class ChecksATracedType(nn.Module):
+    """Branches on the type of a value that is a proxy while tracing: FX answers with the proxy's
+    type, False, and the branch every real tensor takes is left out of the graph."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.block = conv_bn(4)
+        self.tail = conv_bn(4)
+        self.scale = nn.Parameter(torch.tensor(0.5))  # a parameter is a proxy while tracing
+
+    def forward(self, x):
+        x = self.block(x)
+        if self.how == "isinstance" and isinstance(x, torch.Tensor):
+            x = x * 2.0
+        if self.how == "is_tensor" and torch.is_tensor(self.scale):
+            x = x * self.scale
+        return self.tail(x)
+
+
+@pytest.mark.parametrize("how", ["isinstance", "is_tensor"])
+def test_a_module_whose_trace_computes_something_else_runs_as_written(how):
+    # Traced, the graph leaves out ``x * 2.0`` (``x * self.scale``): torch's fuse returns that
+    # graph, off by up to 2x. With example inputs the trace is compared with the forward, and the
+    # module that differs runs as written; the rest of the model is traced and folded as usual.
+    model = prepared(nn.Sequential(conv_bn(4), ChecksATracedType(how), conv_bn(4)))
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert [module.name for module in report.untraced] == ["1"], report
+    assert "computes something else than its forward" in report.untraced[0].error
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1", "1.tail.1", "2.1"}, report
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert_equivalent(model, fused, image())
+
+
+def test_two_children_that_trace_unfaithfully_are_kept_as_calls_together():
+    model = prepared(
+        nn.Sequential(ChecksATracedType("isinstance"), conv_bn(4), ChecksATracedType("is_tensor"))
+    )
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert sorted(module.name for module in report.untraced) == ["0", "2"], report
+    assert len(report.folded) == 5 and not report.left, report
+    assert_equivalent(model, fused, image())
+
+
+class Flickers(nn.Module):
+    """Returns a slightly different output on every call (a nondeterministic kernel, in effect)."""
+
+    calls = 0
+
+    def forward(self, x):
+        Flickers.calls += 1
+        return x + 1e-6 * (Flickers.calls % 2)
+
+
+def test_a_trace_of_a_nondeterministic_forward_may_differ_by_four_times_its_own_spread():
+    x = image()
+    reference = ForwardReference(Flickers(), (x,))
+
+    assert reference.mismatch(x + 3e-6, None) is None
+    assert "computes something else" in reference.mismatch(x + 1e-5, None)
+
+
+def test_outputs_compare_by_value_whatever_their_containers_and_nans():
+    class ReturnsADict(nn.Module):
+        def forward(self, x):
+            return collections.OrderedDict(out=x.log(), rank=x.dim())
+
+    x = image() - 0.5  # log of negatives: NaN
+    reference = ForwardReference(ReturnsADict(), (x,))
+
+    assert reference.mismatch({"out": x.log(), "rank": 4}, None) is None
+    assert reference.mismatch({"out": x.log(), "rank": 3}, None) is not None
+    assert reference.mismatch({"out": x.log().double(), "rank": 4}, None) is not None
+    assert "raises" in reference.mismatch(None, RuntimeError("boom"))
