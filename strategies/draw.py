@@ -40,6 +40,7 @@ from strategies.spec import (
     SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
+    TYPE_CHECK,
     UNTRACEABLE,
     WRAPPER,
     Act,
@@ -217,9 +218,9 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
     """A chain of ops on ``shape``, and the shape it produces."""
     packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
     if packaging == INLINE:
-        boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
+        boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE, TYPE_CHECK)))
     else:
-        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE)))
+        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE, TYPE_CHECK)))
     categories = draw(op_kind_sequences(max_ops, dtype))
     in_sequential = packaging == SEQUENTIAL
     ops: list[Op] = []

@@ -28,6 +28,7 @@ from strategies.spec import (
     SPIKE,
     TRACED_SUBCLASS,
     TRAINING,
+    TYPE_CHECK,
     UNTRACEABLE,
     WRAPPER,
     Act,
@@ -471,6 +472,10 @@ class _Renderer:
                 name = f"Guarded{index}"
                 doc = "Checks the input's rank in Python control flow, which FX cannot trace."
                 forward = [*RANK_GUARD, *forward]
+            elif chain.boundary == TYPE_CHECK:
+                name = f"TypeChecked{index}"
+                doc = "Halves a tensor result: FX traces x as a proxy, no Tensor, and drops that."
+                forward = [*forward, "if isinstance(x, torch.Tensor):", INDENT + "x = x * 0.5"]
             else:
                 name = f"Autocast{index}"
                 doc = "Runs its chain under torch.autocast, which FX runs but does not record."

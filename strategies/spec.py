@@ -37,9 +37,10 @@ SPIKE = 16.0  # the spiked weight entry: 16 * 1.25 * 2**12 = 81920 > float16's 6
 HOOKED = "hooked"
 UNTRACEABLE = "untraceable"
 AUTOCAST = "autocast"
-#: Boundaries whose module FX cannot trace: it holds an inline chain's ops itself, another chain as
-#: its child ``inner``, and runs its own code (see ``Chain``).
-GUARDED = (UNTRACEABLE, AUTOCAST)
+TYPE_CHECK = "type_check"
+#: Boundaries whose module FX cannot trace faithfully: it holds an inline chain's ops itself,
+#: another chain as its child ``inner``, and runs its own code (see ``Chain``).
+GUARDED = (UNTRACEABLE, AUTOCAST, TYPE_CHECK)
 
 ADD = "add"
 CAT = "cat"
@@ -171,7 +172,10 @@ class Chain:
     ``autocast`` is packaged the same way, in a module that runs the chain under
     ``torch.autocast(..., dtype=torch.bfloat16)``: FX runs that block but records none of it.
     Drawn only for a float32 network's last block, so the network returns bfloat16, and a fuser
-    that traces through the block returns float32 instead.
+    that traces through the block returns float32 instead. ``type_check`` is packaged the same way,
+    in a module that halves the chain's output ``if isinstance(x, torch.Tensor)``: while tracing
+    ``x`` is a proxy, so FX leaves the halving out of the graph, and only a fuser that compares
+    the trace with the module on the example inputs can tell.
     """
 
     ops: tuple[Op, ...]

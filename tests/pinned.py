@@ -338,6 +338,28 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # A module halving its result ``if isinstance(x, torch.Tensor)``: while tracing x is a proxy,
+    # no Tensor, so FX leaves the halving out of the graph (off by half the output). Our fuser
+    # compares each traced graph with its module's forward on the example inputs.
+    "torch_fuse_type_check": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0),
+                ),
+                boundary="type_check",
+            ),
+        ),
+    ),
     # Linear on (N, C, L) then BatchNorm1d(C): folded per output feature when out_features == C,
     # AssertionError when not.
     "torch_fuse_linear_on_3d_input": NetSpec(

@@ -211,6 +211,7 @@ REQUIRED = [
     "boundary hooked",
     "boundary untraceable",
     "boundary autocast",
+    "boundary type_check",
     "model forward replaced",
     "output-side fold",
     "input-side fold",

@@ -49,6 +49,7 @@ __all__ = [
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
     "torch_batch_norm_not_recognised",
+    "trace_fidelity_unchecked",
     "training_mode_bn_folded",
 ]
 
@@ -303,6 +304,20 @@ def augmented_assignment_out_of_place(
     (``Tap.shifted``). Caught by: fused output matches the original.
     """
     patches = {"fuser.tracing._augmented_assignments_recorded": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def trace_fidelity_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a traced graph is folded without comparing it with the module's forward on the example
+    inputs, so code FX freezes with a proxy's answer (``isinstance(x, torch.Tensor)`` is False while
+    tracing) is folded as traced: the branch every real tensor takes is gone. Needs a type-check
+    block. Caught by: fused output matches the original.
+    """
+
+    def first_trace(self, module, path, outcome, example_inputs):
+        return outcome, None
+
+    patches = {"fuser.fuse._Fuser._faithful_trace": first_trace}
     return fuse_patched(model, example_inputs, patches)
 
 
