@@ -7,7 +7,7 @@ exactly there. Both ask this module, so the two can only agree.
 Layout: block ``i`` packaged inline puts its ops on the root as ``b{i}_{role}{k}``; a wrapper block
 is ``b{i}`` with attributes ``{role}{k}``; a sequential block is ``b{i}`` nested as a staircase
 (``Sequential(op0, Sequential(op1, Sequential(op2)))``) so that chains cross ``Sequential``
-boundaries. Behind an untraceable or autocast boundary, the guard module is ``b{i}``: it holds an
+boundaries. Behind a guarded boundary (``spec.GUARDED``), the guard module is ``b{i}``: it holds an
 inline chain's ops itself, and a sequential or wrapper chain as ``b{i}.inner``.
 """
 

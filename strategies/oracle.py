@@ -173,9 +173,9 @@ def _lower(spec: NetSpec) -> _Graph:
 
 def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node:
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
-    and output) and, in the enclosing graph, a single opaque call. Behind an untraceable or
-    autocast boundary an inline chain's ops are children of the guard module, each fused alone:
-    nothing folds."""
+    and output) and, in the enclosing graph, a single opaque call. Behind a guarded boundary
+    (untraceable, autocast, type check) an inline chain's ops are children of the guard module,
+    each fused alone: nothing folds."""
     if chain.boundary is None:
         return _lower_chain_ops(graph, index, chain, value)
     opaque = None
