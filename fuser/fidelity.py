@@ -8,8 +8,9 @@ branch taken for every real tensor is left out. Folding such a graph would ship 
 
 Where example inputs are known, the traced graph's output (from shape propagation, which runs it) is
 compared with the module's own forward on the same inputs, before anything is folded. Both run the
-same operations in the same order, so a faithful trace gives the same bits; a module that does not
-reproduce its own output (nondeterministic kernels) is compared within four times its own spread.
+same operations in the same order, with deterministic cuDNN algorithms, so a faithful trace gives the
+same bits; a module that still does not reproduce its own output (other nondeterministic kernels) is
+compared within four times its own spread.
 A graph that differs is not used: the module runs as written, and its children are fused on their own.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .shapes import copy_inputs, state_preserved
+from .shapes import copy_inputs, deterministic_kernels, state_preserved
 
 #: A trace may differ from a nondeterministic module by this many times the module's own spread.
 NONDETERMINISM_MULTIPLE = 4.0
@@ -30,7 +31,7 @@ def run_forward(module: nn.Module, inputs: tuple) -> object:
     """``module``'s own forward (what FX traces: not its hooks, which the fused module keeps) on
     copies of ``inputs``, leaving the module's buffers and the random number generators as they
     were."""
-    with state_preserved(module):
+    with state_preserved(module), deterministic_kernels():
         return module.forward(*copy_inputs(inputs))
 
 

@@ -32,16 +32,11 @@ from strategies.properties import (
 from tests.compat import cpu_runs_float16, requires_cpu_float16
 from tests.pinned import PINNED
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(),
-            reason="no CUDA device here: the cuda variants run where a GPU is present",
-        ),
-    ),
-]
+REQUIRES_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here: the cuda variants run where a GPU is present",
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=REQUIRES_CUDA)]
 # Soundness sees every dtype (float16 where this torch has CPU kernels for it); completeness leaves
 # out float16, where the README lets a fold be refused when its weights would overflow, which the
 # spec alone cannot predict.
@@ -126,11 +121,18 @@ def test_report_agrees_with_oracle(
 
 
 def _pinned_cases() -> list:
-    """Every pinned network; float16 ones run where this torch has CPU float16 kernels."""
-    return [
-        pytest.param(name, marks=requires_cpu_float16) if PINNED[name].dtype == "float16" else name
-        for name in sorted(PINNED)
-    ]
+    """Every pinned network; CUDA ones run where a GPU is present, float16 ones where this torch
+    has CPU float16 kernels."""
+    cases = []
+    for name in sorted(PINNED):
+        spec = PINNED[name]
+        if spec.device == "cuda":
+            cases.append(pytest.param(name, marks=REQUIRES_CUDA))
+        elif spec.dtype == "float16":
+            cases.append(pytest.param(name, marks=requires_cpu_float16))
+        else:
+            cases.append(name)
+    return cases
 
 
 @pytest.mark.soundness
