@@ -175,30 +175,47 @@ class _Fuser:
         """A trace of ``module`` whose graph computes its forward on the example inputs, or the
         first trace and why it does not (``fidelity``).
 
-        When the plain trace differs, the code FX froze may sit in one child: the module is traced
-        again keeping that child as one call, one child at a time, then all of them at once. The
-        first that matches is used, and each kept child is fused on its own, where the same check
-        narrows it down further. So a type check deep in one block costs the folds across that
-        block's boundary, not the whole model's.
+        When the plain trace differs, the code FX froze may sit in children the trace entered:
+        each is traced on its own and checked on the inputs it was called with, and those that
+        differ are kept as calls in a second trace of ``module`` (each is then fused on its own,
+        where the same check narrows it down further). So a type check deep in one block costs
+        the folds across that block's boundary, not the whole model's. If the second trace still
+        differs, ``module``'s own code is what FX froze.
         """
         reference = ForwardReference(module, example_inputs)
         strict = not path
         mismatch = self._run_and_compare(outcome.graph_module, reference, example_inputs, strict)
         if mismatch is None:
             return outcome, None
-        children = _children_traced_through(module, outcome.opaque)
-        choices = [frozenset({id(child)}) for child in children]
-        if len(children) > 1:
-            choices.append(frozenset(id(child) for child in children))
-        for kept in choices:
-            retried = trace_with_opaque_submodules(module, path, kept)
-            gm = retried.graph_module
-            if (
-                gm is not None
-                and self._run_and_compare(gm, reference, example_inputs, strict) is None
-            ):
+        self._record_inputs(module)
+        culprits = frozenset(
+            id(child)
+            for child in _children_traced_through(module, outcome.opaque)
+            if self._traces_unfaithfully(child)
+        )
+        if culprits:
+            retried = trace_with_opaque_submodules(module, path, culprits)
+            traced = retried.graph_module
+            faithful = (
+                traced is not None
+                and self._run_and_compare(traced, reference, example_inputs, strict) is None
+            )
+            if faithful:
                 return retried, None
         return outcome, mismatch
+
+    def _traces_unfaithfully(self, module: nn.Module) -> bool:
+        """Whether ``module``'s own trace differs from its forward on the inputs it was first
+        called with. A module never called, or one FX cannot trace at all, is no culprit: the
+        trace that entered it lost nothing of it."""
+        inputs = self.inputs.get(id(module))
+        if inputs is None:
+            return False
+        gm = trace_with_opaque_submodules(module, "").graph_module
+        if gm is None:
+            return False
+        reference = ForwardReference(module, inputs)
+        return self._run_and_compare(gm, reference, inputs, strict=False) is not None
 
     def _fuse_untraced(self, module: nn.Module, path: str, why: str) -> nn.Module:
         """``module`` runs as written (it could not be traced, or its trace computes something
