@@ -208,8 +208,12 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks[-1] = replace(last, boundary=AUTOCAST)
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))
+    type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
+    example_inputs = type_checked or not draw(chance(1, 4))  # ``NetSpec.example_inputs``
     input_shape = (batch, channels, *spatial)
-    return NetSpec(input_shape, tuple(blocks), dtype, device, seed, replaced_forward)
+    return NetSpec(
+        input_shape, tuple(blocks), dtype, device, seed, replaced_forward, example_inputs
+    )
 
 
 @reused

@@ -53,13 +53,15 @@ class FuserUnderTest:
         report_fn = load_callable(report_target) if report_target else None
         return cls(target, load_callable(target), report_fn)
 
-    def _call(self, fn: Callable, model: nn.Module, inputs: tuple[torch.Tensor, ...]):
-        if _accepts_example_inputs(fn):
+    def _call(self, fn: Callable, model: nn.Module, inputs: tuple[torch.Tensor, ...] | None):
+        """``fn(model, example_inputs=inputs)``, or ``fn(model)`` without inputs or when ``fn``
+        takes none."""
+        if inputs is not None and _accepts_example_inputs(fn):
             return fn(model, example_inputs=inputs)
         return fn(model)
 
     def fuse(
-        self, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+        self, model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
     ) -> tuple[nn.Module, object | None]:
         """The fused module (from ``fuse_fn``) and its report when ``fuse_fn`` returns one."""
         result = self._call(self.fuse_fn, model, inputs)
@@ -68,7 +70,7 @@ class FuserUnderTest:
         return result, None
 
     def fuse_with_report(
-        self, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+        self, model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
     ) -> tuple[nn.Module, object | None]:
         """Like ``fuse``, through ``report_fn`` when there is one."""
         if self.report_fn is None:

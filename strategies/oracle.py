@@ -96,8 +96,9 @@ class _Node:
 class _Graph:
     """The lowered spec: nodes in execution order."""
 
-    def __init__(self, dtype: str = "float32") -> None:
+    def __init__(self, dtype: str = "float32", ranks_proven: bool = True) -> None:
         self.dtype = dtype
+        self.ranks_proven = ranks_proven  # the fuser has example inputs (README rule 2)
         self.nodes: list[_Node] = []
         self.calls: dict[str, int] = {}
 
@@ -160,7 +161,7 @@ def _computes_as_its_class(layer: Layer) -> bool:
 
 
 def _lower(spec: NetSpec) -> _Graph:
-    graph = _Graph(spec.dtype)
+    graph = _Graph(spec.dtype, ranks_proven=spec.example_inputs)
     value = graph.add(_Node("input"))
     for index, block in enumerate(spec.blocks):
         if isinstance(block, Chain):
@@ -234,7 +235,7 @@ def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
     if graph.value_users(producer) != [norm_node]:
         return False
     layer = producer.layer
-    if layer.kind == LINEAR and layer.input_ndim != 2:
+    if layer.kind == LINEAR and not (layer.input_ndim == 2 and graph.ranks_proven):
         return False
     return layer.out_channels == norm_node.norm.num_features
 
@@ -267,7 +268,7 @@ def _takes_input_fold(graph: _Graph, norm_node: _Node) -> _Node | None:
     layer = users[0].layer
     if layer.kind == CONV and not _pads_with_zeros(layer):
         return users[0] if layer.in_channels == norm_node.norm.num_features else None
-    if layer.kind == LINEAR and layer.input_ndim == 2:
+    if layer.kind == LINEAR and layer.input_ndim == 2 and graph.ranks_proven:
         return users[0] if layer.in_channels == norm_node.norm.num_features else None
     return None
 

@@ -66,11 +66,17 @@ class Trial:
     error: BaseException | None = None
     _fused_output: torch.Tensor | None = field(default=None, repr=False)
 
+    @property
+    def fuser_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """What the fuser is given as example inputs (``NetSpec.example_inputs``)."""
+        return self.inputs if self.spec.example_inputs else None
+
     def violation(self, prop: str, detail: str, sites: str | None = None) -> PropertyViolation:
         """A ``PropertyViolation`` carrying everything needed to understand and reproduce it."""
         lines = [f"property {prop} violated" + (f" at BatchNorm site {sites}" if sites else "")]
         lines += [f"  {detail_line}" for detail_line in detail.splitlines()]
-        lines.append(f"fuser under test: {self.fuser.name}")
+        given = "" if self.spec.example_inputs else ", called without example_inputs"
+        lines.append(f"fuser under test: {self.fuser.name}{given}")
         lines.append("oracle (README foldability definition):")
         lines += [f"  {site.describe()}" for site in self.sites] or ["  no BatchNorm call sites"]
         if self.report is not None:
@@ -137,7 +143,7 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
     trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
     try:
         fuse = fuser.fuse_with_report if with_report else fuser.fuse
-        trial.fused, trial.report = fuse(model, inputs)
+        trial.fused, trial.report = fuse(model, trial.fuser_inputs)
     except Exception as error:  # the properties decide whether raising was allowed
         trial.error = error
     trial.touched = differences(before, snapshot(model))
@@ -195,7 +201,7 @@ def check_idempotent(trial: Trial) -> None:
     prop = "idempotent"
     fused = trial.require_fused(prop)
     try:
-        twice, report = trial.fuser.fuse_with_report(fused, trial.inputs)
+        twice, report = trial.fuser.fuse_with_report(fused, trial.fuser_inputs)
     except Exception as error:
         detail = f"fusing the fused model raised {type(error).__name__}: {error}"
         raise trial.violation(prop, detail) from error
@@ -227,7 +233,7 @@ def check_training_model_refused_or_equivalent(
         model, inputs = built.model, built.inputs
     model.train()
     try:
-        fused, _ = fuser.fuse(model, inputs)
+        fused, _ = fuser.fuse(model, inputs if spec.example_inputs else None)
     except ValueError:
         return  # refused: nothing to compare, so no reference is measured
     except Exception as error:

@@ -474,8 +474,9 @@ class _Renderer:
                 forward = [*RANK_GUARD, *forward]
             elif chain.boundary == TYPE_CHECK:
                 name = f"TypeChecked{index}"
-                doc = "Halves a tensor result: FX traces x as a proxy, no Tensor, and drops that."
-                forward = [*forward, "if isinstance(x, torch.Tensor):", INDENT + "x = x * 0.5"]
+                doc = "Shifts a tensor result: FX traces x as a proxy, no Tensor, and drops that."
+                shift = "x = x * 0.5 + 0.25  # + 0.25: visible on example inputs that make x zero"
+                forward = [*forward, "if isinstance(x, torch.Tensor):", INDENT + shift]
             else:
                 name = f"Autocast{index}"
                 doc = "Runs its chain under torch.autocast, which FX runs but does not record."

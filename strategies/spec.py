@@ -173,9 +173,10 @@ class Chain:
     ``torch.autocast(..., dtype=torch.bfloat16)``: FX runs that block but records none of it.
     Drawn only for a float32 network's last block, so the network returns bfloat16, and a fuser
     that traces through the block returns float32 instead. ``type_check`` is packaged the same way,
-    in a module that halves the chain's output ``if isinstance(x, torch.Tensor)``: while tracing
-    ``x`` is a proxy, so FX leaves the halving out of the graph, and only a fuser that compares
-    the trace with the module on the example inputs can tell.
+    in a module that maps the chain's output to ``x * 0.5 + 0.25`` ``if isinstance(x, torch.Tensor)``:
+    while tracing ``x`` is a proxy, so FX leaves that out of the graph, and only a fuser that
+    compares the trace with the module on the example inputs can tell. The ``+ 0.25`` makes the
+    difference show on any input (a ReLU can make the whole chain's output zero).
     """
 
     ops: tuple[Op, ...]
@@ -213,6 +214,11 @@ class NetSpec:
     shifts what its class's forward returns (see ``Layer``). FX traces ``type(model).forward``,
     so a fuser that traces the model anyway drops the shift; one that does not trace it cannot
     see how its code uses its children, and leaves every one whole (README).
+
+    ``example_inputs``: whether the fuser under test is given the inputs (``fuse(model)`` is the
+    other common call). Without them no Linear's rank is proven (README rule 2), so no Linear folds,
+    and nothing can compare a trace with the model, so a network with a ``type_check`` block is
+    always fused with them.
     """
 
     input_shape: tuple[int, ...]
@@ -221,6 +227,7 @@ class NetSpec:
     device: str = "cpu"
     seed: int = 0
     replaced_forward: bool = False
+    example_inputs: bool = True
 
 
 def literal(value: object) -> str:

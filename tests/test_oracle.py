@@ -115,6 +115,17 @@ def test_linear_folds_only_on_two_dimensional_inputs():
     ]
 
 
+def test_without_example_inputs_no_linear_folds_and_convs_still_do():
+    # README rule 2: a Linear's rank is proven only by shape propagation over example inputs.
+    def sites(*blocks, input_shape):
+        spec = NetSpec(input_shape=input_shape, blocks=blocks, example_inputs=False)
+        return [(site.bn, site.side if site.foldable else None) for site in foldable_sites(spec)]
+
+    assert sites(Chain((linear(4, 6), bn(6, 2))), input_shape=(2, 4)) == [("b0_bn1", None)]
+    assert sites(Chain((bn(4, 2), linear(4, 6))), input_shape=(2, 4)) == [("b0_bn0", None)]
+    assert sites(Chain((conv(), bn())), input_shape=MAP) == [("b0_bn1", "output")]
+
+
 def test_a_value_reader_of_the_conv_output_blocks_the_fold():
     residual = Chain((conv(), bn()), tap=Tap(after=0, kind="add"))
     assert verdicts(residual) == [("b0_bn1", 0, None)]

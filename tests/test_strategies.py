@@ -57,6 +57,8 @@ def features(spec: NetSpec) -> set[str]:
     found = {f"dtype {spec.dtype}"}
     if spec.replaced_forward:
         found.add("model forward replaced")
+    if not spec.example_inputs:
+        found.add("fused without example inputs")
     for block in spec.blocks:
         if isinstance(block, TwoCalls):
             found.add(f"layer read twice ({block.second})")
@@ -213,6 +215,7 @@ REQUIRED = [
     "boundary autocast",
     "boundary type_check",
     "model forward replaced",
+    "fused without example inputs",
     "output-side fold",
     "input-side fold",
     "dtype float32",
