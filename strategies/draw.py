@@ -204,7 +204,9 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks.append(block)
     last = blocks[-1]
     unguarded = isinstance(last, Chain) and last.boundary is None
-    if dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
+    if unguarded and draw(chance(1, 6)):  # its output is the network's: the check can see it
+        blocks[-1] = replace(last, boundary=TYPE_CHECK)
+    elif dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
         blocks[-1] = replace(last, boundary=AUTOCAST)
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))
@@ -222,9 +224,9 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
     """A chain of ops on ``shape``, and the shape it produces."""
     packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
     if packaging == INLINE:
-        boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE, TYPE_CHECK)))
+        boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
     else:
-        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE, TYPE_CHECK)))
+        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE)))
     categories = draw(op_kind_sequences(max_ops, dtype))
     in_sequential = packaging == SEQUENTIAL
     ops: list[Op] = []

@@ -175,8 +175,10 @@ class Chain:
     that traces through the block returns float32 instead. ``type_check`` is packaged the same way,
     in a module that maps the chain's output to ``x * 0.5 + 0.25`` ``if isinstance(x, torch.Tensor)``:
     while tracing ``x`` is a proxy, so FX leaves that out of the graph, and only a fuser that
-    compares the trace with the module on the example inputs can tell. The ``+ 0.25`` makes the
-    difference show on any input (a ReLU can make the whole chain's output zero).
+    compares the trace with the module on the example inputs can tell. Drawn only for a network's
+    last block, so that the difference reaches the output whatever the inputs (a ReLU after it could
+    zero it on every example input, and no check on them could see it); the ``+ 0.25`` shows even
+    where the chain's own output is zero.
     """
 
     ops: tuple[Op, ...]
