@@ -291,6 +291,35 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # The same autocast block fused as fuse(model), without example inputs: nothing can compare the
+    # trace with the model then, so only the refusal to trace through torch.autocast keeps the
+    # fused model in bfloat16. The trace check hides the autocast mutant wherever inputs are given,
+    # and the ci profile's random networks rarely combine the two (mutant corpus at 9ee84ca).
+    "autocast_block_fused_without_example_inputs": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
+                packaging="sequential",
+                boundary="autocast",
+            ),
+        ),
+        example_inputs=False,
+    ),
     # The model's own forward replaced on the instance: FX traces type(model).forward, so the
     # fused model drops what the replacement adds (0.25). Our fuser did the same until cf445f9.
     "torch_fuse_model_replaced_forward": NetSpec(
