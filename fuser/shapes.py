@@ -66,7 +66,6 @@ class TracedRun:
 
     output: object = None
     error: Exception | None = None
-    shapes_known: bool = False
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> TracedRun:
@@ -80,7 +79,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> TracedRun:
     try:
         with state_preserved(gm), deterministic_kernels():
             output = ShapeProp(gm).propagate(*copy_inputs(example_inputs))
-        return TracedRun(output, shapes_known=True)
+        return TracedRun(output)
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)

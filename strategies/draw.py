@@ -204,14 +204,14 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks.append(block)
     last = blocks[-1]
     unguarded = isinstance(last, Chain) and last.boundary is None
-    if unguarded and draw(chance(1, 8)):  # its output is the network's: the check can see it
+    if unguarded and draw(chance(1, 10)):  # its output is the network's: the check can see it
         blocks[-1] = replace(last, boundary=TYPE_CHECK)
     elif dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
         blocks[-1] = replace(last, boundary=AUTOCAST)
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))
     type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
-    example_inputs = type_checked or not draw(chance(1, 8))  # ``NetSpec.example_inputs``
+    example_inputs = type_checked or not draw(chance(1, 12))  # ``NetSpec.example_inputs``
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape, tuple(blocks), dtype, device, seed, replaced_forward, example_inputs
