@@ -55,11 +55,14 @@ def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
 
 
 def equivalence_errors(original: nn.Module, fused: nn.Module, inputs: tuple):
-    """(fused error, unfused error, reference scale), each error measured against a float64 copy."""
+    """(fused error, unfused error, reference scale), each error measured against a float64 copy.
+
+    Each model runs on its own copy of ``inputs``: one that changes its input in place must not
+    change what the next one reads."""
     reference = copy.deepcopy(original).to(torch.float64)
-    expected = _outputs(reference, tuple(_as_float64(x) for x in inputs))
-    unfused = _outputs(original, inputs)
-    fused_out = _outputs(fused, inputs)
+    expected = _outputs(reference, copy.deepcopy(tuple(_as_float64(x) for x in inputs)))
+    unfused = _outputs(original, copy.deepcopy(inputs))
+    fused_out = _outputs(fused, copy.deepcopy(inputs))
     assert len(fused_out) == len(expected), "fused model returns a different number of tensors"
 
     def max_error(outputs):
