@@ -22,6 +22,7 @@ from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
 from .tracing import (
+    FoldTracer,
     TraceOutcome,
     is_foldable_layer_or_batch_norm,
     is_library_leaf,
@@ -350,13 +351,10 @@ def _usage_of_children(module: nn.Module) -> dict[str, str]:
 
 
 def _children_traced_through(module: nn.Module, opaque: set[int]) -> list[nn.Module]:
-    """The children of ``module`` a trace enters (each once): not the layers and BNs it folds,
-    torch.nn's own modules, hooked, compiled or opaque ones, which it keeps as calls anyway."""
-    children: dict[int, nn.Module] = {}
-    for child in module.children():
-        leaf = is_foldable_layer_or_batch_norm(child) or is_library_leaf(child) or has_hooks(child)
-        if not leaf and id(child) not in opaque and not isinstance(child, torch.jit.ScriptModule):
-            children.setdefault(id(child), child)
+    """The children of ``module`` a trace enters (each once), by the tracer's own leaf rules: not
+    the layers and BNs it folds, torch.nn's own modules, hooked, compiled or opaque ones."""
+    is_leaf = FoldTracer(opaque, []).is_leaf_module
+    children = {id(child): child for child in module.children() if not is_leaf(child, "")}
     return list(children.values())
 
 
