@@ -66,13 +66,12 @@ class ForwardReference:
                 "its traced graph raises on example_inputs where its forward runs "
                 f"({type(traced_error).__name__}: {first_line})"
             )
-        expected = self._expected
-        if _same(traced, expected, tolerance=None):
+        difference = _difference(traced, self._expected)
+        if difference == 0:
             return None
         spread = self._own_spread()
-        if spread and _same(traced, expected, tolerance=NONDETERMINISM_MULTIPLE * spread):
+        if difference is not None and spread and difference <= NONDETERMINISM_MULTIPLE * spread:
             return None
-        difference = _max_difference(traced, expected)
         measured = f" (max difference {difference:.3g})" if difference is not None else ""
         return (
             "its traced graph computes something else than its forward on example_inputs"
@@ -83,7 +82,7 @@ class ForwardReference:
     def _own_spread(self) -> float | None:
         """How far a second run of the forward lands from the first (0 for deterministic code)."""
         if self._spread is None:
-            self._spread = _max_difference(run_forward(self.module, self.inputs), self._expected)
+            self._spread = _difference(run_forward(self.module, self.inputs), self._expected)
         return self._spread
 
 
@@ -102,39 +101,6 @@ def _leaves(output: object, path: str = "output") -> list[tuple[str, object]]:
     return [(path, output)]
 
 
-def _same(traced: object, expected: object, tolerance: float | None) -> bool:
-    """Same structure, and each leaf the same: tensors bit for bit (NaN equal to NaN), or within
-    ``tolerance`` of each other when one is given; other values equal."""
-    traced_leaves, expected_leaves = _leaves(traced), _leaves(expected)
-    if [path for path, _ in traced_leaves] != [path for path, _ in expected_leaves]:
-        return False
-    for (_, got), (_, want) in zip(traced_leaves, expected_leaves, strict=True):
-        if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
-            return False
-        if isinstance(want, torch.Tensor):
-            if not _same_tensor(got, want, tolerance):
-                return False
-        elif not _equal_values(got, want):
-            return False
-    return True
-
-
-def _same_tensor(got: torch.Tensor, want: torch.Tensor, tolerance: float | None) -> bool:
-    if (got.dtype, got.shape, got.device) != (want.dtype, want.shape, want.device):
-        return False
-    if torch.equal(got, want):
-        return True
-    if not (want.is_floating_point() or want.is_complex()):
-        return False
-    got_nan, want_nan = got.isnan(), want.isnan()
-    if not torch.equal(got_nan, want_nan):
-        return False
-    got, want = got[~got_nan], want[~want_nan]
-    if tolerance is None or got.numel() == 0:
-        return torch.equal(got, want)
-    return bool((got - want).abs().max() <= tolerance)
-
-
 def _equal_values(got: object, want: object) -> bool:
     try:
         return bool(got == want) and type(got) is type(want)
@@ -142,9 +108,10 @@ def _equal_values(got: object, want: object) -> bool:
         return False
 
 
-def _max_difference(first: object, second: object) -> float | None:
-    """Largest absolute difference between corresponding floating tensors of two outputs of the
-    same structure, NaNs aside; None when the structures or other leaves differ."""
+def _difference(first: object, second: object) -> float | None:
+    """The largest absolute difference between corresponding values of two outputs (0 when they
+    are the same, NaN equal to NaN); None when they cannot be compared: another structure, dtype,
+    shape or device, NaNs in other places, other values that are not floating point."""
     first_leaves, second_leaves = _leaves(first), _leaves(second)
     if [path for path, _ in first_leaves] != [path for path, _ in second_leaves]:
         return None
@@ -156,11 +123,14 @@ def _max_difference(first: object, second: object) -> float | None:
             continue
         if (a.dtype, a.shape, a.device) != (b.dtype, b.shape, b.device):
             return None
-        if not (a.is_floating_point() or a.is_complex()):
-            if not torch.equal(a, b):
-                return None
+        if torch.equal(a, b):
             continue
-        finite = ~(a.isnan() | b.isnan())
-        if finite.any():
-            largest = max(largest, float((a[finite] - b[finite]).abs().max()))
+        if not (a.is_floating_point() or a.is_complex()):
+            return None
+        a_nan = a.isnan()
+        if not torch.equal(a_nan, b.isnan()):
+            return None
+        differ = (a != b) & ~a_nan
+        if differ.any():
+            largest = max(largest, float((a[differ] - b[differ]).abs().max()))
     return largest
