@@ -45,8 +45,8 @@ from fuser.zoo import DEFAULT_FRAMES
 
 #: ``ours / bound`` at or below this meets the target.
 TARGET_RATIO = 1.01
-TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-BIASABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED_CONVS)
+BIASABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BIASABLE_LAYERS += (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -103,10 +103,8 @@ def with_zero_biases(model: nn.Module) -> nn.Module:
     biased = copy.deepcopy(model)
     for module in biased.modules():
         if isinstance(module, BIASABLE_LAYERS) and module.bias is None:
-            out_channels = module.weight.shape[1 if isinstance(module, TRANSPOSED_CONVS) else 0]
-            if isinstance(module, TRANSPOSED_CONVS):
-                out_channels *= module.groups
-            module.bias = nn.Parameter(module.weight.new_zeros(out_channels))
+            outputs = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            module.bias = nn.Parameter(module.weight.new_zeros(outputs))
     return biased
 
 
