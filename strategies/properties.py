@@ -9,17 +9,18 @@ the spec literal to pin it as a regression.
 Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 ``input_model_untouched``, ``output_signature_preserved``, ``idempotent``,
 ``training_model_refused_or_equivalent``. Completeness (folds everything the README promises):
-``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``.
+``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``, ``no_dead_state``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 from hypothesis import given, seed, settings
-from torch import nn
+from torch import fx, nn
 
 from strategies.batchnorm_calls import batchnorm_calls
 from strategies.build import build_from_source
@@ -325,6 +326,54 @@ def check_report_agrees_with_oracle(trial: Trial) -> None:
             raise trial.violation(prop, detail, f"{bn} (call {index})")
 
 
+def check_no_dead_state(trial: Trial) -> None:
+    """A fold leaves nothing behind: no graph node reads a constant that no one uses, and the
+    fused model holds no parameter or buffer its graph cannot reach (a layer's old weight, a
+    folded BN's statistics). Such leftovers compute nothing, but they keep the memory a fold was
+    meant to give back, and they come back in ``state_dict()``. Judged on GraphModules only:
+    another fuser's plain module has no graph to read."""
+    prop = "no_dead_state"
+    fused = trial.require_fused(prop)
+    if not isinstance(fused, fx.GraphModule):
+        return
+    unread = [node.name for node in fused.graph.nodes if node.op == "get_attr" and not node.users]
+    if unread:
+        raise trial.violation(prop, f"get_attr nodes nobody reads: {unread}", trial.suspects())
+    unreachable = _unreachable_state(fused)
+    if unreachable:
+        detail = f"parameters and buffers no graph node reaches: {unreachable}"
+        raise trial.violation(prop, detail, trial.suspects())
+
+
+def _unreachable_state(gm: fx.GraphModule) -> list[str]:
+    """Names of ``gm``'s parameters and buffers that no ``get_attr`` or ``call_module`` node
+    reaches (a module a node calls or reads reaches everything inside it)."""
+    reached: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        value = _attribute(gm, node.target)
+        if isinstance(value, nn.Module):
+            reached.update(id(tensor) for _, tensor in _state(value))
+        else:
+            reached.add(id(value))
+    return [name for name, tensor in _state(gm) if id(tensor) not in reached]
+
+
+def _state(module: nn.Module):
+    """Every (name, parameter or buffer) of ``module``, a tensor held under two names twice."""
+    return chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    )
+
+
+def _attribute(module: nn.Module, target: str) -> object:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
 TRIAL_CHECKS = (
     check_input_model_untouched,
     check_fused_matches_original,
@@ -332,6 +381,7 @@ TRIAL_CHECKS = (
     check_idempotent,
     check_no_foldable_batchnorm_remains,
     check_report_agrees_with_oracle,
+    check_no_dead_state,
 )
 
 

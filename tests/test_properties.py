@@ -23,6 +23,7 @@ from strategies.properties import (
     check_fused_matches_original,
     check_idempotent,
     check_input_model_untouched,
+    check_no_dead_state,
     check_no_foldable_batchnorm_remains,
     check_output_signature_preserved,
     check_report_agrees_with_oracle,
@@ -120,6 +121,15 @@ def test_report_agrees_with_oracle(
     check_report_agrees_with_oracle(trial_on(device, spec, fuser_under_test, with_report=True))
 
 
+@pytest.mark.completeness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=COMPLETENESS_SPECS)
+def test_fused_model_keeps_no_dead_state(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    check_no_dead_state(trial_on(device, spec, fuser_under_test))
+
+
 def _pinned_cases() -> list:
     """Every pinned network; CUDA ones run where a GPU is present, float16 ones where this torch
     has CPU float16 kernels."""
@@ -154,3 +164,4 @@ def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, na
     trial = run_trial(PINNED[name], fuser_under_test, with_report=True)
     check_no_foldable_batchnorm_remains(trial)
     check_report_agrees_with_oracle(trial)
+    check_no_dead_state(trial)

@@ -20,6 +20,7 @@ from ._patching import Fused, fuse_patched
 
 __all__ = [
     "dead_batch_norm_left_in_graph",
+    "folded_constants_left_behind",
     "input_model_mutated",
     "recompile_forgotten",
     "report_call_index_always_zero",
@@ -49,6 +50,18 @@ def dead_batch_norm_left_in_graph(model: nn.Module, example_inputs: tuple | None
         call.node.replace_all_uses_with(replacement)
 
     patches = {"fuser.fold_pass._FoldPass._remove_batch_norm": reroute_only}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def folded_constants_left_behind(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: constants a fold no longer needs are never erased: a functional layer's old weight
+    and bias when the folded ones go under new names, a functional BN's statistics and affine
+    parameters. Their ``get_attr`` nodes stay in the graph with no users, and the tensors stay in
+    the fused model (its ``state_dict`` and its memory). Output values are right. Network needs: a
+    functional BN folded, or a functional layer whose weight is also read elsewhere. Caught by:
+    the fused model keeps no dead state.
+    """
+    patches = {"fuser.fold_pass._FoldPass._erase_constant": lambda self, node: None}
     return fuse_patched(model, example_inputs, patches)
 
 
