@@ -18,6 +18,11 @@ Two tiers:
 
 from __future__ import annotations
 
+import ast
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from compat import requires_cpu_float16
@@ -25,6 +30,7 @@ from torch import nn
 
 from fuser import fuse_with_report
 from tests.mutants import Mutant, all_mutants
+from tests.mutants.ast_mutation import MUTATED_PACKAGE, AstMutant, edits, mutated_source
 from tests.mutants.fold_math_bugs import input_side_groups_interleaved
 from tests.mutants.matcher_bugs import input_side_with_several_users
 from tests.mutants.rewriter_bugs import float16_overflow_unchecked
@@ -189,3 +195,48 @@ def test_property_suite_catches_mutant(mutant: Mutant, request: pytest.FixtureRe
         f"bug: {mutant.bug}\nexpected to be caught by: {mutant.expected_catch}\n"
         f"suite output (tail):\n{run.output[-4000:]}"
     )
+
+
+def test_machine_made_mutants_touch_code_not_messages() -> None:
+    source = (
+        "def f(a, b):\n"
+        "    if a is None:\n"
+        "        return 0\n"
+        "    if a < b and not b:\n"
+        "        raise ValueError(f'{a + b} is too big')\n"
+        "    return a * b\n"
+    )
+    found = edits(ast.parse(source))
+    assert sorted((edit.line, edit.kind) for edit in found) == [
+        (2, "compare"),
+        (2, "guard"),
+        (4, "boolean"),
+        (4, "compare"),
+        (4, "not"),
+        (6, "arithmetic"),
+    ]
+    assert "a - b" not in "".join(mutated_source(source, edit) for edit in found)
+    guardless = mutated_source(source, found[0])
+    assert "return 0" not in guardless and "a * b" in guardless
+
+
+def test_machine_made_mutant_is_the_fuser_with_one_edit(tmp_path, monkeypatch) -> None:
+    source = Path("fuser/fold_math.py").read_text()
+    edit = next(edit for edit in edits(ast.parse(source)) if edit.kind == "arithmetic")
+    mutant = AstMutant("fold_math.py", edit, tmp_path)
+    mutant.write()
+    mutant.load()  # every module of the mutated package compiles
+    written = (tmp_path / MUTATED_PACKAGE / "fold_math.py").read_text()
+    assert written == mutated_source(source, edit) != ast.unparse(ast.parse(source))
+    others = sorted(path.name for path in (tmp_path / MUTATED_PACKAGE).glob("*.py"))
+    assert others == sorted(path.name for path in Path("fuser").glob("*.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        mutated = importlib.import_module(MUTATED_PACKAGE)
+        model, inputs = _no_batch_norm_network()
+        fused = mutated.fuse(model, example_inputs=inputs)
+        with torch.no_grad():
+            assert torch.equal(fused(*inputs), model(*inputs))
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == MUTATED_PACKAGE]:
+            del sys.modules[name]
