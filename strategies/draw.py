@@ -327,12 +327,15 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
 @st.composite
 def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     """A layer module read twice on the same input (called again, or its weight read by a
-    functional call), each branch followed by norms, the branches added."""
+    functional call; a third of those read it functionally twice), each branch followed by
+    norms, the branches added."""
     packaging = draw(one_of_values((INLINE, WRAPPER)))
     second = draw(one_of_values((MODULE, FUNCTIONAL)))
     layer, out = draw(layers(shape, allow_functional=False))
     if second == FUNCTIONAL and layer.padding_mode != "zeros":
         layer = replace(layer, padding_mode="zeros")
+    if second == FUNCTIONAL and draw(chance(1, 3)):  # one weight read by two functional calls
+        layer = replace(layer, functional=True, hooked=False, replaced_forward=False)
     shared = draw(BOOLEANS)
     first = tuple(draw(st.lists(norms(out), min_size=1, max_size=2)))
     second_norms = None if shared else tuple(draw(st.lists(norms(out), max_size=2)))

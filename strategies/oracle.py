@@ -213,7 +213,8 @@ def _lower_chain_ops(
 
 def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -> _Node:
     names = two_calls_names(index, block)
-    first = graph.layer(block.layer, names.layer, value)
+    first_name = f"{names.layer}.weight" if block.layer.functional else names.layer
+    first = graph.layer(block.layer, first_name, value)
     for norm, name in zip(block.first_norms, names.first_norms, strict=True):
         first = graph.norm(norm, name, first)
     if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run

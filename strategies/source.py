@@ -529,7 +529,7 @@ class _Renderer:
         self._note_helpers(block.layer, names.layer)
         init.append(f"self.{layer_attribute} = {_constructor(block.layer)}")
         layer = "self." + layer_attribute
-        forward.append(f"a = {layer}(x)")
+        forward.append(f"a = {_call(block.layer, 'x', layer)}")
         self._norm_lines(index, block, block.first_norms, names.first_norms, "a", init, forward)
         if block.second == FUNCTIONAL:
             forward.append(f"b = {_functional_layer_call(block.layer, 'x', layer)}")

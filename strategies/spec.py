@@ -194,6 +194,8 @@ class TwoCalls:
 
     The second read is either a second call of the same module (``second="module"``) or a
     functional call on the module's own weight and bias (``second="functional"``: tied weights).
+    With ``second="functional"`` the first read may be functional too (``layer.functional``): one
+    registered weight read by two ``F.conv*``/``F.linear`` calls, each with its own norms.
     ``second_norms=None`` calls the first branch's norm modules again (a BN with two call sites).
     """
 

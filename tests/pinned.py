@@ -654,4 +654,29 @@ PINNED: dict[str, NetSpec] = {
         ),
         dtype="float16",
     ),
+    # One registered weight read by two F.conv2d calls, each with its own BN (an AST mutant of
+    # fold_pass._replace_constant wrote the first fold over the weight the second call reads, and
+    # passed the suite until the strategies drew this).
+    "functional_weight_read_by_two_functional_calls": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            TwoCalls(
+                layer=Layer(
+                    kind="conv",
+                    spatial_dims=2,
+                    input_ndim=4,
+                    in_channels=3,
+                    out_channels=4,
+                    kernel_size=(1, 1),
+                    stride=(1, 1),
+                    padding=(0, 0),
+                    dilation=(1, 1),
+                    functional=True,
+                ),
+                second="functional",
+                first_norms=(Norm(input_ndim=4, num_features=4),),
+                second_norms=(),
+            ),
+        ),
+    ),
 }

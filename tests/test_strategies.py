@@ -255,11 +255,14 @@ def test_every_feature_is_drawn_and_none_is_rare():
 def test_float16_networks_often_hold_a_fold_that_would_overflow():
     """The oracle's overflow clause (strategies/oracle.py) must be reached often enough for the
     ci profile to catch a fuser that casts an overflowing fold to float16."""
-    sample = draw_sample(net_specs(dtypes=("float16",)), 200)
+    # 600 specs from 60 engine runs: the rate is about 8 % (159 of 2,000 from 100 runs), and 200
+    # specs from 20 runs held 19 when written but 9 after an unrelated change to the draws (the
+    # examples of one run are correlated), too few to tell 5 % from 8 %.
+    sample = draw_sample(net_specs(dtypes=("float16",)), 600, seeds=60)
     overflowing = [
         spec for spec in sample if any("overflow" in site.reason for site in foldable_sites(spec))
     ]
-    assert len(overflowing) >= 0.05 * len(sample)  # 19 of 200 when written
+    assert len(overflowing) >= 0.05 * len(sample)  # 52 of 600 at the two-functional-calls draw
 
 
 def test_many_sites_are_foldable():
