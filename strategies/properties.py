@@ -327,22 +327,31 @@ def check_report_agrees_with_oracle(trial: Trial) -> None:
 
 
 def check_no_dead_state(trial: Trial) -> None:
-    """A fold leaves nothing behind: no graph node reads a constant that no one uses, and the
-    fused model holds no parameter or buffer its graph cannot reach (a layer's old weight, a
-    folded BN's statistics). Such leftovers compute nothing, but they keep the memory a fold was
-    meant to give back, and they come back in ``state_dict()``. Judged on GraphModules only:
-    another fuser's plain module has no graph to read."""
+    """A fold leaves nothing behind (``dead_state``)."""
     prop = "no_dead_state"
-    fused = trial.require_fused(prop)
-    if not isinstance(fused, fx.GraphModule):
-        return
-    unread = [node.name for node in fused.graph.nodes if node.op == "get_attr" and not node.users]
-    if unread:
-        raise trial.violation(prop, f"get_attr nodes nobody reads: {unread}", trial.suspects())
-    unreachable = _unreachable_state(fused)
-    if unreachable:
-        detail = f"parameters and buffers no graph node reaches: {unreachable}"
-        raise trial.violation(prop, detail, trial.suspects())
+    problem = dead_state(trial.require_fused(prop))
+    if problem is not None:
+        raise trial.violation(prop, problem, trial.suspects())
+
+
+def dead_state(fused: nn.Module) -> str | None:
+    """What a fused model keeps that its graphs never use, or None: a ``get_attr`` node no one
+    reads, or a parameter or buffer no node reaches (a layer's old weight, a folded BN's
+    statistics). Such leftovers compute nothing, but they keep the memory a fold was meant to give
+    back, and they come back in ``state_dict()``. Judged on every GraphModule in the fused model
+    (the root, or the fused children of a module that runs as written); another fuser's plain
+    modules have no graph to read."""
+    for path, module in fused.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        where = f" (in {path})" if path else ""
+        unread = [n.name for n in module.graph.nodes if n.op == "get_attr" and not n.users]
+        if unread:
+            return f"get_attr nodes nobody reads{where}: {unread}"
+        unreachable = _unreachable_state(module)
+        if unreachable:
+            return f"parameters and buffers no graph node reaches{where}: {unreachable}"
+    return None
 
 
 def _unreachable_state(gm: fx.GraphModule) -> list[str]:

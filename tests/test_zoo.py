@@ -40,6 +40,7 @@ from fuser.zoo import (
     model_family,
     randomize_batchnorm_statistics,
 )
+from strategies.properties import dead_state
 
 pytestmark = [
     pytest.mark.zoo,
@@ -222,6 +223,7 @@ def test_zoo_model_fuses_to_an_equivalent_model_with_no_foldable_batchnorm_left(
     assert_every_batch_norm_accounted_for(ran, fused, report, expected_left(name, model))
     check = check_against_float64(model, fused, (x,))
     assert check.passed, f"{name} at {tuple(x.shape)}:\n{check}\n{report}"
+    assert dead_state(fused) is None, dead_state(fused)
 
 
 # --- detection -------------------------------------------------------------------------------------
@@ -368,6 +370,7 @@ def test_detection_model_folds_its_backbone_and_heads_through_the_fallback(name,
     assert not unchecked, f"folds in parts whose outputs were not compared: {unchecked}"
     if has_batch_norms:
         assert "backbone" in checked
+    assert dead_state(fused) is None, dead_state(fused)
     _assert_model_untouched(original, model)
     with torch.no_grad():
         fused_detections = fused([image])
