@@ -15,8 +15,10 @@ Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 
 import torch
 from hypothesis import given, seed, settings
@@ -361,7 +363,7 @@ def _unreachable_state(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op not in ("get_attr", "call_module"):
             continue
-        value = _attribute(gm, node.target)
+        value = attrgetter(node.target)(gm)
         if isinstance(value, nn.Module):
             reached.update(id(tensor) for _, tensor in _state(value))
         else:
@@ -369,18 +371,12 @@ def _unreachable_state(gm: fx.GraphModule) -> list[str]:
     return [name for name, tensor in _state(gm) if id(tensor) not in reached]
 
 
-def _state(module: nn.Module):
+def _state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (name, parameter or buffer) of ``module``, a tensor held under two names twice."""
     return chain(
         module.named_parameters(remove_duplicate=False),
         module.named_buffers(remove_duplicate=False),
     )
-
-
-def _attribute(module: nn.Module, target: str) -> object:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 TRIAL_CHECKS = (
