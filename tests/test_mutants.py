@@ -224,8 +224,8 @@ def test_machine_made_mutant_is_the_fuser_with_one_edit(tmp_path, monkeypatch) -
     source = Path("fuser/fold_math.py").read_text()
     edit = next(edit for edit in edits(ast.parse(source)) if edit.kind == "arithmetic")
     mutant = AstMutant("fold_math.py", edit, tmp_path)
-    mutant.write()
-    mutant.load()  # every module of the mutated package compiles
+    mutant.load()  # writes the mutated package; every module of it compiles
+    assert mutant.python_path == (str(tmp_path),)
     written = (tmp_path / MUTATED_PACKAGE / "fold_math.py").read_text()
     assert written == mutated_source(source, edit) != ast.unparse(ast.parse(source))
     others = sorted(path.name for path in (tmp_path / MUTATED_PACKAGE).glob("*.py"))

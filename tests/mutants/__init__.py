@@ -57,6 +57,11 @@ class Mutant:
         _, _, caught_by = text.partition("Caught by: ")
         return caught_by.rstrip(".")
 
+    @property
+    def python_path(self) -> tuple[str, ...]:
+        """Where the suite must look first to import it: nowhere beyond the checkout."""
+        return ()
+
     def load(self) -> Callable:
         return getattr(importlib.import_module(f"{__name__}.{self.module}"), self.name)
 

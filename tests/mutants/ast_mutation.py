@@ -32,11 +32,11 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import DEFAULT_TIMEOUT_S, MISSED, ROOT, MutantRun, run_mutant
+from .run import DEFAULT_TIMEOUT_S, MISSED, ROOT, MutantRun, run_mutants
 
 PACKAGE = "fuser"
 MUTATED_PACKAGE = "mutated_fuser"
@@ -142,7 +142,8 @@ def mutated_source(source: str, edit: Edit) -> str:
 @dataclass(frozen=True)
 class AstMutant:
     """The fuser package with one edit, written under ``directory/mutated_fuser``; the corpus's
-    runner takes it as it takes a hand-written mutant (``target``, ``load``, ``name``)."""
+    runner takes it as it takes a hand-written mutant (``name``, ``target``, ``python_path``,
+    ``load``)."""
 
     file: str  # relative to the package, e.g. "fold_pass.py"
     edit: Edit
@@ -156,24 +157,20 @@ class AstMutant:
     def target(self) -> str:
         return f"{MUTATED_PACKAGE}:fuse_with_report"
 
-    def write(self) -> None:
+    @property
+    def python_path(self) -> tuple[str, ...]:
+        return (str(self.directory),)
+
+    def load(self) -> None:
+        """Write the mutated package and compile its modules: ``run_mutant`` calls this first,
+        and a mutant that does not compile is reported broken. (The suite imports it in its own
+        process.)"""
         package = self.directory / MUTATED_PACKAGE
         shutil.copytree(ROOT / PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
         source = (ROOT / PACKAGE / self.file).read_text()
         (package / self.file).write_text(mutated_source(source, self.edit))
-
-    def load(self) -> None:
-        """Compile the mutated package's modules: ``run_mutant`` calls this first, and a mutant
-        that does not compile is reported broken. (The suite imports it in its own process.)"""
-        for path in sorted((self.directory / MUTATED_PACKAGE).glob("*.py")):
+        for path in sorted(package.glob("*.py")):
             compile(path.read_text(), str(path), "exec")
-
-
-def run_ast_mutant(mutant: AstMutant, timeout_s: float, profile: str) -> MutantRun:
-    mutant.write()
-    return run_mutant(
-        mutant, profile=profile, timeout_s=timeout_s, python_path=(str(mutant.directory),)
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,22 +198,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{file}:{edit.line} {edit.description}")
         return 0
 
+    def report(run: MutantRun) -> None:
+        print(run.describe(), flush=True)
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="convbn-ast-mutants-") as scratch:
-
-        def one(numbered: tuple[int, tuple[str, Edit]]) -> MutantRun:
-            number, (file, edit) = numbered
-            mutant = AstMutant(file, edit, Path(scratch) / str(number))
-            run = run_ast_mutant(mutant, args.timeout, args.profile)
-            print(run.describe(), flush=True)
-            return run
-
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            runs = list(pool.map(one, enumerate(planned)))
+        mutants = [
+            AstMutant(file, edit, Path(scratch) / str(number))
+            for number, (file, edit) in enumerate(planned)
+        ]
+        runs = run_mutants(
+            mutants, jobs=args.jobs, on_result=report, profile=args.profile, timeout_s=args.timeout
+        )
     wall_s = time.perf_counter() - start
-    verdicts: dict[str, int] = {}
-    for run in runs:
-        verdicts[run.verdict] = verdicts.get(run.verdict, 0) + 1
+    verdicts = Counter(run.verdict for run in runs)
     counts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
     print(f"\n{len(runs)} mutants: {counts}; {wall_s:.0f} s wall")
     for run in runs:

@@ -93,7 +93,7 @@ def suite_command(target: str, extra_args: Iterable[str] = ()) -> list[str]:
 def suite_environment(
     profile: str, shrink: bool, verdict_path: Path, python_path: Iterable[str] = ()
 ) -> dict[str, str]:
-    """The suite's environment; ``python_path`` goes first (where a machine-made mutant lives)."""
+    """The suite's environment; ``python_path`` (``Mutant.python_path``) goes first."""
     env = dict(os.environ, HYPOTHESIS_PROFILE=profile)
     env[VERDICT_ENV] = str(verdict_path)
     env[SHRINK_ENV] = "1" if shrink else "0"
@@ -109,7 +109,6 @@ def run_mutant(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     shrink: bool = False,
     extra_args: Iterable[str] = (),
-    python_path: Iterable[str] = (),
 ) -> MutantRun:
     """Run the suite against one mutant in a fresh interpreter (patches never leak between runs)."""
     try:
@@ -118,7 +117,7 @@ def run_mutant(
         return MutantRun(mutant, BROKEN, 0.0, detail=f"cannot import: {error!r}")
     with tempfile.TemporaryDirectory(prefix="convbn-mutant-") as scratch:
         verdict_path = Path(scratch) / "verdict.json"
-        env = suite_environment(profile, shrink, verdict_path, python_path)
+        env = suite_environment(profile, shrink, verdict_path, mutant.python_path)
         finished = _run_timed(suite_command(mutant.target, extra_args), env, timeout_s, scratch)
         failure = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
     returncode, output, seconds, cpu_seconds = finished
