@@ -127,7 +127,10 @@ class _Graph:
         return node
 
     def layer(self, layer: Layer, name: str, value: _Node) -> _Node:
-        return self.add(_Node("layer", [value], layer=layer, layer_name=name))
+        """A call of the layer module ``name``; a functional call on its weight is named by that
+        weight (``name.weight``), as the fuser's report names it."""
+        layer_name = f"{name}.weight" if layer.functional else name
+        return self.add(_Node("layer", [value], layer=layer, layer_name=layer_name))
 
     def value_users(self, node: _Node) -> list[_Node]:
         return [user for user in self.nodes if node in user.inputs and user.kind != "metadata"]
@@ -193,8 +196,7 @@ def _lower_chain_ops(
     tapped = None
     for position, (op, name) in enumerate(zip(chain.ops, chain_names(index, chain), strict=True)):
         if isinstance(op, Layer):
-            weight = name if not op.functional else f"{name}.weight"
-            value = graph.layer(op, weight, value)
+            value = graph.layer(op, name, value)
         elif isinstance(op, Norm):
             value = graph.norm(op, name, value, opaque)
         else:
@@ -213,15 +215,13 @@ def _lower_chain_ops(
 
 def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -> _Node:
     names = two_calls_names(index, block)
-    first_name = f"{names.layer}.weight" if block.layer.functional else names.layer
-    first = graph.layer(block.layer, first_name, value)
+    first = graph.layer(block.layer, names.layer, value)
     for norm, name in zip(block.first_norms, names.first_norms, strict=True):
         first = graph.norm(norm, name, first)
+    second_layer = block.layer
     if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run
         second_layer = replace(block.layer, functional=True, hooked=False, replaced_forward=False)
-        second = graph.layer(second_layer, f"{names.layer}.weight", value)
-    else:
-        second = graph.layer(block.layer, names.layer, value)
+    second = graph.layer(second_layer, names.layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
     for norm, name in zip(second_norms, names.second_norms, strict=True):
         second = graph.norm(norm, name, second)
