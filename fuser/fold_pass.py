@@ -371,7 +371,8 @@ class _FoldPass:
 
     def _erase_constant(self, node: fx.Node) -> None:
         value = fetch_attr(self.gm, node.target)
+        released = referenced_objects(self.gm, node)  # the tensor and the modules on its path
         self.graph.erase_node(node)
-        self.usage.release([value])
+        self.usage.release(released)
         if self.usage.count(value) == 0:
             delete_attr(self.gm, node.target)

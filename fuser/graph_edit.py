@@ -69,10 +69,17 @@ def _distinct(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor]:
 
 
 class UsageCounts:
-    """How many graph nodes reference each module and tensor, keyed by object identity."""
+    """How many graph nodes reference each module and tensor, keyed by object identity.
+
+    Every counted object is held until its count drops to zero. An id is unique only among live
+    objects: a counted object that died (a placeholder module deleted with its last attribute)
+    could pass its count on to a new one at the same address, such as the copy a fold makes of
+    a layer, which would then look read twice and be copied again, leaving the first copy behind.
+    """
 
     def __init__(self, gm: fx.GraphModule, shared: frozenset[int] = frozenset()) -> None:
         self._counts: Counter[int] = Counter()
+        self._held: dict[int, object] = {}  # the counted objects, kept alive while counted
         self._shared = shared  # referenced from outside this graph too: one more reference each
         for node in gm.graph.nodes:
             self.add(referenced_objects(gm, node))
@@ -80,13 +87,15 @@ class UsageCounts:
     def add(self, objects: Iterable[object]) -> None:
         for obj in objects:
             self._counts[id(obj)] += 1
+            self._held[id(obj)] = obj
 
     def release(self, objects: Iterable[object]) -> None:
-        """Drop one reference to each; forget objects nobody references (ids get reused)."""
+        """Drop one reference to each; forget (and let go of) objects nobody references."""
         for obj in objects:
             self._counts[id(obj)] -= 1
             if self._counts[id(obj)] <= 0:
                 del self._counts[id(obj)]
+                self._held.pop(id(obj), None)
 
     def is_shared(self, obj: object) -> bool:
         """Held outside this graph too (at another place in the model, or by the caller)."""
