@@ -46,5 +46,5 @@ def batchnorm_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list
         names.setdefault(id(tensor), name)
     recorder = _BatchNormRecorder(names)
     with torch.no_grad(), recorder:
-        module(*inputs)
+        module(*(x.clone() for x in inputs))  # a network may change its input in place
     return recorder.calls

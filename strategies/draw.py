@@ -87,6 +87,7 @@ INPUT_SIDE_TEMPLATES = (
 OVERFLOW_TEMPLATE = ("shrinking_norm", "spiked_layer", "amplifying_norm", "act")
 RESIDUAL_KINDS = (ADD, CAT)
 ACTIVATIONS = ("relu", "tanh", "gelu", "leaky_relu", "hardswish", "identity")
+IN_PLACE_ACTIVATIONS = ("relu", "leaky_relu", "hardswish")  # those with ``inplace=True``
 
 
 @dataclass(frozen=True)
@@ -624,10 +625,12 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
 @reused
 @st.composite
 def activations(draw, allow_functional: bool = True) -> Act:
-    """An activation or ``nn.Identity``, as a module or a functional call."""
+    """An activation or ``nn.Identity``, as a module or a functional call, in place half the
+    time where it can be."""
     kind = draw(one_of_values(ACTIVATIONS))
     functional = allow_functional and kind != "identity" and draw(BOOLEANS)
-    return Act(kind, functional)
+    inplace = kind in IN_PLACE_ACTIVATIONS and draw(BOOLEANS)
+    return Act(kind, functional, inplace)
 
 
 @reused

@@ -32,7 +32,14 @@ from strategies.oracle import Site, foldable_sites
 from strategies.snapshot import differences, snapshot
 from strategies.source import render_source
 from strategies.spec import NetSpec, literal
-from strategies.tolerance import Comparison, OutOfRange, Reference, measure_reference
+from strategies.tolerance import (
+    Comparison,
+    OutOfRange,
+    Reference,
+    evaluate,
+    fresh_copies,
+    measure_reference,
+)
 
 RUNNING_MEAN = ".running_mean"
 _networks_checked = 0
@@ -71,8 +78,9 @@ class Trial:
 
     @property
     def fuser_inputs(self) -> tuple[torch.Tensor, ...] | None:
-        """What the fuser is given as example inputs (``NetSpec.example_inputs``)."""
-        return self.inputs if self.spec.example_inputs else None
+        """What the fuser is given as example inputs (``NetSpec.example_inputs``): a fresh copy
+        each time, so that a fuser that changes them cannot change what the models run on."""
+        return fresh_copies(self.inputs) if self.spec.example_inputs else None
 
     def violation(self, prop: str, detail: str, sites: str | None = None) -> PropertyViolation:
         """A ``PropertyViolation`` carrying everything needed to understand and reproduce it."""
@@ -104,12 +112,23 @@ class Trial:
         return self._fused_output
 
     def run_fused(self, prop: str, module: nn.Module) -> torch.Tensor:
-        """Evaluate a fused module; if it cannot even run, that is this property's violation."""
+        """Evaluate a fused module; if it cannot even run, or it changes its input otherwise
+        than the original does (``Act.inplace``), that is this property's violation."""
         try:
-            return _evaluate(module, self.inputs)
+            output, inputs_after = evaluate(module, self.inputs)
         except Exception as error:
             detail = f"running the fused model raised {type(error).__name__}: {error}"
             raise self.violation(prop, detail) from error
+        expected = self.reference.inputs_after
+        for index, (got, want) in enumerate(zip(inputs_after, expected, strict=True)):
+            if not torch.equal(got, want):
+                changes = "changes" if not torch.equal(want, self.inputs[index]) else "leaves"
+                detail = (
+                    f"the fused model leaves its input {index} otherwise than the original, which "
+                    f"{changes} it (in place): they differ by up to {_largest_difference(got, want)}"
+                )
+                raise self.violation(prop, detail, self.suspects())
+        return output
 
     @property
     def original_output(self) -> torch.Tensor:
@@ -129,9 +148,22 @@ class Trial:
         return ", ".join(names) or None
 
 
-def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    with torch.no_grad():
-        return module(*inputs)
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"a change of kind ({a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)})"
+    return f"{float((a.double() - b.double()).abs().max()):.3g}"
+
+
+def _example_inputs_changed(before: tuple[torch.Tensor, ...], given: tuple | None) -> list[str]:
+    """What fusing did to the example inputs it was given: the caller's tensors, never its to
+    change (a fuser that runs the model on them must run it on copies)."""
+    if given is None:
+        return []
+    return [
+        f"example input {index} changed by fusing: by up to {_largest_difference(now, then)}"
+        for index, (now, then) in enumerate(zip(given, before, strict=True))
+        if not torch.equal(now, then)
+    ]
 
 
 def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False) -> Trial:
@@ -144,12 +176,13 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
     reference = measure_reference(model, inputs, spec.seed)
     before = snapshot(model)
     trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
+    given = trial.fuser_inputs
     try:
         fuse = fuser.fuse_with_report if with_report else fuser.fuse
-        trial.fused, trial.report = fuse(model, trial.fuser_inputs)
+        trial.fused, trial.report = fuse(model, given)
     except Exception as error:  # the properties decide whether raising was allowed
         trial.error = error
-    trial.touched = differences(before, snapshot(model))
+    trial.touched = differences(before, snapshot(model)) + _example_inputs_changed(inputs, given)
     return trial
 
 
@@ -175,7 +208,8 @@ def check_fused_matches_original(trial: Trial) -> None:
 
 
 def check_input_model_untouched(trial: Trial) -> None:
-    """Fusing left the caller's model bitwise identical: tensors, tree, flags, hooks."""
+    """Fusing left the caller's model bitwise identical (tensors, tree, flags, hooks), and the
+    example inputs it was given too."""
     if trial.touched:
         raise trial.violation("input_model_untouched", "\n".join(trial.touched))
 
@@ -236,7 +270,7 @@ def check_training_model_refused_or_equivalent(
         model, inputs = built.model, built.inputs
     model.train()
     try:
-        fused, _ = fuser.fuse(model, inputs if spec.example_inputs else None)
+        fused, _ = fuser.fuse(model, fresh_copies(inputs) if spec.example_inputs else None)
     except ValueError:
         return  # refused: nothing to compare, so no reference is measured
     except Exception as error:

@@ -270,12 +270,13 @@ def _constructor(op: Op) -> str | None:
             options.append("track_running_stats=False")
         return f"{_batchnorm_class(op)}({op.num_features}, {', '.join(options)})"
     if isinstance(op, Act):
+        inplace = "inplace=True" if op.inplace else ""
         return {
-            "relu": "nn.ReLU()",
+            "relu": f"nn.ReLU({inplace})",
             "tanh": "nn.Tanh()",
             "gelu": "nn.GELU()",
-            "leaky_relu": "nn.LeakyReLU(0.1)",
-            "hardswish": "nn.Hardswish()",
+            "leaky_relu": f"nn.LeakyReLU({', '.join(filter(None, ('0.1', inplace)))})",
+            "hardswish": f"nn.Hardswish({inplace})",
             "identity": "nn.Identity()",
         }[op.kind]
     return f"nn.Flatten({op.start_dim})"
@@ -305,12 +306,13 @@ def _call(op: Op, value: str, owner: str | None) -> str:
             return f"torch.batch_norm({arguments})"
         return f"F.batch_norm({value}, {running}, {affine}, {training}, {momentum!r}, {op.eps!r})"
     if isinstance(op, Act) and op.functional:
+        inplace = ", inplace=True" if op.inplace else ""
         return {
-            "relu": f"F.relu({value})",
+            "relu": f"F.relu({value}{inplace})",
             "tanh": f"torch.tanh({value})",
             "gelu": f"F.gelu({value})",
-            "leaky_relu": f"F.leaky_relu({value}, 0.1)",
-            "hardswish": f"F.hardswish({value})",
+            "leaky_relu": f"F.leaky_relu({value}, 0.1{inplace})",
+            "hardswish": f"F.hardswish({value}{inplace})",
         }[op.kind]
     if owner is None:
         return f"{value}.flatten({op.start_dim})"

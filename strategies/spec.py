@@ -124,10 +124,17 @@ class Norm:
 
 @dataclass(frozen=True)
 class Act:
-    """An elementwise activation, or ``identity`` (``nn.Identity`` as a module)."""
+    """An elementwise activation, or ``identity`` (``nn.Identity`` as a module).
+
+    ``inplace`` (relu, leaky_relu and hardswish): the activation overwrites its input, as
+    ``nn.ReLU(inplace=True)`` or ``F.relu(x, inplace=True)``, the way most torchvision CNNs
+    write it. First in a network (after identities and flattens, which return their input or a
+    view of it), it changes the caller's input tensor: the fused model must change it alike.
+    """
 
     kind: str
     functional: bool = False
+    inplace: bool = False
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Reference:
     output: torch.Tensor  # float64, on the cpu
     err_unfused: float
     err_rounding: float
+    inputs_after: tuple[torch.Tensor, ...]  # the inputs as the original's run left them
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,26 +122,37 @@ def measure_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: 
     is_float64 = inputs[0].dtype == torch.float64
     float32_copy = copy.deepcopy(model).to(torch.float32) if is_float64 else None
     reference_inputs = tuple(x.double() for x in inputs)
-    original_output = _evaluate(model, inputs)
-    output = _evaluate(reference, reference_inputs).detach().double().cpu()
+    original_output, inputs_after = evaluate(model, inputs)
+    output = evaluate(reference, reference_inputs)[0].detach().double().cpu()
     if not (torch.isfinite(original_output).all() and torch.isfinite(output).all()):
         raise OutOfRange(f"the original network overflows in {original_output.dtype}")
     dtype = original_output.dtype
     if float32_copy is None:
         err_unfused = _largest(_errors(original_output, output))
     else:
-        float32_output = _evaluate(float32_copy, tuple(x.float() for x in inputs))
+        float32_output = evaluate(float32_copy, tuple(x.float() for x in inputs))[0]
         ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
         err_unfused = _largest(_errors(float32_output, output)) * ratio
     noisy_output = rounding_noise_output(reference, reference_inputs, dtype, seed)
     err_rounding = _largest(_errors(noisy_output, output))
     err_rounding *= torch.finfo(dtype).eps / perturbation_step(dtype)
-    return Reference(original_output, output, err_unfused, err_rounding)
+    return Reference(original_output, output, err_unfused, err_rounding, inputs_after)
 
 
-def _evaluate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def evaluate(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run ``module`` on its own copy of ``inputs``: its output, and the copy as the run left it.
+
+    A network may change its input in place (``Act.inplace``), and every run (original, float64
+    reference, fused, fused twice) must start from the values the network was built with."""
+    copies = fresh_copies(inputs)
     with torch.no_grad():
-        return module(*inputs)
+        return module(*copies), copies
+
+
+def fresh_copies(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(x.clone() for x in inputs)
 
 
 def _errors(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -206,5 +218,6 @@ def rounding_noise_output(
     """``ref~(x)``: the float64 ``reference`` (perturbed in place) evaluated with rounding noise
     of ``dtype`` on every constant and every operation's result."""
     perturb_constants(reference, dtype, seed)
+    copies = fresh_copies(inputs)  # outside the mode: copying adds no rounding
     with torch.no_grad(), RoundingNoise(dtype, seed + 1):
-        return reference(*inputs).detach().double().cpu()
+        return reference(*copies).detach().double().cpu()

@@ -679,7 +679,7 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
-    # Fuser bug (no_dead_state, fixed; CI, stop 12, failing one run in four): erasing the get_attr
+    # Fuser bug (no_dead_state, fixed; CI, stop 12, failing 2 runs in 6 here): erasing the get_attr
     # nodes of the functional BN left the counts of FX's placeholder module `b0_bn_b0` after it was
     # deleted; when the copy of b1_convt for its first call landed at the same address, it looked
     # read twice and was copied again, leaving `b1_convt_folded` in the model unread. Allocator-
@@ -730,5 +730,32 @@ PINNED: dict[str, NetSpec] = {
         ),
         dtype="float64",
         seed=2,
+    ),
+    # An in-place activation first: the network changes its caller's input. Every model runs on
+    # its own copy, the fused one must change it alike, and fusing must not change the example
+    # inputs it is given (two mutants: tests/mutants, example_inputs_changed and
+    # in_place_activations_made_out_of_place).
+    "in_place_relu_changes_the_network_input": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    Act(kind="relu", inplace=True),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=4,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(1, 1),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=4),
+                    Act(kind="leaky_relu", functional=True, inplace=True),
+                ),
+            ),
+        ),
     ),
 }

@@ -19,6 +19,7 @@ from strategies import NetSpec, net_specs
 from strategies.fuser_under_test import FuserUnderTest
 from strategies.properties import (
     OutOfRange,
+    PropertyViolation,
     Trial,
     check_fused_matches_original,
     check_idempotent,
@@ -165,3 +166,25 @@ def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, na
     check_no_foldable_batchnorm_remains(trial)
     check_report_agrees_with_oracle(trial)
     check_no_dead_state(trial)
+
+
+def _pinned_trial(name: str, fuser: str) -> Trial:
+    return run_trial(PINNED[name], FuserUnderTest.from_target(fuser), with_report=True)
+
+
+def test_a_fused_model_must_change_its_input_as_the_original_does():
+    """The harness runs each model on its own copy of the inputs and compares what the runs left
+    in them: a fused model whose activations stopped working in place leaves the input as it was."""
+    mutant = "tests.mutants.rewriter_bugs:in_place_activations_made_out_of_place"
+    trial = _pinned_trial("in_place_relu_changes_the_network_input", mutant)
+    check_input_model_untouched(trial)
+    with pytest.raises(PropertyViolation, match="leaves its input 0 otherwise than the original"):
+        check_fused_matches_original(trial)
+
+
+def test_fusing_must_not_change_the_example_inputs():
+    mutant = "tests.mutants.bookkeeping_bugs:example_inputs_changed"
+    trial = _pinned_trial("in_place_relu_changes_the_network_input", mutant)
+    check_fused_matches_original(trial)  # the models ran on copies: only fusing changed them
+    with pytest.raises(PropertyViolation, match="example input 0 changed by fusing"):
+        check_input_model_untouched(trial)

@@ -147,11 +147,29 @@ def features(spec: NetSpec) -> set[str]:
             found.add("bn eps < 1e-4" if op.eps < 1e-4 else "bn eps > 0.1" if op.eps > 0.1 else "")
         elif isinstance(op, Act):
             found.add(f"activation {op.kind}")
+            if op.inplace:
+                found.add("activation in place")
         elif isinstance(op, Flatten):
             found.add(f"flatten from dim {op.start_dim}")
+    if _changes_its_input(spec):
+        found.add("network input changed in place")
     sites = foldable_sites(spec)
     found.update(f"{site.side}-side fold" for site in sites if site.foldable)
     return found - {""}
+
+
+def _changes_its_input(spec: NetSpec) -> bool:
+    """An in-place activation reaches the network's input: the first block is a chain whose ops
+    before it only pass their input on (identities, flattens) or change it in place too."""
+    first = spec.blocks[0]
+    if not isinstance(first, Chain):
+        return False
+    for op in first.ops:
+        if isinstance(op, Act) and op.inplace:
+            return True
+        if not (isinstance(op, Flatten) or (isinstance(op, Act) and op.kind == "identity")):
+            return False
+    return False
 
 
 REQUIRED = [
@@ -186,6 +204,8 @@ REQUIRED = [
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
     "tapped tensor changed in place",
+    "activation in place",
+    "network input changed in place",
     "Layer -> Norm",
     "Norm -> Norm",
     "Norm -> Layer",

@@ -20,6 +20,7 @@ from ._patching import Fused, fuse_patched
 
 __all__ = [
     "dead_batch_norm_left_in_graph",
+    "example_inputs_changed",
     "folded_constants_left_behind",
     "input_model_mutated",
     "recompile_forgotten",
@@ -37,6 +38,19 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     """
     patches = {"fuser.fuse.deep_copy": lambda module: module}
     return fuse_patched(model, example_inputs, patches)
+
+
+def example_inputs_changed(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: the fuser runs the model (the faithful-trace check, shape propagation, recording
+    children's inputs) on the caller's example inputs themselves, not on copies: a network that
+    changes its input in place changes the caller's tensors while it is fused. Output values are
+    right. Network needs: an in-place activation before anything that makes a new tensor, with
+    example inputs. Caught by: the input model is untouched (its example inputs too), and often
+    first by the completeness properties: our faithful-trace check then runs the graph on inputs
+    the model's own run changed, finds that they differ, and leaves the model untraced.
+    """
+    unchanged = {"fuser.shapes.copy_inputs": tuple, "fuser.fidelity.copy_inputs": tuple}
+    return fuse_patched(model, example_inputs, unchanged)
 
 
 def dead_batch_norm_left_in_graph(model: nn.Module, example_inputs: tuple | None = None) -> Fused:

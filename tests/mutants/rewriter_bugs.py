@@ -22,6 +22,7 @@ __all__ = [
     "float16_overflow_unchecked",
     "folded_weights_left_float64",
     "functional_layer_new_bias_not_passed",
+    "in_place_activations_made_out_of_place",
     "requires_grad_dropped",
     "shared_module_folded_in_place",
     "stale_parameter_table",
@@ -195,3 +196,25 @@ def float16_overflow_unchecked(model: nn.Module, example_inputs: tuple | None = 
 
     patches = {"fuser.fold_pass.overflow_reason": finiteness_only}
     return fuse_patched(model, example_inputs, patches)
+
+
+def in_place_activations_made_out_of_place(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: the rewrite loses ``inplace=True`` (as a fuser that rebuilds activation modules with
+    their default arguments, or functionalizes the graph, does): every activation now returns a
+    new tensor. Network needs: an in-place activation whose input is also read elsewhere, a
+    tapped tensor or the network's own input. Caught by: the fused output matches the original
+    (the tap reads the activated tensor no more), or the fused model changes its input otherwise
+    than the original.
+    """
+    fused, report = fuse_patched(model, example_inputs, {})
+    for module in fused.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.kwargs.get("inplace") is True:
+                    node.kwargs = {**node.kwargs, "inplace": False}
+            module.recompile()
+    return fused, report
