@@ -166,6 +166,20 @@ class TracedGraphModule(fx.GraphModule):
             return None
         return super().recompile()
 
+    def __reduce__(self):
+        """FX's own pickling, so that a saved fused model loads with torch alone, plus the hooks
+        and the training flag as pickle state.
+
+        FX saves a GraphModule as its code and attributes and, on load, builds a new one from
+        the code, which starts with empty hook dicts and ``training=True``; of the saved
+        attributes it sets back only those the new module lacks. The forward hook of a fused
+        container (moved onto its GraphModule) would be gone after ``torch.load``, silently.
+        Pickle hands the state to ``nn.Module.__setstate__``, which puts it back.
+        """
+        rebuild, arguments = super().__reduce__()
+        saved = arguments[0]
+        return rebuild, arguments, {name: saved[name] for name in _RESET_ON_LOAD if name in saved}
+
 
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with (
@@ -285,6 +299,8 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+# What FX's unpickling rebuilds fresh on every GraphModule: the flag and every hook dict.
+_RESET_ON_LOAD = ("training", *(name for name in vars(nn.Module()) if "hook" in name))
 
 
 @contextlib.contextmanager

@@ -758,4 +758,87 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Fuser bug (survives_save_and_load, fixed): the hooked Sequential `b1` is fused into a
+    # GraphModule that carries its forward hook; torch.save/torch.load rebuilt it from its code
+    # with no hooks (FX restores only attributes a new GraphModule lacks), so the loaded model
+    # lost the hook's shift. Found by a probe that saved and loaded 700 drawn fused networks.
+    "hooked_container_loses_its_hook_when_saved": NetSpec(
+        input_shape=(3, 1, 3, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=5,
+                        in_channels=3,
+                        out_channels=3,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=5, num_features=1, eps=2.9741883422396416e-05, momentum=None),
+                    Act(kind="relu"),
+                ),
+                packaging="sequential",
+                depth=2,
+            ),
+            Chain(
+                ops=(
+                    Flatten(start_dim=2),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=7,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding="same",
+                        dilation=(2,),
+                        bias=False,
+                    ),
+                    Norm(
+                        input_ndim=3,
+                        num_features=7,
+                        affine=False,
+                        eps=0.22555160079357603,
+                        momentum=None,
+                    ),
+                ),
+                packaging="sequential",
+                depth=2,
+                boundary="hooked",
+            ),
+            Chain(
+                ops=(
+                    Flatten(start_dim=1),
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=189,
+                        out_channels=4,
+                        frozen=True,
+                    ),
+                    Norm(input_ndim=2, num_features=4, eps=1.0, style="functional"),
+                ),
+                packaging="wrapper",
+            ),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=4,
+                        out_channels=4,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=4, eps=0.39078676539735474, momentum=0.01),
+                ),
+                packaging="wrapper",
+            ),
+        ),
+        seed=134,
+        example_inputs=False,
+    ),
 }

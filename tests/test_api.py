@@ -4,11 +4,13 @@ what it works with, and fuse time linear in the graph's size."""
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from helpers import (
     assert_equivalent,
     randomise_bn_stats,
     remaining_batch_norms,
+    shift_output,
     tutorial_model,
 )
 from torch import fx, nn
@@ -36,6 +39,14 @@ def small_net() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(conv_bn_relu(3, 4), conv_bn_relu(4, 4), nn.Conv2d(4, 2, 1))
     return randomise_bn_stats(model).eval()
+
+
+def hooked_net() -> nn.Module:
+    """``small_net`` whose first block has a forward hook: the fuser traces that block into a
+    GraphModule of its own and moves the hook onto it."""
+    model = small_net()
+    model[0].register_forward_hook(shift_output)
+    return model
 
 
 def image(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -522,16 +533,24 @@ with torch.no_grad():
 """
 
 
-def test_a_fused_model_saved_whole_loads_and_runs_with_torch_alone(tmp_path):
+@pytest.mark.parametrize("make_model", [small_net, hooked_net], ids=["plain", "hooked block"])
+def test_a_fused_model_saved_whole_loads_and_runs_with_torch_alone(tmp_path, make_model):
     """``torch.save(fused)`` pickles a GraphModule with the class of the tracer that made it, which
-    unpickling instantiates; the saved model must load where this package is not installed."""
-    model, x = small_net(), image(2, 3, 6, 6)
+    unpickling instantiates; the saved model must load where this package is not installed, with
+    the hooks the fuser moved onto its GraphModules (and their outputs, bit for bit)."""
+    model, x = make_model(), image(2, 3, 6, 6)
     fused = fuse(model)
+    assert isinstance(fused.get_submodule("0"), fx.GraphModule) == (make_model is hooked_net)
     torch.save(fused, tmp_path / "fused.pt")
     torch.save(x, tmp_path / "x.pt")
     command = [sys.executable, "-c", _LOAD_WITHOUT_FUSER]
     paths = [str(tmp_path / name) for name in ("fused.pt", "x.pt", "y.pt")]
-    subprocess.run(command + paths, check=True, capture_output=True, cwd=tmp_path)
+    helpers = str(Path(__file__).parent)  # where the hook's module is
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")])),
+    )
+    subprocess.run(command + paths, check=True, capture_output=True, cwd=tmp_path, env=env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -540,6 +559,20 @@ def test_a_fused_model_saved_whole_loads_and_runs_with_torch_alone(tmp_path):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_a_pickled_fused_model_keeps_its_hooks_and_training_flags():
+    """FX rebuilds a pickled GraphModule from its code, with no hooks and ``training=True``; the
+    fuser's GraphModules pickle those back."""
+    model, x = hooked_net(), image(2, 3, 6, 6)
+    fused = fuse(model, (x,))
+    fused.get_submodule("2").train()  # a module left in training mode stays so
+    loaded = pickle.loads(pickle.dumps(fused))
+    flags = [(name, m.training) for name, m in fused.named_modules()]
+    assert [(name, m.training) for name, m in loaded.named_modules()] == flags
+    assert list(loaded.get_submodule("0")._forward_hooks.values()) == [shift_output]
+    loaded.get_submodule("2").eval()
+    assert_equivalent(model, loaded, x)
 
 
 def test_fused_models_survive_pickling_and_deep_copies_of_themselves():
