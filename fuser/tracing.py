@@ -9,6 +9,7 @@ the smallest untraceable submodules become opaque leaves so that the rest of the
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import threading
 from collections.abc import Iterator
@@ -178,7 +179,18 @@ class TracedGraphModule(fx.GraphModule):
         """
         rebuild, arguments = super().__reduce__()
         saved = arguments[0]
-        return rebuild, arguments, {name: saved[name] for name in _RESET_ON_LOAD if name in saved}
+        return rebuild, arguments, {name: saved[name] for name in _REBUILT_FRESH if name in saved}
+
+    def __deepcopy__(self, memo: dict) -> TracedGraphModule:
+        """FX's deep copy, plus the hooks and training flag it leaves out: it rebuilds the module
+        and copies back only its state-dict hooks, so ``copy.deepcopy`` of a fused model (an EMA
+        copy, a copy before quantization) would run a fused container without its forward hook.
+        """
+        duplicate = super().__deepcopy__(memo)
+        for name in _REBUILT_FRESH:
+            if name in self.__dict__:
+                duplicate.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
+        return duplicate
 
 
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
@@ -299,8 +311,8 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
-# What FX's unpickling rebuilds fresh on every GraphModule: the flag and every hook dict.
-_RESET_ON_LOAD = ("training", *(name for name in vars(nn.Module()) if "hook" in name))
+# What FX's unpickling and deep copy rebuild fresh on a GraphModule: the flag and the hook dicts.
+_REBUILT_FRESH = ("training", *(name for name in vars(nn.Module()) if "hook" in name))
 
 
 @contextlib.contextmanager

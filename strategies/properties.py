@@ -14,6 +14,7 @@ Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 
 from __future__ import annotations
 
+import copy
 import io
 from collections import Counter
 from collections.abc import Iterator
@@ -254,31 +255,36 @@ def check_idempotent(trial: Trial) -> None:
         raise trial.violation(prop, "the second fuse folded more", names)
 
 
-def check_survives_save_and_load(trial: Trial) -> None:
-    """The fused model, saved whole with ``torch.save`` and loaded back, still computes what the
-    original computes (the tolerance rule, and the same changes to its inputs): users ship fused
-    models that way. Judged where the original itself saves and loads; one whose ``forward`` was
-    replaced on the instance does not, and then neither need the fused one."""
-    prop = "survives_save_and_load"
+def check_survives_copy_and_save(trial: Trial) -> None:
+    """The fused model, deep-copied or saved whole with ``torch.save`` and loaded back, still
+    computes what the original computes (the tolerance rule, and the same changes to its inputs):
+    users duplicate and ship fused models these two ways. Each is judged where the original itself
+    survives it; one whose ``forward`` was replaced on the instance does not pickle, and then the
+    fused one need not either."""
+    prop = "survives_copy_and_save"
     fused = trial.require_fused(prop)
-    try:
-        _saved_and_loaded(trial.model)
-    except Exception:
-        return
-    try:
-        loaded = _saved_and_loaded(fused)
-    except Exception as error:
-        detail = (
-            f"torch.save then torch.load of the fused model raised {type(error).__name__}: "
-            f"{error} (the original saves and loads)"
-        )
-        raise trial.violation(prop, detail) from error
-    output = trial.run_fused(prop, loaded)
-    _check_same_kind_of_output(trial, prop, output)
-    comparison = trial.compare(output)
-    if not comparison.ok:
-        detail = "after torch.save and torch.load: " + comparison.describe()
-        raise trial.violation(prop, detail, trial.suspects())
+    for how, duplicate in (("copy.deepcopy", copy.deepcopy), (_SAVED, _saved_and_loaded)):
+        try:
+            duplicate(trial.model)
+        except Exception:
+            continue
+        try:
+            again = duplicate(fused)
+        except Exception as error:
+            detail = (
+                f"{how} of the fused model raised {type(error).__name__}: {error} "
+                "(the original survives it)"
+            )
+            raise trial.violation(prop, detail) from error
+        output = trial.run_fused(f"{prop} ({how})", again)
+        _check_same_kind_of_output(trial, prop, output)
+        comparison = trial.compare(output)
+        if not comparison.ok:
+            detail = f"after {how}: " + comparison.describe()
+            raise trial.violation(prop, detail, trial.suspects())
+
+
+_SAVED = "torch.save then torch.load"
 
 
 def _saved_and_loaded(module: nn.Module) -> nn.Module:
@@ -453,7 +459,7 @@ TRIAL_CHECKS = (
     check_fused_matches_original,
     check_output_signature_preserved,
     check_idempotent,
-    check_survives_save_and_load,
+    check_survives_copy_and_save,
     check_no_foldable_batchnorm_remains,
     check_report_agrees_with_oracle,
     check_no_dead_state,

@@ -758,10 +758,11 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
-    # Fuser bug (survives_save_and_load, fixed): the hooked Sequential `b1` is fused into a
+    # Fuser bug (survives_copy_and_save, fixed): the hooked Sequential `b1` is fused into a
     # GraphModule that carries its forward hook; torch.save/torch.load rebuilt it from its code
-    # with no hooks (FX restores only attributes a new GraphModule lacks), so the loaded model
-    # lost the hook's shift. Found by a probe that saved and loaded 700 drawn fused networks.
+    # with no hooks (FX restores only attributes a new GraphModule lacks), and so did
+    # copy.deepcopy (FX's keeps only state-dict hooks): either copy lost the hook's shift. Found
+    # by a probe that saved and loaded 700 drawn fused networks.
     "hooked_container_loses_its_hook_when_saved": NetSpec(
         input_shape=(3, 1, 3, 3, 3),
         blocks=(

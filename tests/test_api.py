@@ -561,13 +561,18 @@ def test_a_fused_model_saved_whole_loads_and_runs_with_torch_alone(tmp_path, mak
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
 
 
-def test_a_pickled_fused_model_keeps_its_hooks_and_training_flags():
-    """FX rebuilds a pickled GraphModule from its code, with no hooks and ``training=True``; the
-    fuser's GraphModules pickle those back."""
+@pytest.mark.parametrize(
+    "duplicate",
+    [lambda module: pickle.loads(pickle.dumps(module)), copy.deepcopy],
+    ids=["pickled", "deep-copied"],
+)
+def test_a_duplicated_fused_model_keeps_its_hooks_and_training_flags(duplicate):
+    """FX rebuilds a pickled GraphModule from its code, with no hooks and ``training=True``, and
+    its deep copy keeps only state-dict hooks; the fuser's GraphModules keep both."""
     model, x = hooked_net(), image(2, 3, 6, 6)
     fused = fuse(model, (x,))
     fused.get_submodule("2").train()  # a module left in training mode stays so
-    loaded = pickle.loads(pickle.dumps(fused))
+    loaded = duplicate(fused)
     flags = [(name, m.training) for name, m in fused.named_modules()]
     assert [(name, m.training) for name, m in loaded.named_modules()] == flags
     assert list(loaded.get_submodule("0")._forward_hooks.values()) == [shift_output]

@@ -28,7 +28,7 @@ from strategies.properties import (
     check_no_foldable_batchnorm_remains,
     check_output_signature_preserved,
     check_report_agrees_with_oracle,
-    check_survives_save_and_load,
+    check_survives_copy_and_save,
     check_training_model_refused_or_equivalent,
     run_trial,
 )
@@ -96,10 +96,10 @@ def test_fusing_twice_changes_nothing_more(
 @pytest.mark.soundness
 @pytest.mark.parametrize("device", DEVICES)
 @given(spec=SOUNDNESS_SPECS)
-def test_fused_model_survives_save_and_load(
+def test_fused_model_survives_copy_and_save(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
-    check_survives_save_and_load(trial_on(device, spec, fuser_under_test))
+    check_survives_copy_and_save(trial_on(device, spec, fuser_under_test))
 
 
 @pytest.mark.soundness
@@ -166,7 +166,7 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
     check_fused_matches_original(trial)
     check_output_signature_preserved(trial)
     check_idempotent(trial)
-    check_survives_save_and_load(trial)
+    check_survives_copy_and_save(trial)
     check_training_model_refused_or_equivalent(spec, fuser_under_test, built=trial)
 
 

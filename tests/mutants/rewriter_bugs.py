@@ -22,6 +22,7 @@ __all__ = [
     "float16_overflow_unchecked",
     "folded_weights_left_float64",
     "functional_layer_new_bias_not_passed",
+    "hooks_lost_on_copy",
     "hooks_lost_on_save",
     "in_place_activations_made_out_of_place",
     "requires_grad_dropped",
@@ -226,10 +227,24 @@ def hooks_lost_on_save(model: nn.Module, example_inputs: tuple | None = None) ->
     with empty hook dicts, so a hooked container, whose forward hook the fuser moves onto its
     GraphModule, runs without it once the fused model is saved and loaded. Every output before
     saving is right. Network needs: a hooked container that is traced (``boundary="hooked"``).
-    Caught by: the fused model survives save and load.
+    Caught by: the fused model survives copy and save.
     """
     fused, report = fuse_patched(model, example_inputs, {})
     for module in fused.modules():
         if isinstance(module, fx.GraphModule):  # each has a class of its own (FX makes one)
             type(module).__reduce__ = fx.GraphModule.__reduce__
+    return fused, report
+
+
+def hooks_lost_on_copy(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: the fused GraphModules deep-copy as FX's do, which rebuilds each and keeps only its
+    state-dict hooks, so ``copy.deepcopy`` of the fused model (an EMA copy, a copy before
+    quantization) runs a hooked container without its forward hook. Network needs: a hooked
+    container that is traced (``boundary="hooked"``). Caught by: the fused model survives copy
+    and save.
+    """
+    fused, report = fuse_patched(model, example_inputs, {})
+    for module in fused.modules():
+        if isinstance(module, fx.GraphModule):  # each has a class of its own (FX makes one)
+            type(module).__deepcopy__ = fx.GraphModule.__deepcopy__
     return fused, report
