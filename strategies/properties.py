@@ -33,7 +33,7 @@ from strategies.fuser_under_test import FuserUnderTest
 from strategies.oracle import Site, foldable_sites
 from strategies.snapshot import differences, snapshot
 from strategies.source import render_source
-from strategies.spec import NetSpec, literal
+from strategies.spec import AUTOCAST, Chain, NetSpec, literal
 from strategies.tolerance import (
     Comparison,
     OutOfRange,
@@ -285,6 +285,43 @@ def check_survives_copy_and_save(trial: Trial) -> None:
 
 
 _SAVED = "torch.save then torch.load"
+
+
+def check_scripts_where_the_original_does(trial: Trial) -> bool:
+    """``torch.jit.script`` of the fused model works and computes what the original computes,
+    wherever the original scripts and, scripted, computes what it computes (TorchScript compiles
+    a class's ``forward``, not one replaced on the instance); returns whether it judged (most
+    drawn networks do not script: their code uses what TorchScript lacks). Too slow to run on
+    every random network (about 0.1 s a network); the suite runs it on the pinned ones.
+
+    Not judged with an autocast block: TorchScript's CPU autocast casts a conv's input but not its
+    bias, so a fold that gives a bias-less conv a bias there fails scripted (eager autocast casts
+    both, and the fused model runs right)."""
+    prop = "scripts_where_the_original_does"
+    if any(isinstance(b, Chain) and b.boundary == AUTOCAST for b in trial.spec.blocks):
+        return False
+    try:
+        original = evaluate(torch.jit.script(trial.model), trial.inputs)[0]
+    except Exception:
+        return False
+    same_kind = all(
+        getattr(original, what) == getattr(trial.original_output, what)
+        for what in ("dtype", "device", "shape")
+    )
+    if not (same_kind and trial.compare(original).ok):
+        return False
+    fused = trial.require_fused(prop)
+    try:
+        scripted = torch.jit.script(fused)
+    except Exception as error:
+        detail = f"torch.jit.script of the fused model raised {type(error).__name__}: {error}"
+        raise trial.violation(prop, detail + " (the original scripts)") from error
+    output = trial.run_fused(prop, scripted)
+    _check_same_kind_of_output(trial, prop, output)
+    comparison = trial.compare(output)
+    if not comparison.ok:
+        raise trial.violation(prop, "scripted: " + comparison.describe(), trial.suspects())
+    return True
 
 
 def _saved_and_loaded(module: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ from strategies.properties import (
     check_no_foldable_batchnorm_remains,
     check_output_signature_preserved,
     check_report_agrees_with_oracle,
+    check_scripts_where_the_original_does,
     check_survives_copy_and_save,
     check_training_model_refused_or_equivalent,
     run_trial,
@@ -177,6 +178,24 @@ def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, na
     check_no_foldable_batchnorm_remains(trial)
     check_report_agrees_with_oracle(trial)
     check_no_dead_state(trial)
+
+
+@pytest.mark.soundness
+def test_pinned_networks_script_where_their_originals_do(fuser_under_test: FuserUnderTest) -> None:
+    """The README's promise that a fused model scripts, on every pinned CPU network whose original
+    scripts and runs scripted; enough of them do for the test to mean something."""
+    scripted = []
+    for name in sorted(PINNED):
+        spec = PINNED[name]
+        if spec.device == "cuda" or (spec.dtype == "float16" and not cpu_runs_float16()):
+            continue
+        trial = run_trial(spec, fuser_under_test)
+        if trial.error is None and check_scripts_where_the_original_does(trial):
+            scripted.append(name)
+    assert len(scripted) >= MIN_SCRIPTED_PINNED, scripted
+
+
+MIN_SCRIPTED_PINNED = 10
 
 
 def _pinned_trial(name: str, fuser: str) -> Trial:

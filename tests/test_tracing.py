@@ -22,7 +22,7 @@ from fuser import fuse_with_report
 from fuser.child_usage import CALLED, ELEMENTS_CALLED, OTHER, child_usage
 from fuser.fidelity import ForwardReference
 from fuser.shapes import deterministic_kernels
-from fuser.tracing import AUGMENTED_ASSIGNMENTS
+from fuser.tracing import AUGMENTED_ASSIGNMENTS, tensor_augmented_assignments_as_methods
 
 
 def conv_bn(channels: int) -> nn.Sequential:
@@ -446,6 +446,58 @@ def test_a_fused_model_changing_a_tensor_in_place_pickles_exactly(how):
     fused = fuse_with_report(model, (image(),))[0]
 
     assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
+
+
+class ChangesATappedTensorByEveryArithmeticOp(nn.Module):
+    """Every arithmetic ``op=`` TorchScript accepts, on a tensor also read under another name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def forward(self, x):
+        out = self.block(x)
+        skip = out
+        out *= 2.0
+        out += 1.0
+        out -= 0.25
+        out /= 3.0
+        return out + skip
+
+
+def test_a_fused_model_changing_a_tensor_in_place_scripts():
+    # TorchScript rejects ``x.__imul__(y)``; the fuser writes each arithmetic ``op=`` as the
+    # in-place method it runs (``x.mul_(y)``), which scripts, as the original's ``x *= y`` does.
+    model = prepared(ChangesATappedTensorByEveryArithmeticOp())
+    fused = fuse_with_report(model, (image(),))[0]
+
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, torch.jit.script(fused), image())
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTED_ASSIGNMENTS))
+def test_a_tensor_augmented_assignment_runs_as_it_does_in_eager_code(name):
+    """Each tensor ``op=`` becomes the method ``Tensor.__iop__`` runs, bit for bit; ``@=``, which
+    has none (Python runs ``x = x @ y``), keeps the operator."""
+    graph = torch.fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    node = graph.call_function(AUGMENTED_ASSIGNMENTS[name], (x, y))
+    graph.output(node)
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    x.meta["type"] = torch.Tensor
+    tensor_augmented_assignments_as_methods(gm)
+    gm.recompile()
+    assert (node.op == "call_method") == hasattr(torch.Tensor, name)
+    generator = torch.Generator().manual_seed(0)
+    if name in ("__ilshift__", "__irshift__", "__iand__", "__ior__", "__ixor__"):
+        a, b = torch.randint(-50, 50, (3, 4), generator=generator), torch.randint(0, 5, (4,))
+    else:
+        a, b = torch.rand(3, 4, generator=generator) + 0.5, torch.randn(4, generator=generator)
+    eager_x = a.clone()
+    eager_result = AUGMENTED_ASSIGNMENTS[name](eager_x, b)
+    fused_x = a.clone()
+    fused_result = gm(fused_x, b)
+    assert torch.equal(fused_result, eager_result) and torch.equal(fused_x, eager_x)
 
 
 def test_augmented_assignment_in_another_thread_keeps_fx_behaviour_while_a_model_is_traced():
