@@ -23,6 +23,7 @@ from .shapes import example_inputs_rejected, propagate_shapes, record_module_inp
 from .sharing import ModelParts
 from .tracing import (
     FoldTracer,
+    TracedGraphModule,
     TraceOutcome,
     is_foldable_layer_or_batch_norm,
     is_library_leaf,
@@ -320,12 +321,14 @@ class _Fuser:
 def _deep_copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` (by ``copying.deep_copy``), except that GraphModules keep their hooks.
 
-    ``GraphModule.__deepcopy__`` rebuilds the module and drops its hooks, so a fused model
-    (whose hooked parts are GraphModules carrying their hooks) would lose them when fused again.
+    ``GraphModule.__deepcopy__`` rebuilds the module and drops its hooks, so a model holding
+    plain GraphModules with hooks (one traced by its author) would lose them. This package's own
+    GraphModules deep-copy their hooks themselves (``TracedGraphModule.__deepcopy__``), bound to
+    the copy as a deep copy binds them; the hook dicts put back here are shallow copies.
     """
     duplicate = deep_copy(model)
     for path, original in model.named_modules():
-        if isinstance(original, fx.GraphModule):
+        if isinstance(original, fx.GraphModule) and not isinstance(original, TracedGraphModule):
             copied = duplicate.get_submodule(path)
             for name, hooks in _hook_dicts(original).items():
                 setattr(copied, name, type(hooks)(hooks))

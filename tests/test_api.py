@@ -580,6 +580,38 @@ def test_a_duplicated_fused_model_keeps_its_hooks_and_training_flags(duplicate):
     assert_equivalent(model, loaded, x)
 
 
+class CountsItsBlockCalls(nn.Module):
+    """A forward hook that is a bound method: it counts on the module it is bound to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn_relu(3, 4)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.block.register_forward_hook(self.count)
+        self.calls = 0
+
+    def count(self, module, args, output):
+        self.calls += 1
+        return output * 2.0
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_fusing_a_fused_model_again_shares_no_hook_state_with_it():
+    """The fuser works on a deep copy, and a deep copy rebinds a bound-method hook to the copy:
+    running the model fused twice must not count on the model fused once."""
+    model, x = randomise_bn_stats(CountsItsBlockCalls()).eval(), image(2, 3, 6, 6)
+    once = fuse(model, (x,))
+    (hook,) = once.get_submodule("block")._forward_hooks.values()
+    calls = hook.__self__.calls
+    twice = fuse(once, (x,))
+    with torch.no_grad():
+        twice(x)
+    assert hook.__self__.calls == calls
+    assert_equivalent(model, twice, x)
+
+
 def test_fused_models_survive_pickling_and_deep_copies_of_themselves():
     torch.manual_seed(0)
     x = image(2, 3, 6, 6)
