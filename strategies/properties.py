@@ -8,7 +8,8 @@ the spec literal to pin it as a regression.
 
 Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 ``input_model_untouched``, ``output_signature_preserved``, ``idempotent``,
-``training_model_refused_or_equivalent``. Completeness (folds everything the README promises):
+``survives_copy_and_save``, ``training_model_refused_or_equivalent``, and, on pinned networks
+only, ``scripts_where_the_original_does``. Completeness (folds everything the README promises):
 ``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``, ``no_dead_state``.
 """
 
@@ -255,6 +256,9 @@ def check_idempotent(trial: Trial) -> None:
         raise trial.violation(prop, "the second fuse folded more", names)
 
 
+_SAVED = "torch.save then torch.load"
+
+
 def check_survives_copy_and_save(trial: Trial) -> None:
     """The fused model, deep-copied or saved whole with ``torch.save`` and loaded back, still
     computes what the original computes (the tolerance rule, and the same changes to its inputs):
@@ -282,9 +286,6 @@ def check_survives_copy_and_save(trial: Trial) -> None:
         if not comparison.ok:
             detail = f"after {how}: " + comparison.describe()
             raise trial.violation(prop, detail, trial.suspects())
-
-
-_SAVED = "torch.save then torch.load"
 
 
 def check_scripts_where_the_original_does(trial: Trial) -> bool:

@@ -271,11 +271,12 @@ def _constructor(op: Op) -> str | None:
         return f"{_batchnorm_class(op)}({op.num_features}, {', '.join(options)})"
     if isinstance(op, Act):
         inplace = "inplace=True" if op.inplace else ""
+        leaky_options = "0.1, inplace=True" if op.inplace else "0.1"
         return {
             "relu": f"nn.ReLU({inplace})",
             "tanh": "nn.Tanh()",
             "gelu": "nn.GELU()",
-            "leaky_relu": f"nn.LeakyReLU({', '.join(filter(None, ('0.1', inplace)))})",
+            "leaky_relu": f"nn.LeakyReLU({leaky_options})",
             "hardswish": f"nn.Hardswish({inplace})",
             "identity": "nn.Identity()",
         }[op.kind]
