@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .fold_math import (
     INPUT_SIDE_LAYERS,
@@ -327,7 +327,9 @@ class _FoldPass:
         self.copied_from[new_target] = self._original_name(node.target)
         self.usage.release(module_objects(module))
         self.usage.add(module_objects(duplicate))
-        node.target = new_target
+        old_target, node.target = node.target, new_target
+        if self.usage.read_by_no_node(module):  # copied only because it is held elsewhere too
+            delete_attr(self.gm, old_target)
         return duplicate
 
     def _replace_constant(self, layer: LayerCall, name: str, old_node, value: torch.Tensor) -> None:
@@ -363,16 +365,46 @@ class _FoldPass:
         self.usage.release(released)
         if call.module_target is not None:
             module = submodule(self.gm, call.module_target)
-            if self.usage.count(module) == 0:
+            if self.usage.read_by_no_node(module):
                 delete_attr(self.gm, call.module_target)
+            elif not any(
+                n.op == "call_module" and n.target == call.module_target for n in self.graph.nodes
+            ):
+                self._keep_only_what_is_read(call.module_target, module)
         for constant in inputs:
             if constant.op == "get_attr" and not constant.users:
                 self._erase_constant(constant)
+
+    def _keep_only_what_is_read(self, target: str, module: nn.Module) -> None:
+        """A folded BN module no node calls any more, whose tensors the code still reads
+        (``self.bn.weight`` elsewhere in ``forward``), is swapped for a plain module holding just
+        those tensors under the same names: its other statistics would stay behind unused."""
+        prefix = f"{target}."
+        readers = [
+            n for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)
+        ]
+        names = sorted({n.target[len(prefix) :] for n in readers})
+        if module._modules or any("." in name for name in names):
+            return  # read through a submodule: kept whole
+        values = [getattr(module, name) for name in names]
+        if not all(isinstance(value, torch.Tensor) for value in values):
+            return
+        holder = nn.Module()
+        for name, value in zip(names, values, strict=True):
+            if isinstance(value, nn.Parameter):
+                holder.register_parameter(name, value)
+            else:
+                persistent = name not in module._non_persistent_buffers_set
+                holder.register_buffer(name, value, persistent=persistent)
+        set_attr(self.gm, target, holder)
+        for _ in readers:  # each reader counted the module as the owner on its path
+            self.usage.release([module])
+            self.usage.add([holder])
 
     def _erase_constant(self, node: fx.Node) -> None:
         value = fetch_attr(self.gm, node.target)
         released = referenced_objects(self.gm, node)  # the tensor and the modules on its path
         self.graph.erase_node(node)
         self.usage.release(released)
-        if self.usage.count(value) == 0:
+        if self.usage.read_by_no_node(value):
             delete_attr(self.gm, node.target)

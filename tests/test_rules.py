@@ -23,6 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fuser import fuse_with_report
 from fuser.report import INPUT_SIDE, OUTPUT_SIDE
+from strategies.properties import dead_state
 
 
 def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -31,9 +32,11 @@ def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def fused_and_checked(model: nn.Module, *inputs: torch.Tensor, example_inputs=None):
-    """Fuse ``model`` and check the fused model against the original; return (fused, report)."""
+    """Fuse ``model`` and check the fused model against the original, and that it keeps nothing
+    its graphs never use; return (fused, report)."""
     fused, report = fuse_with_report(model, example_inputs=example_inputs)
     assert_equivalent(model, fused, *inputs)
+    assert dead_state(fused) is None, dead_state(fused)
     return fused, report
 
 
@@ -891,6 +894,30 @@ def test_conv_shared_by_two_hooked_containers_folds_into_copies():
     assert_folded(report, "block1.1", side=OUTPUT_SIDE)
     assert_folded(report, "block2.1", side=OUTPUT_SIDE)
     assert remaining_batch_norms(fused) == []
+
+
+def test_conv_held_under_two_names_folds_into_copies_and_leaves_no_original_behind():
+    """The same module registered twice (``self.alias = self.conv``) is held at two places, so no
+    fold changes it in place: each call folds into a copy. The original, then read by no node,
+    must not stay in the fused model (its weights in memory and in ``state_dict``)."""
+
+    class HeldTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn_a = nn.BatchNorm2d(4)
+            self.bn_b = nn.BatchNorm2d(4)
+            self.alias = self.conv
+
+        def forward(self, x):
+            return self.bn_a(self.conv(x)) + self.bn_b(self.alias(x))
+
+    model = prepared(HeldTwice())
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5), example_inputs=(image(2, 3, 5, 5),))
+    assert_folded(report, "bn_a", side=OUTPUT_SIDE, into="conv")
+    assert_folded(report, "bn_b", side=OUTPUT_SIDE, into="conv")
+    assert not any(name.endswith("conv.weight") for name in fused.state_dict()), fused
+    assert model.alias is model.conv
 
 
 # --- rule 6: never wrong --------------------------------------------------------------------------

@@ -73,6 +73,31 @@ def test_erasing_an_attribute_read_releases_the_modules_on_its_path() -> None:
     _recount_matches(fold_pass)
 
 
+class ReadsItsBatchNormWeight(nn.Module):
+    """A BN folded away whose weight the forward still reads, and a conv held under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.alias = self.conv
+        self.bn = nn.BatchNorm2d(4)
+        self.bn_alias = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = self.bn(self.conv(x)) * self.bn.weight.reshape(1, -1, 1, 1)
+        return scaled + self.bn_alias(self.alias(x))
+
+
+def test_counts_stay_exact_when_a_folded_module_is_swapped_or_dropped() -> None:
+    gm = fx.symbolic_trace(ReadsItsBatchNormWeight().eval())
+    held_twice = frozenset({id(gm.conv), id(gm.conv.weight), id(gm.conv.bias)})
+    fold_pass = _FoldPass(gm, "", held_twice, frozenset())
+    assert all(report.folded for report in fold_pass.run())
+    assert type(gm.bn) is nn.Module and dict(gm.bn.named_parameters()).keys() == {"weight"}
+    assert not hasattr(gm, "conv")  # both calls folded into copies; the original is read by none
+    _recount_matches(fold_pass)
+
+
 def test_the_first_copy_of_a_twice_called_layer_is_the_only_one() -> None:
     """Both BNs fold: one call keeps the conv, the other gets one copy, and nothing else is left."""
     model = FunctionalBatchNormAfterSharedConv().eval()
