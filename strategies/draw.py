@@ -327,9 +327,9 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
 @reused
 @st.composite
 def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
-    """A layer module read twice on the same input (called again, or its weight read by a
-    functional call; a third of those read it functionally twice), each branch followed by
-    norms, the branches added."""
+    """A layer module read twice on the same input (called again, half the time through a second
+    attribute holding it, or its weight read by a functional call; a third of those read it
+    functionally twice), each branch followed by norms, the branches added."""
     packaging = draw(one_of_values((INLINE, WRAPPER)))
     second = draw(one_of_values((MODULE, FUNCTIONAL)))
     layer, out = draw(layers(shape, allow_functional=False))
@@ -340,7 +340,8 @@ def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     shared = draw(BOOLEANS)
     first = tuple(draw(st.lists(norms(out), min_size=1, max_size=2)))
     second_norms = None if shared else tuple(draw(st.lists(norms(out), max_size=2)))
-    return TwoCalls(layer, second, first, second_norms, packaging), out
+    alias = second == MODULE and draw(chance(1, 2))
+    return TwoCalls(layer, second, first, second_norms, packaging, alias), out
 
 
 LAYER_KINDS = {

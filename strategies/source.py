@@ -532,12 +532,14 @@ class _Renderer:
         self._note_helpers(block.layer, names.layer)
         init.append(f"self.{layer_attribute} = {_constructor(block.layer)}")
         layer = "self." + layer_attribute
+        if block.alias:  # the same module held under a second name
+            init.append(f"self.{layer_attribute}_alias = {layer}")
         forward.append(f"a = {_call(block.layer, 'x', layer)}")
         self._norm_lines(index, block, block.first_norms, names.first_norms, "a", init, forward)
         if block.second == FUNCTIONAL:
             forward.append(f"b = {_functional_layer_call(block.layer, 'x', layer)}")
         else:
-            forward.append(f"b = {layer}(x)")
+            forward.append(f"b = {layer}{'_alias' if block.alias else ''}(x)")
         if block.second_norms is None:
             norms = block.first_norms
             self._norm_lines(index, block, norms, names.second_norms, "b", None, forward)

@@ -204,6 +204,9 @@ class TwoCalls:
     With ``second="functional"`` the first read may be functional too (``layer.functional``): one
     registered weight read by two ``F.conv*``/``F.linear`` calls, each with its own norms.
     ``second_norms=None`` calls the first branch's norm modules again (a BN with two call sites).
+    ``alias`` (with ``second="module"``): the second call goes through another attribute holding
+    the same module (``self.conv_alias = self.conv``, registered after it), so the module is held
+    at two places in the module tree, as weight-sharing code holds it.
     """
 
     layer: Layer
@@ -211,6 +214,7 @@ class TwoCalls:
     first_norms: tuple[Norm, ...]
     second_norms: tuple[Norm, ...] | None
     packaging: str = INLINE
+    alias: bool = False
 
 
 Block = Chain | TwoCalls

@@ -842,4 +842,29 @@ PINNED: dict[str, NetSpec] = {
         seed=134,
         example_inputs=False,
     ),
+    # Fuser bug (no_dead_state, fixed in b1ae2c6): one conv held under two names, each call with
+    # its own BN. Both folds went into copies (the module is shared) and the original stayed in
+    # the fused model, read by no node.
+    "layer_held_under_two_names": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            TwoCalls(
+                layer=Layer(
+                    kind="conv",
+                    spatial_dims=2,
+                    input_ndim=4,
+                    in_channels=3,
+                    out_channels=4,
+                    kernel_size=(3, 3),
+                    stride=(1, 1),
+                    padding=(1, 1),
+                    dilation=(1, 1),
+                ),
+                second="module",
+                first_norms=(Norm(input_ndim=4, num_features=4),),
+                second_norms=(Norm(input_ndim=4, num_features=4, eps=0.1),),
+                alias=True,
+            ),
+        ),
+    ),
 }

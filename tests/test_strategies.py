@@ -62,6 +62,8 @@ def features(spec: NetSpec) -> set[str]:
     for block in spec.blocks:
         if isinstance(block, TwoCalls):
             found.add(f"layer read twice ({block.second})")
+            if block.alias:
+                found.add("layer held under two names")
             if block.second_norms is None:
                 found.add("bn called at two sites")
         else:
@@ -201,6 +203,7 @@ REQUIRED = [
     "packaging wrapper",
     "layer read twice (module)",
     "layer read twice (functional)",
+    "layer held under two names",
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
     "tapped tensor changed in place",
