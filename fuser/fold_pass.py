@@ -383,6 +383,8 @@ class _FoldPass:
         readers = [
             n for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)
         ]
+        if self.usage.references(module) != len(readers):
+            return  # also reached otherwise (inside a module a node calls): kept whole
         names = sorted({n.target[len(prefix) :] for n in readers})
         if module._modules or any("." in name for name in names):
             return  # read through a submodule: kept whole

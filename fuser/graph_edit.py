@@ -104,11 +104,15 @@ class UsageCounts:
     def count(self, obj: object) -> int:
         return self._counts.get(id(obj), 0) + self.is_shared(obj)
 
+    def references(self, obj: object) -> int:
+        """How many nodes of this graph reference ``obj``, what holds it outside left out."""
+        return self._counts.get(id(obj), 0)
+
     def read_by_no_node(self, obj: object) -> bool:
         """No node of this graph references ``obj``: the GraphModule's own attribute for it is
         dead, and may go, even when something outside the graph also holds the object (deleting
         the attribute takes only this module's reference away)."""
-        return id(obj) not in self._counts
+        return self.references(obj) == 0
 
     def only_this_call_reads(self, module: nn.Module) -> bool:
         """True when a module (and each tensor inside it) is referenced by one node only."""

@@ -829,6 +829,38 @@ def test_batchnorm_whose_weight_is_also_read_elsewhere_folds_and_keeps_that_read
     assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
 
 
+def test_batchnorm_called_directly_and_inside_its_hooked_parent_folds_at_both_and_stays_inside():
+    """``self.inner.bn`` folded where the root calls it directly must stay in ``inner``, which
+    runs it too (a hooked module, fused on its own): nothing of it may be swapped or dropped."""
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.inner.bn(self.conv(x)) + self.inner(x)
+
+    model = prepared(Outer())
+    model.inner.register_forward_hook(lambda module, args, output: output * 2.0)
+    _, report = fused_and_checked(model, image(2, 3, 4, 4), example_inputs=(image(2, 3, 4, 4),))
+    sites = [site for site in report.sites if site.bn == "inner.bn"]
+    assert sorted((site.folded, site.into) for site in sites) == [
+        (True, "conv"),
+        (True, "inner.conv"),
+    ], report
+
+
 class Doubled(nn.Module):
     """A parametrization without a right inverse: the conv's weight cannot be assigned."""
 
