@@ -367,9 +367,7 @@ class _FoldPass:
             module = submodule(self.gm, call.module_target)
             if self.usage.read_by_no_node(module):
                 delete_attr(self.gm, call.module_target)
-            elif not any(
-                n.op == "call_module" and n.target == call.module_target for n in self.graph.nodes
-            ):
+            else:  # still called, or its tensors still read
                 self._keep_only_what_is_read(call.module_target, module)
         for constant in inputs:
             if constant.op == "get_attr" and not constant.users:
@@ -378,7 +376,9 @@ class _FoldPass:
     def _keep_only_what_is_read(self, target: str, module: nn.Module) -> None:
         """A folded BN module no node calls any more, whose tensors the code still reads
         (``self.bn.weight`` elsewhere in ``forward``), is swapped for a plain module holding just
-        those tensors under the same names: its other statistics would stay behind unused."""
+        those tensors under the same names: its other statistics would stay behind unused. One a
+        node still calls, or a module a node calls still holds, has more references than its
+        attribute readers, and stays whole."""
         prefix = f"{target}."
         readers = [
             n for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)

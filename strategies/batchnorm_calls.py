@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from strategies.tolerance import fresh_copies
+
 
 class _BatchNormRecorder(TorchFunctionMode):
     """Records the ``running_mean`` name of every batch norm call, in execution order."""
@@ -46,5 +48,5 @@ def batchnorm_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list
         names.setdefault(id(tensor), name)
     recorder = _BatchNormRecorder(names)
     with torch.no_grad(), recorder:
-        module(*(x.clone() for x in inputs))  # a network may change its input in place
+        module(*fresh_copies(inputs))  # a network may change its input in place
     return recorder.calls

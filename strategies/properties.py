@@ -193,21 +193,31 @@ def _check_same_kind_of_output(trial: Trial, prop: str, output: torch.Tensor) ->
     """An output of another dtype, device or shape is not the original's, whatever its values:
     a float32 output where the model returns bfloat16 is closer to the float64 reference, not
     the same output."""
-    original = trial.original_output
+    detail = _kind_difference(output, trial.original_output)
+    if detail is not None:
+        raise trial.violation(prop, detail)
+
+
+def _kind_difference(output: torch.Tensor, original: torch.Tensor) -> str | None:
     for what in ("dtype", "device", "shape"):
         if getattr(output, what) != getattr(original, what):
-            detail = f"output {what} {getattr(output, what)} != original {getattr(original, what)}"
-            raise trial.violation(prop, detail)
+            return f"output {what} {getattr(output, what)} != original {getattr(original, what)}"
+    return None
+
+
+def _check_matches_original(trial: Trial, prop: str, output: torch.Tensor, when: str = "") -> None:
+    """The output is of the original's kind and within the tolerance rule of it; ``when`` says
+    what was done to the fused model first (``"after copy.deepcopy: "``)."""
+    _check_same_kind_of_output(trial, prop, output)
+    comparison = trial.compare(output)
+    if not comparison.ok:
+        raise trial.violation(prop, when + comparison.describe(), trial.suspects())
 
 
 def check_fused_matches_original(trial: Trial) -> None:
     """The fused model computes what the original computes, within the tolerance rule."""
     prop = "fused_matches_original"
-    output = trial.fused_output(prop)
-    _check_same_kind_of_output(trial, prop, output)
-    comparison = trial.compare(output)
-    if not comparison.ok:
-        raise trial.violation(prop, comparison.describe(), trial.suspects())
+    _check_matches_original(trial, prop, trial.fused_output(prop))
 
 
 def check_input_model_untouched(trial: Trial) -> None:
@@ -281,11 +291,7 @@ def check_survives_copy_and_save(trial: Trial) -> None:
             )
             raise trial.violation(prop, detail) from error
         output = trial.run_fused(f"{prop} ({how})", again)
-        _check_same_kind_of_output(trial, prop, output)
-        comparison = trial.compare(output)
-        if not comparison.ok:
-            detail = f"after {how}: " + comparison.describe()
-            raise trial.violation(prop, detail, trial.suspects())
+        _check_matches_original(trial, prop, output, when=f"after {how}: ")
 
 
 def check_scripts_where_the_original_does(trial: Trial) -> bool:
@@ -305,10 +311,7 @@ def check_scripts_where_the_original_does(trial: Trial) -> bool:
         original = evaluate(torch.jit.script(trial.model), trial.inputs)[0]
     except Exception:
         return False
-    same_kind = all(
-        getattr(original, what) == getattr(trial.original_output, what)
-        for what in ("dtype", "device", "shape")
-    )
+    same_kind = _kind_difference(original, trial.original_output) is None
     if not (same_kind and trial.compare(original).ok):
         return False
     fused = trial.require_fused(prop)
@@ -317,11 +320,7 @@ def check_scripts_where_the_original_does(trial: Trial) -> bool:
     except Exception as error:
         detail = f"torch.jit.script of the fused model raised {type(error).__name__}: {error}"
         raise trial.violation(prop, detail + " (the original scripts)") from error
-    output = trial.run_fused(prop, scripted)
-    _check_same_kind_of_output(trial, prop, output)
-    comparison = trial.compare(output)
-    if not comparison.ok:
-        raise trial.violation(prop, "scripted: " + comparison.describe(), trial.suspects())
+    _check_matches_original(trial, prop, trial.run_fused(prop, scripted), when="scripted: ")
     return True
 
 
