@@ -32,7 +32,7 @@ from strategies.build import build_from_source
 from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
 from strategies.oracle import Site, foldable_sites
-from strategies.snapshot import differences, snapshot
+from strategies.snapshot import differences, shared_memory, snapshot
 from strategies.source import render_source
 from strategies.spec import AUTOCAST, Chain, NetSpec, literal
 from strategies.tolerance import (
@@ -186,6 +186,7 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
     except Exception as error:  # the properties decide whether raising was allowed
         trial.error = error
     trial.touched = differences(before, snapshot(model)) + _example_inputs_changed(inputs, given)
+    trial.touched += shared_memory(model, trial.fused)
     return trial
 
 
@@ -222,7 +223,8 @@ def check_fused_matches_original(trial: Trial) -> None:
 
 def check_input_model_untouched(trial: Trial) -> None:
     """Fusing left the caller's model bitwise identical (tensors, tree, flags, hooks), and the
-    example inputs it was given too."""
+    example inputs it was given too; and the fused model shares no memory with it, so that
+    nothing done to the fused model later can change it (``shared_memory``)."""
     if trial.touched:
         raise trial.violation("input_model_untouched", "\n".join(trial.touched))
 

@@ -3,10 +3,14 @@
 Records every parameter and buffer (bits, dtype, device, shape, ``requires_grad`` and identity),
 the module tree (names, types, identities, training flags) and the hooks of every module. Comparing
 two snapshots lists each difference in words.
+
+Leaving the input alone also means handing back a model that cannot change it later:
+``shared_memory`` lists the tensors of a fused model that share memory with the input model's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +107,51 @@ def differences(before: ModelSnapshot, after: ModelSnapshot) -> list[str]:
         if record.requires_grad != now.requires_grad:
             found.append(f"tensor {name} requires_grad changed")
     return found
+
+
+def shared_memory(model: nn.Module, fused: object) -> list[str]:
+    """The tensors of ``fused`` whose memory is a tensor's of ``model``, one line each.
+
+    A fused model must be a copy: anything that then changes it in place (``load_state_dict``, an
+    optimizer step, ``fused.weight.mul_(...)``, quantizing in place) would otherwise change the
+    caller's model too, though fusing itself left it bitwise alone. Parameters, buffers and plain
+    tensor attributes (FX's constants) are compared by storage, so a view of a caller's tensor
+    counts as shared.
+    """
+    if not isinstance(fused, nn.Module):
+        return []
+    owners = {}
+    for name, tensor in _tensors(model):
+        key = _storage_key(tensor)
+        if key is not None:
+            owners.setdefault(key, name)
+    found = []
+    for name, tensor in _tensors(fused):
+        owner = owners.get(_storage_key(tensor))
+        if owner is not None:
+            found.append(
+                f"fused tensor {name} shares memory with the input model's {owner}: changing "
+                "the fused model in place (load_state_dict, an optimizer step) changes the input"
+            )
+    return found
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter, buffer and plain tensor attribute of every module, by qualified name."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                yield (f"{path}.{name}" if path else name), value
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
+    """Where ``tensor``'s memory lies, or None where it has none to share (empty, meta, sparse)."""
+    if tensor.layout is not torch.strided or not tensor.numel():
+        return None
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+        return None
+    return (tensor.device, pointer) if pointer else None

@@ -9,11 +9,13 @@ Each property lives in ``strategies/properties.py``; its failure message is a co
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, reject
+from torch import nn
 
 from strategies import NetSpec, net_specs
 from strategies.fuser_under_test import FuserUnderTest
@@ -33,6 +35,7 @@ from strategies.properties import (
     check_training_model_refused_or_equivalent,
     run_trial,
 )
+from strategies.snapshot import shared_memory
 from tests.compat import cpu_runs_float16, requires_cpu_float16
 from tests.pinned import PINNED
 
@@ -210,6 +213,31 @@ def test_a_fused_model_must_change_its_input_as_the_original_does():
     check_input_model_untouched(trial)
     with pytest.raises(PropertyViolation, match="leaves its input 0 otherwise than the original"):
         check_fused_matches_original(trial)
+
+
+def test_a_fused_model_must_not_share_memory_with_the_input():
+    """Left bitwise alone by fusing, the caller's model can still be changed later through a fused
+    model that holds its tensors (here, the BN the fuser must leave in training mode)."""
+    mutant = "tests.mutants.bookkeeping_bugs:parameters_shared_with_caller"
+    trial = _pinned_trial("torch_fuse_training_bn_submodule", mutant)
+    check_fused_matches_original(trial)
+    with pytest.raises(PropertyViolation, match="shares memory with the input model's"):
+        check_input_model_untouched(trial)
+    check_input_model_untouched(_pinned_trial("torch_fuse_training_bn_submodule", "fuser:fuse"))
+
+
+def test_shared_memory_finds_views_and_tensor_attributes_but_not_copies():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    assert shared_memory(model, copy.deepcopy(model)) == []
+    assert shared_memory(model, nn.Identity()) == []
+    fused = copy.deepcopy(model)
+    fused[0].weight = nn.Parameter(model[0].weight.detach()[1:])  # a view of the caller's weight
+    fused[1].scale = model[1].running_var  # a plain tensor attribute, as FX keeps constants
+    fused[1].register_buffer("empty", model[1].running_mean[:0])  # no memory to share
+    found = shared_memory(model, fused)
+    assert len(found) == 2, found
+    assert "fused tensor 0.weight shares memory with the input model's 0.weight" in found[0]
+    assert "fused tensor 1.scale shares memory with the input model's 1.running_var" in found[1]
 
 
 def test_fusing_must_not_change_the_example_inputs():

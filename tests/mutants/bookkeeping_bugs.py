@@ -12,6 +12,7 @@ from unittest import mock
 
 from torch import fx, nn
 
+from fuser.copying import _copy
 from fuser.fold_pass import _FoldPass, fold_batch_norms
 from fuser.patterns import BatchNormCall
 from fuser.report import OUTPUT_SIDE, SiteReport
@@ -23,6 +24,7 @@ __all__ = [
     "example_inputs_changed",
     "folded_constants_left_behind",
     "input_model_mutated",
+    "parameters_shared_with_caller",
     "recompile_forgotten",
     "report_call_index_always_zero",
     "report_input_side_as_output_side",
@@ -38,6 +40,22 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     """
     patches = {"fuser.fuse.deep_copy": lambda module: module}
     return fuse_patched(model, example_inputs, patches)
+
+
+def parameters_shared_with_caller(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: to save the time and memory of copying every weight, the working copy keeps the
+    caller's parameters (a deep copy in which each parameter stands for itself), trusting that no
+    fold writes into a tensor the caller holds; and none does: folds into shared tensors go into
+    new ones. The caller's model stays bitwise as it was and every output is right, but the fused
+    model's unfolded layers hold the caller's tensors, so a ``load_state_dict`` or an optimizer
+    step on the fused model changes the caller's. Caught by: the input model is untouched (the
+    fused model shares no memory with it).
+    """
+
+    def copy_keeping_parameters(module: nn.Module) -> nn.Module:
+        return _copy(module, {id(parameter): parameter for parameter in module.parameters()})
+
+    return fuse_patched(model, example_inputs, {"fuser.fuse.deep_copy": copy_keeping_parameters})
 
 
 def example_inputs_changed(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
