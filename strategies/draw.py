@@ -336,7 +336,9 @@ def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     if second == FUNCTIONAL and layer.padding_mode != "zeros":
         layer = replace(layer, padding_mode="zeros")
     if second == FUNCTIONAL and draw(chance(1, 3)):  # one weight read by two functional calls
-        layer = replace(layer, functional=True, hooked=False, replaced_forward=False)
+        layer = replace(
+            layer, functional=True, hooked=False, replaced_forward=False, call_override=False
+        )
     shared = draw(BOOLEANS)
     first = tuple(draw(st.lists(norms(out), min_size=1, max_size=2)))
     second_norms = None if shared else tuple(draw(st.lists(norms(out), max_size=2)))
@@ -379,6 +381,8 @@ def layers(
         layer = replace(layer, spiked=True)
     if not functional and not hooked and draw(chance(1, 12)):
         layer = replace(layer, replaced_forward=True)
+    elif not functional and not hooked and purpose != "spiked_layer" and draw(chance(1, 12)):
+        layer = replace(layer, call_override=True)
     return (replace(layer, frozen=True) if frozen else layer), out
 
 

@@ -128,7 +128,16 @@ class _Graph:
 
     def layer(self, layer: Layer, name: str, value: _Node) -> _Node:
         """A call of the layer module ``name``; a functional call on its weight is named by that
-        weight (``name.weight``), as the fuser's report names it."""
+        weight (``name.weight``), as the fuser's report names it.
+
+        A layer whose class overrides ``__call__`` (``Layer.call_override``) is traced through:
+        a functional call on its weight, reading the ``F.pad`` of its input when its
+        ``padding_mode`` is not zeros, then the shift its ``__call__`` adds."""
+        if layer.call_override:
+            if layer.padding_mode != "zeros":
+                value = self.add(_Node("value", [value]))
+            traced = replace(layer, functional=True, call_override=False)
+            return self.add(_Node("value", [self.layer(traced, name, value)]))
         layer_name = f"{name}.weight" if layer.functional else name
         return self.add(_Node("layer", [value], layer=layer, layer_name=layer_name))
 
@@ -220,7 +229,9 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
         first = graph.norm(norm, name, first)
     second_layer = block.layer
     if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run
-        second_layer = replace(block.layer, functional=True, hooked=False, replaced_forward=False)
+        second_layer = replace(
+            block.layer, functional=True, hooked=False, replaced_forward=False, call_override=False
+        )
     second = graph.layer(second_layer, names.layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
     for norm, name in zip(second_norms, names.second_norms, strict=True):

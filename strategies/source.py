@@ -155,6 +155,16 @@ class OpaqueBatchNorm{_dims}d(nn.BatchNorm{_dims}d):
         return super().forward(x) + 0.125
 '''
 
+for _layer_class in ("Linear", *(f"{k}{d}d" for k in ("Conv", "ConvTranspose") for d in (1, 2, 3))):
+    HELPERS[f"ShiftedCall{_layer_class}"] = f'''
+class ShiftedCall{_layer_class}(nn.{_layer_class}):
+    """Its class's __call__ shifts what forward returns. FX runs __call__ and records the shift;
+    the class is not torch.nn's, so FX traces through forward (a functional call on the weight)."""
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs) - 0.25
+'''
+
 RANDOMIZE = '''
 def randomize(model, seed):
     """Deterministic values from the seed: activations stay O(1), BN statistics far from defaults
@@ -252,11 +262,10 @@ def _constructor(op: Op) -> str | None:
             return f"LayerWeights({_weight_shape(op)!r}, {bias})"
         if op.kind == "linear":
             bias = "" if op.bias else ", bias=False"
-            return f"nn.Linear({op.in_channels}, {op.out_channels}{bias})"
-        name = "Conv" if op.kind == CONV else "ConvTranspose"
+            return f"{_layer_class(op)}({op.in_channels}, {op.out_channels}{bias})"
         options = [f"kernel_size={_literal(op.kernel_size)}", *_layer_options(op, False)]
         args = ", ".join([str(op.in_channels), str(op.out_channels), *options])
-        return f"nn.{name}{op.spatial_dims}d({args})"
+        return f"{_layer_class(op)}({args})"
     if isinstance(op, Norm):
         if op.style == FUNCTIONAL:
             return (
@@ -281,6 +290,16 @@ def _constructor(op: Op) -> str | None:
             "identity": "nn.Identity()",
         }[op.kind]
     return f"nn.Flatten({op.start_dim})"
+
+
+def _layer_class(layer: Layer) -> str:
+    """``nn.Conv2d``, ``nn.Linear``, ...; ``ShiftedCallConv2d`` and so on for a layer whose class
+    overrides ``__call__`` (``Layer.call_override``)."""
+    if layer.kind == "linear":
+        name = "Linear"
+    else:
+        name = f"{'Conv' if layer.kind == CONV else 'ConvTranspose'}{layer.spatial_dims}d"
+    return f"ShiftedCall{name}" if layer.call_override else f"nn.{name}"
 
 
 def _functional_layer_call(layer: Layer, value: str, owner: str) -> str:
@@ -408,6 +427,8 @@ class _Renderer:
             if op.replaced_forward:
                 self.helpers.add("shift_forward")
                 self.setup.append(f"shift_forward({_submodule(qualname)})")
+            if op.call_override:
+                self.helpers.add(_layer_class(op))
         if isinstance(op, Norm):
             if op.gain == SHRINKING:
                 self.helpers.add("shrink_batch_norm")

@@ -61,7 +61,11 @@ class Layer:
     ``requires_grad=False``, which its folded parameters must keep. A layer whose forward is
     replaced has, on the instance, a ``forward`` that shifts its class's output (monkeypatching,
     or accelerate's hooks, do this): to FX and to its class it is still a conv or linear, so
-    folding into it would be wrong. A spiked layer's first weight
+    folding into it would be wrong. A layer whose ``call_override`` is set is a module of a
+    subclass whose ``__call__`` shifts what the inherited ``forward`` returns: FX runs that code
+    and records the shift, and, the class being no longer torch.nn's, traces through ``forward``,
+    so the fuser sees a functional ``F.conv*``/``F.linear`` on the module's weight (after an
+    ``F.pad`` for a conv with another ``padding_mode``), then the shift. A spiked layer's first weight
     entry is ``SPIKE`` and its bias is scaled by ``2**-GAIN_EXPONENT``: it reads a shrinking BN's
     small output, and an amplifying BN folded into it would overflow float16 (see ``Norm``).
     """
@@ -84,6 +88,7 @@ class Layer:
     frozen: bool = False
     spiked: bool = False
     replaced_forward: bool = False
+    call_override: bool = False
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,34 @@ def test_a_model_whose_forward_is_replaced_folds_nothing():
     assert all(site.foldable for site in foldable_sites(replace(spec, replaced_forward=False)))
 
 
+@pytest.mark.parametrize(
+    ("layer", "before", "after"),
+    [
+        (conv(padding=(0, 0)), "input", None),
+        (conv(padding=(1, 1), padding_mode="reflect"), None, None),  # the BN feeds F.pad
+        (conv(padding=(1, 1)), None, None),  # zero-pads its input
+        (conv_transpose(), None, None),
+    ],
+    ids=["unpadded conv", "reflect-padded conv", "zero-padded conv", "transposed conv"],
+)
+def test_a_layer_whose_class_overrides_call_is_a_functional_call_then_a_shift(layer, before, after):
+    """FX traces through it (``Layer.call_override``): a BN before it may fold into its weight
+    (named as a functional layer's), a BN after it reads the shift, not the layer."""
+    chain = Chain((bn(), replace(layer, call_override=True), bn()))
+    into = "b0_conv1.weight" if before else None
+    sites = foldable_sites(NetSpec(MAP, (chain,)))
+    assert [(site.side if site.foldable else None, site.into) for site in sites] == [
+        (before, into),
+        (after, None),
+    ]
+    model, inputs = build(NetSpec(MAP, (chain,)))
+    _, report = fuse_with_report(model, example_inputs=inputs)
+    assert [(site.side if site.folded else None, site.into) for site in report.sites] == [
+        (before, into),
+        (after, None),
+    ]
+
+
 def _overflowing_chain(padding=(1, 1)) -> Chain:
     """``shrinking BN -> spiked conv -> amplifying BN -> act`` (``Norm.gain``)."""
     spiked = conv(padding=padding, spiked=True)

@@ -134,6 +134,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("frozen layer")
             if op.replaced_forward:
                 found.add("layer forward replaced")
+            if op.call_override:
+                found.add("layer class overrides __call__")
         elif isinstance(op, Norm):
             found.add(f"batchnorm{ {2: 1, 3: 1, 4: 2, 5: 3}[op.input_ndim] }d")
             found.add(f"bn style {op.style}")
@@ -231,6 +233,7 @@ REQUIRED = [
     "bn defect forward_pre_hook",
     "bn defect replaced_forward",
     "layer forward replaced",
+    "layer class overrides __call__",
     "hooked layer",
     "frozen layer",
     "boundary hooked",
