@@ -7,6 +7,9 @@ on its own. The caller's model is never touched: all work happens on a deep copy
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 import torch
 from torch import fx, nn
 from torch.nn.parameter import is_lazy
@@ -61,7 +64,25 @@ def fuse_with_report(
     parts = ModelParts.of(working_copy)
     shared = parts.held_twice() | parts.shared_with(callers)
     fuser = _Fuser(recorded, report, shared, parts.private_storages(callers))
-    return fuser.fuse_module(working_copy, ""), report
+    fused = fuser.fuse_module(working_copy, "")
+    report.sites = _numbered_across_graphs(report.sites)
+    return fused, report
+
+
+def _numbered_across_graphs(sites: list[SiteReport]) -> list[SiteReport]:
+    """Number the calls of each BN across the whole report.
+
+    Each graph's fold pass numbers its own calls from 0; a BN called by the root and also inside
+    a module fused on its own (a hooked child) would otherwise be reported twice as call 0, and
+    ``FusionReport.site`` could find only one of them. The report lists a graph's sites before
+    those of the modules fused inside it, so a BN's calls keep that order.
+    """
+    seen: Counter[str] = Counter()
+    numbered = []
+    for site in sites:
+        numbered.append(replace(site, call_index=seen[site.bn]))
+        seen[site.bn] += 1
+    return numbered
 
 
 def _check_input(model: object, example_inputs: object) -> tuple | None:

@@ -10,7 +10,8 @@ Site naming (all names are qualified names in the caller's original model):
   ``running_mean`` tensor (``"head.norm.running_mean"``), or the graph node's name when it has no
   constant running stats.
 - ``call_index`` counts the calls of the same ``bn`` in execution order, from 0, so a module
-  called twice has two sites.
+  called twice has two sites. Across graphs (a module fused on its own, such as a hooked child,
+  runs its own graph) a graph's calls come before those inside the modules it calls.
 - ``into`` is the layer folded into: its module's qualified name, or for a functional layer the
   qualified name of its weight. When the layer is shared (rule 5) the fold goes into a copy for
   this site, and ``into`` still names the original.

@@ -859,6 +859,9 @@ def test_batchnorm_called_directly_and_inside_its_hooked_parent_folds_at_both_an
         (True, "conv"),
         (True, "inner.conv"),
     ], report
+    # Two calls in two graphs (the root's, and inner's fused on its own): numbered across both.
+    assert [site.call_index for site in sites] == [0, 1], report
+    assert report.site("inner.bn", 1).into == "inner.conv", report
 
 
 class Doubled(nn.Module):

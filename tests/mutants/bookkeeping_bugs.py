@@ -127,17 +127,17 @@ def report_input_side_as_output_side(
 
 
 def report_call_index_always_zero(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
-    """Bug (report): sites are numbered per graph node rather than per BN, so a BN module called
-    twice reports two sites both named ``(bn, call_index=0)`` and its second call cannot be looked
-    up. The fused model is right. Needs a BN called at two sites. Caught by: the report agrees with
+    """Bug (report): sites are numbered per graph node rather than per BN (the count of a BN's
+    calls is never advanced when the report's sites are numbered), so a BN module called twice
+    reports two sites both named ``(bn, call_index=0)`` and its second call cannot be looked up.
+    The fused model is right. Needs a BN called at two sites. Caught by: the report agrees with
     the oracle.
     """
-    reports = _FoldPass._reports
 
-    def numbered_per_node(self: _FoldPass, calls, outcomes) -> list[SiteReport]:
-        return [dataclasses.replace(site, call_index=0) for site in reports(self, calls, outcomes)]
+    def numbered_per_node(sites: list[SiteReport]) -> list[SiteReport]:
+        return [dataclasses.replace(site, call_index=0) for site in sites]
 
-    patches = {"fuser.fold_pass._FoldPass._reports": numbered_per_node}
+    patches = {"fuser.fuse._numbered_across_graphs": numbered_per_node}
     return fuse_patched(model, example_inputs, patches)
 
 
