@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from fuser.copying import _copy
 from fuser.fold_pass import _FoldPass, fold_batch_norms
+from fuser.fuse import _deep_copy
 from fuser.patterns import BatchNormCall
 from fuser.report import OUTPUT_SIDE, SiteReport
 
@@ -23,6 +24,7 @@ __all__ = [
     "dead_batch_norm_left_in_graph",
     "example_inputs_changed",
     "folded_constants_left_behind",
+    "graph_module_fused_in_place",
     "input_model_mutated",
     "parameters_shared_with_caller",
     "recompile_forgotten",
@@ -56,6 +58,20 @@ def parameters_shared_with_caller(model: nn.Module, example_inputs: tuple | None
         return _copy(module, {id(parameter): parameter for parameter in module.parameters()})
 
     return fuse_patched(model, example_inputs, {"fuser.fuse.deep_copy": copy_keeping_parameters})
+
+
+def graph_module_fused_in_place(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a model that is already a ``GraphModule`` (a fused model fused again, or one its
+    author traced) is taken to be the fuser's own and worked on without a copy: refused folds
+    and re-traced graphs are written into the caller's GraphModule. Every output is right, and
+    the strategies' networks are never GraphModules, so the caller's model the suite checks is
+    untouched. Caught by: idempotent (fusing the fused model again must leave it untouched).
+    """
+
+    def copy_unless_graph_module(module: nn.Module) -> nn.Module:
+        return module if isinstance(module, fx.GraphModule) else _deep_copy(module)
+
+    return fuse_patched(model, example_inputs, {"fuser.fuse._deep_copy": copy_unless_graph_module})
 
 
 def example_inputs_changed(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
