@@ -33,6 +33,7 @@ from hypothesis.database import (
 )
 
 from strategies import properties
+from strategies.build import freeze_startup_objects
 from strategies.fuser_under_test import FuserUnderTest
 
 DEFAULT_FUSER = "fuser:fuse"
@@ -111,6 +112,12 @@ def fuser_under_test(request: pytest.FixtureRequest) -> FuserUnderTest:
 def pytest_report_header(config: pytest.Config) -> str:
     target = config.getoption("--fuser") or DEFAULT_FUSER
     return f"fuser under test: {target}; hypothesis profile: {settings.get_current_profile_name()}"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every test module is imported: freeze what is alive, so that the networks' classes are
+    freed soon after each is checked (``strategies.build.freeze_startup_objects``)."""
+    freeze_startup_objects()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

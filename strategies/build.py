@@ -11,6 +11,7 @@ uses its children), and a network without source would test a case no user has.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import linecache
 import sys
@@ -24,7 +25,14 @@ from strategies.source import render_source
 from strategies.spec import NetSpec
 
 MODULE_PREFIX = "convbn_network_"
-LIVE_MODULES = 64  # source kept readable for the most recent networks; older ones are dropped
+#: Programs kept importable (their classes' source readable, their classes picklable): a trial
+#: uses one network at a time, and the training-mode property a second; older ones are dropped.
+#: Few, because every live class is a subclass of ``nn.Module``, and each trace walks them all:
+#: FX patches ``nn.Module.__call__`` and ``__getattr__`` for the trace and restores them after, and
+#: each assignment to a class attribute invalidates the method cache of every subclass (about
+#: 0.5 us per subclass per assignment here; 64 networks kept about 450 classes besides torch's
+#: 350).
+LIVE_MODULES = 8
 _live: deque[str] = deque()
 
 
@@ -53,6 +61,21 @@ def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
 def _compiled(source: str, filename: str) -> types.CodeType:
     """Each network is built more than once (the training-mode property builds it again)."""
     return compile(source, filename, "exec")
+
+
+def freeze_startup_objects() -> None:
+    """Exempt every object alive now (torch, Hypothesis, the test modules) from garbage collection.
+
+    Each network's classes, and each ``GraphModule`` (FX gives every instance a class of its
+    own), are freed only by a full collection: classes always sit in reference cycles. With
+    torch's 340,000 objects in the oldest generation, Python runs full collections rarely, so dead
+    classes stay in ``nn.Module``'s subclass list, which every trace walks (``LIVE_MODULES``).
+    Frozen (``gc.freeze``), those objects are neither walked by a full collection nor counted
+    when Python decides to run one, so dead classes are freed sooner and cheaper. Call it once,
+    after the imports: the suite's ``conftest.py`` does, when collection is done.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _remember(name: str) -> None:
