@@ -36,6 +36,7 @@ from tables import environment_header, fix_threads, markdown_table
 
 from fuser import fuse, fuse_with_report
 from strategies import properties
+from strategies.build import freeze_startup_objects
 from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
 from strategies.properties import OutOfRange, PropertyViolation
@@ -53,8 +54,9 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("oracle", "strategies.properties", "foldable_sites"),
     ("reference: rest", "strategies.properties", "measure_reference"),
     ("reference: rounding-noise run", "strategies.tolerance", "rounding_noise_output"),
-    ("forward: models and float64 reference", "strategies.properties", "_evaluate"),
-    ("forward: models and float64 reference", "strategies.tolerance", "_evaluate"),
+    ("forward: models and float64 reference", "strategies.properties", "evaluate"),
+    ("forward: models and float64 reference", "strategies.tolerance", "evaluate"),
+    ("checks: torch.save then torch.load", "strategies.properties", "_saved_and_loaded"),
     ("forward: count BN calls", "strategies.properties", "batchnorm_calls"),
     ("checks: compare outputs", "strategies.properties", "Trial.compare"),
     ("checks: snapshot input model", "strategies.properties", "snapshot"),
@@ -69,7 +71,10 @@ STAGES: tuple[tuple[str, str, str], ...] = (
 
 #: ``copy.deepcopy`` is reached through each module's ``copy`` global; wrapping the function
 #: itself would time every step of its recursion.
-DEEPCOPY_STAGES: tuple[tuple[str, str], ...] = (("reference: deepcopy", "strategies.tolerance"),)
+DEEPCOPY_STAGES: tuple[tuple[str, str], ...] = (
+    ("reference: deepcopy", "strategies.tolerance"),
+    ("checks: deepcopy fused model", "strategies.properties"),
+)
 
 DRAW_STAGE = "Hypothesis: draw specs, engine"
 FUSE_REST = "fuse: rest"
@@ -219,6 +224,7 @@ def throughput(networks: int, seed: int) -> tuple[Outcome, float, float]:
     """
     fuser = fuser_under_test(None)
     check_random_networks(fuser, 5, seed_value=seed + 1)  # imports, first-call caches
+    freeze_startup_objects()  # as the suite's conftest.py does after collection
     cpu, wall = time.process_time(), time.perf_counter()
     outcome = check_random_networks(fuser, networks, seed_value=seed)
     return outcome, time.process_time() - cpu, time.perf_counter() - wall
