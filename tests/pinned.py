@@ -867,4 +867,52 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Suite gap, found by a machine-made mutant of fuse.py (docs/mutants.md): when a trace is
+    # unfaithful (the last block's type check), the fuser traces each child it entered on its own
+    # and keeps the ones that differ as calls, so the folds before that block survive. Mutants
+    # that break this narrowing (children listed wrongly, culprits never found, the retried trace
+    # never used) leave the whole model untraced, and b0_bn1 unfolded; the ci profile's random
+    # networks missed all of them, the thorough profile's found this one.
+    "type_check_block_after_an_inline_fold": NetSpec(
+        input_shape=(2, 1, 3, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=3,
+                        input_ndim=5,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1, 1, 1),
+                        stride=(1, 1, 1),
+                        padding=(1, 1, 1),
+                        dilation=(1, 1, 1),
+                        bias=False,
+                        padding_mode="reflect",
+                    ),
+                    Norm(input_ndim=5, num_features=1, eps=1.0),
+                )
+            ),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=3,
+                        input_ndim=5,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1, 1, 1),
+                        stride=(1, 1, 1),
+                        padding="same",
+                        dilation=(1, 1, 1),
+                        bias=False,
+                        padding_mode="reflect",
+                    ),
+                    Norm(input_ndim=5, num_features=1, eps=1.0, style="traced_subclass"),
+                ),
+                boundary="type_check",
+            ),
+        ),
+    ),
 }
