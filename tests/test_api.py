@@ -344,6 +344,18 @@ def test_fuse_with_report_returns_the_model_and_a_report_of_every_site():
     assert_equivalent(model, fused, image(2, 3, 6, 6))
 
 
+@pytest.mark.parametrize("given", ["tensor", "tuple", "list"])
+def test_example_inputs_may_be_one_tensor_a_tuple_or_a_list(given):
+    """A Linear on a 2-D input folds only when example inputs prove the rank (README rule 2):
+    the fold shows that the inputs were used, however they were passed."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    x = torch.randn(5, 4)
+    example_inputs = {"tensor": x, "tuple": (x,), "list": [x]}[given]
+    fused, report = fuse_with_report(model, example_inputs)
+    assert report.site("1").folded, report
+    assert_equivalent(model, fused, x)
+
+
 def test_folded_batchnorms_are_deleted_from_the_fused_state_dict():
     model = small_net()
     fused = fuse(model)
