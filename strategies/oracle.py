@@ -34,6 +34,7 @@ from strategies.spec import (
     INLINE,
     LINEAR,
     METADATA_TAPS,
+    MODULE,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     SHRINKING,
@@ -57,7 +58,10 @@ class Site:
 
     ``bn`` and ``call_index`` follow ``fuser/report.py``; ``bn`` is ``None`` for a functional call
     without running statistics (the report names those by graph node). ``into`` names the layer
-    it folds into (its module, or the weight tensor of a functional layer).
+    it folds into (its module, or the weight tensor of a functional layer). ``seen`` is False for
+    a call no fuser can report: in code that runs as written, where only modules are known, a
+    call that is not a BatchNorm module's (a functional call, or a subclass's own forward), or a
+    module's second call (``_is_module_call``).
     """
 
     bn: str | None
@@ -66,6 +70,7 @@ class Site:
     side: str | None
     into: str | None
     reason: str
+    seen: bool = True
 
     def describe(self) -> str:
         name = self.bn or "<functional batch_norm without running stats>"
@@ -91,6 +96,7 @@ class _Node:
     folded_side: str | None = None
     folded_into: str | None = None
     shrunk: bool = False  # a layer that took a shrinking BN's input-side fold
+    seen: bool = True  # see Site.seen
 
 
 class _Graph:
@@ -120,6 +126,7 @@ class _Graph:
                 bn=bn,
                 call_index=index,
                 candidate_reason=_unfoldable_reason(norm) or opaque,
+                seen=opaque is None or _is_module_call(norm, index),
             )
         )
         if norm.style == TRACED_SUBCLASS:
@@ -165,6 +172,13 @@ def _unfoldable_reason(norm: Norm) -> str | None:
     if norm.defect == REPLACED_FORWARD:
         return "its forward is replaced on the instance"
     return None
+
+
+def _is_module_call(norm: Norm, call_index: int) -> bool:
+    """Can a fuser report this call in code it does not trace? It knows the BatchNorm modules
+    there (whatever their defects), not their functional calls, nor how often a module is
+    called: one entry, call 0, stands for all of a module's calls."""
+    return norm.style == MODULE and call_index == 0
 
 
 def _computes_as_its_class(layer: Layer) -> bool:
@@ -332,9 +346,21 @@ def foldable_sites(spec: NetSpec) -> list[Site]:
                 node.folded_side,
                 node.folded_into,
                 reason,
+                node.seen,
             )
         )
     if spec.replaced_forward:  # the model is not traced, and its children are left whole
         reason = "the model's forward is replaced on the instance"
-        return [Site(site.bn, site.call_index, False, None, None, reason) for site in sites]
+        return [
+            Site(
+                site.bn,
+                site.call_index,
+                False,
+                None,
+                None,
+                reason,
+                _is_module_call(norm.norm, site.call_index),
+            )
+            for site, norm in zip(sites, norms, strict=True)
+        ]
     return sites

@@ -461,9 +461,14 @@ def check_report_agrees_with_oracle(trial: Trial) -> None:
         if not site.foldable and got is not None and got.folded:
             detail = f"report: folded into {got.into} ({got.side} side); oracle: {site.describe()}"
             raise trial.violation(prop, detail, name)
+        if got is None and site.seen:
+            raise trial.violation(prop, f"no report entry; oracle: {site.describe()}", name)
     for (bn, index), got in reported.items():
         if got.folded:
             detail = f"report folds a site the oracle has no foldable BatchNorm for: {got}"
+            raise trial.violation(prop, detail, f"{bn} (call {index})")
+        if any(site.bn == bn for site in trial.sites):
+            detail = f"report has a call the network does not make: {got}"
             raise trial.violation(prop, detail, f"{bn} (call {index})")
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "recompile_forgotten",
     "report_call_index_always_zero",
     "report_input_side_as_output_side",
+    "report_lists_only_folded_sites",
     "report_path_prefix_dropped",
 ]
 
@@ -140,6 +141,20 @@ def report_input_side_as_output_side(
     The fused model is right. Caught by: the report agrees with the oracle (side of each fold).
     """
     return fuse_patched(model, example_inputs, {"fuser.fold_pass.INPUT_SIDE": OUTPUT_SIDE})
+
+
+def report_lists_only_folded_sites(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug (report): a graph's report keeps only the sites it folded (a report read as "what was
+    done"), so a BN that was left has no entry and no reason: the user who asks why it still runs
+    learns nothing. The fused model is right. Caught by: the report agrees with the oracle (every
+    BN call the oracle lists has an entry, unless it runs where no fuser can see it).
+    """
+    reports = _FoldPass._reports
+
+    def folded_only(self: _FoldPass, calls, outcomes) -> list[SiteReport]:
+        return [site for site in reports(self, calls, outcomes) if site.folded]
+
+    return fuse_patched(model, example_inputs, {"fuser.fold_pass._FoldPass._reports": folded_only})
 
 
 def report_call_index_always_zero(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
