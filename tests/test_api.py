@@ -486,6 +486,41 @@ def test_untraceable_model_that_calls_a_childs_conv_directly_still_runs_the_same
     assert_equivalent(model, fuse(model), image(2, 3, 5, 5))
 
 
+def test_untraceable_model_that_reads_inside_a_container_child_keeps_that_child_whole():
+    """``self.stages[1][1].weight``: the code reads into the container, so none of its elements
+    may be swapped for a fused GraphModule (which has no ``[1]``), though the code also calls it."""
+
+    class ReadsIntoStages(Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.Sequential(conv_bn_relu(3, 4), conv_bn_relu(4, 4))
+
+        def body(self, x):
+            return self.stages(x) * self.stages[1][1].weight.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = randomise_bn_stats(ReadsIntoStages()).eval()
+    fused, report = fuse_with_report(model)
+    assert_equivalent(model, fused, image(2, 3, 5, 5))
+    assert all(type(stage) is nn.Sequential for stage in fused.stages), fused
+    assert "stages" in [module.name for module in report.untraced], report
+
+
+def test_example_inputs_the_model_cannot_run_raise_a_fuser_error():
+    model = small_net()  # three input channels
+    with pytest.raises(FuserError, match="example_inputs could not be run through the model"):
+        fuse(model, (image(2, 5, 6, 6),))
+
+
+def test_the_fused_model_keeps_the_models_public_attributes():
+    """Code that reads ``model.num_classes`` must read it from the fused model too; tracing
+    keeps only what the graph uses, so the fuser copies the traced module's over."""
+    model = small_net()
+    model.num_classes = 10
+    fused = fuse(model)
+    assert fused.num_classes == 10
+
+
 def test_conv_shared_by_two_children_of_an_untraceable_model_folds_into_copies():
     class SharedAcrossChildren(Untraceable):
         def __init__(self):
