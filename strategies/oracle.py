@@ -359,8 +359,8 @@ def foldable_sites(spec: NetSpec) -> list[Site]:
                 None,
                 None,
                 reason,
-                _is_module_call(norm.norm, site.call_index),
+                _is_module_call(node.norm, site.call_index),
             )
-            for site, norm in zip(sites, norms, strict=True)
+            for site, node in zip(sites, norms, strict=True)
         ]
     return sites

@@ -63,8 +63,9 @@ def parameters_shared_with_caller(model: nn.Module, example_inputs: tuple | None
 
 def graph_module_fused_in_place(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: a model that is already a ``GraphModule`` (a fused model fused again, or one its
-    author traced) is taken to be the fuser's own and worked on without a copy: refused folds
-    and re-traced graphs are written into the caller's GraphModule. Every output is right, and
+    author traced) is taken to be the fuser's own and worked on without a copy: whatever the
+    fuse changes is changed in the caller's GraphModule, and what it returns holds the caller's
+    tensors. Every output is right, and
     the strategies' networks are never GraphModules, so the caller's model the suite checks is
     untouched. Caught by: idempotent (fusing the fused model again must leave it untouched).
     """
