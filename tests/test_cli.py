@@ -18,7 +18,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fuser.cli
 from fuser.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, main
-from fuser.reference import check_against_float64, max_abs_error, output_tensors
+from fuser.reference import (
+    RELATIVE_FLOOR,
+    TOLERANCE_FACTOR,
+    check_against_float64,
+    max_abs_error,
+    output_tensors,
+)
 from fuser.timing import interleaved_medians, without_batchnorm
 from fuser.zoo import BATCHNORM_TYPES, build_model, randomize_batchnorm_statistics
 
@@ -157,9 +163,25 @@ def test_float64_check_fails_on_a_model_that_differs_and_passes_on_itself():
     wrong[1].running_var[2] *= 1.001
     inputs = (torch.randn(2, 3, 8, 8),)
 
-    assert check_against_float64(model, model, inputs).passed
+    passed = check_against_float64(model, model, inputs)
+    assert passed.passed
+    # The README's rule: 4 x the unfused model's error, plus 1e-6 x the largest reference output.
+    rule = TOLERANCE_FACTOR * passed.unfused_error + RELATIVE_FLOOR * passed.reference_scale
+    assert passed.allowed == pytest.approx(rule, rel=1e-12) and passed.reference_scale > 1
     failed = check_against_float64(model, wrong, inputs)
     assert not failed.passed and failed.fused_error > failed.allowed, failed
+
+
+def test_float64_check_passes_a_fused_error_equal_to_what_is_allowed():
+    """A model whose output is exactly zero: every error and the allowance are 0, and a fused
+    model computing the same zeros is right."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    nn.init.zeros_(model[0].weight)
+    model[1].running_mean.zero_()
+    nn.init.zeros_(model[1].bias)
+    check = check_against_float64(model, model, (torch.randn(2, 3, 4, 4),))
+    assert (check.fused_error, check.allowed) == (0.0, 0.0)
+    assert check.passed, check
 
 
 def test_outputs_are_compared_through_tuples_and_dicts():
