@@ -18,9 +18,7 @@ from __future__ import annotations
 import copy
 import io
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import chain
 from operator import attrgetter
 
 import torch
@@ -32,7 +30,7 @@ from strategies.build import build_from_source
 from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
 from strategies.oracle import Site, foldable_sites
-from strategies.snapshot import differences, shared_memory, snapshot
+from strategies.snapshot import named_state, snapshot, touched_by_fusing
 from strategies.source import render_source
 from strategies.spec import AUTOCAST, Chain, NetSpec, literal
 from strategies.tolerance import (
@@ -185,8 +183,8 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
         trial.fused, trial.report = fuse(model, given)
     except Exception as error:  # the properties decide whether raising was allowed
         trial.error = error
-    trial.touched = differences(before, snapshot(model)) + _example_inputs_changed(inputs, given)
-    trial.touched += shared_memory(model, trial.fused)
+    trial.touched = touched_by_fusing(before, model, trial.fused)
+    trial.touched += _example_inputs_changed(inputs, given)
     return trial
 
 
@@ -259,7 +257,7 @@ def check_idempotent(trial: Trial) -> None:
     except Exception as error:
         detail = f"fusing the fused model raised {type(error).__name__}: {error}"
         raise trial.violation(prop, detail) from error
-    touched = differences(before, snapshot(fused)) + shared_memory(fused, twice)
+    touched = touched_by_fusing(before, fused, twice)
     if touched:
         raise trial.violation(prop, "fusing the fused model again:\n" + "\n".join(touched))
     output = trial.run_fused(prop, twice)
@@ -511,18 +509,10 @@ def _unreachable_state(gm: fx.GraphModule) -> list[str]:
             continue
         value = attrgetter(node.target)(gm)
         if isinstance(value, nn.Module):
-            reached.update(id(tensor) for _, tensor in _state(value))
+            reached.update(id(tensor) for _, tensor in named_state(value))
         else:
             reached.add(id(value))
-    return [name for name, tensor in _state(gm) if id(tensor) not in reached]
-
-
-def _state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, parameter or buffer) of ``module``, a tensor held under two names twice."""
-    return chain(
-        module.named_parameters(remove_duplicate=False),
-        module.named_buffers(remove_duplicate=False),
-    )
+    return [name for name, tensor in named_state(gm) if id(tensor) not in reached]
 
 
 TRIAL_CHECKS = (

@@ -45,11 +45,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def snapshot(model: nn.Module) -> ModelSnapshot:
     """Record everything a fuser must not change in its input model."""
     tensors = {}
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    for name, tensor in named:
+    for name, tensor in named_state(model):
         tensors[name] = _TensorRecord(
             id(tensor),
             tensor.dtype,
@@ -109,6 +105,18 @@ def differences(before: ModelSnapshot, after: ModelSnapshot) -> list[str]:
     return found
 
 
+def named_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, parameter or buffer) of ``module``, a tensor held under two names twice."""
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def touched_by_fusing(before: ModelSnapshot, model: nn.Module, fused: object) -> list[str]:
+    """Every way fusing touched ``model`` (recorded as ``before``), one line each: what changed in
+    it, and what of the fused model lies in its memory (``shared_memory``)."""
+    return differences(before, snapshot(model)) + shared_memory(model, fused)
+
+
 def shared_memory(model: nn.Module, fused: object) -> list[str]:
     """The tensors of ``fused`` whose memory is a tensor's of ``model``, one line each.
 
@@ -138,8 +146,7 @@ def shared_memory(model: nn.Module, fused: object) -> list[str]:
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter, buffer and plain tensor attribute of every module, by qualified name."""
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+    yield from named_state(model)
     for path, module in model.named_modules(remove_duplicate=False):
         for name, value in vars(module).items():
             if isinstance(value, torch.Tensor):
