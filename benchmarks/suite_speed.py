@@ -60,7 +60,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("forward: count BN calls", "strategies.properties", "batchnorm_calls"),
     ("checks: compare outputs", "strategies.properties", "Trial.compare"),
     ("checks: snapshot input model", "strategies.properties", "snapshot"),
-    ("checks: snapshot input model", "strategies.properties", "differences"),
+    ("checks: snapshot input model", "strategies.properties", "touched_by_fusing"),
     ("fuse: deepcopy", "fuser.fuse", "deep_copy"),
     ("fuse: trace", "fuser.fuse", "trace_with_opaque_submodules"),
     ("fuse: fold pass", "fuser.fuse", "fold_batch_norms"),
