@@ -120,10 +120,10 @@ def _classify_method(method: ast.AST, uses: dict[str, set[str]]) -> None:
     for node in ast.walk(method):
         name = _self_attribute(node)
         if name is not None:
-            uses[name].add(_classify_use(node, parents))
+            uses[name].add(_classify_use(node, parents, method))
 
 
-def _classify_use(node: ast.Attribute, parents: dict) -> str:
+def _classify_use(node: ast.Attribute, parents: dict, method: ast.AST) -> str:
     parent = parents.get(node)
     if isinstance(parent, ast.Call) and parent.func is node:
         return CALLED
@@ -136,8 +136,8 @@ def _classify_use(node: ast.Attribute, parents: dict) -> str:
         if isinstance(grandparent, ast.Call) and grandparent.func is parent:
             return ELEMENTS_CALLED
         return OTHER
-    loop = _enclosing_loop(node, parents)
-    if loop is not None and _loop_only_calls_elements(loop, node):
+    loop = _loop_over(node, parents)
+    if loop is not None and _loop_only_calls_elements(*loop, method, parents):
         return ELEMENTS_CALLED
     return OTHER
 
@@ -159,39 +159,96 @@ def _is_len_call(parent: ast.AST | None, node: ast.AST) -> bool:
     )
 
 
-def _enclosing_loop(node: ast.AST, parents: dict) -> ast.For | None:
-    """The ``for`` loop iterating ``node``, directly or through ``enumerate``/``zip``/..."""
+def _loop_over(node: ast.AST, parents: dict) -> tuple[ast.For, set[str]] | None:
+    """The ``for`` loop iterating ``node``, directly or through ``enumerate``/``zip``/..., and
+    the names it binds to ``node``'s elements (not ``enumerate``'s index, nor what ``zip``
+    takes from its other arguments)."""
     parent = parents.get(node)
-    if isinstance(parent, ast.Call) and node in parent.args:
-        func = parent.func
-        if isinstance(func, ast.Name) and func.id in _ITERATION_WRAPPERS:
-            node, parent = parent, parents.get(parent)
-    if isinstance(parent, ast.For) and parent.iter is node:
-        return parent
-    return None
+    wrapper, position = None, 0
+    if (
+        isinstance(parent, ast.Call)
+        and isinstance(parent.func, ast.Name)
+        and parent.func.id in _ITERATION_WRAPPERS
+        and node in parent.args
+    ):
+        wrapper, position = parent.func.id, parent.args.index(node)
+        node, parent = parent, parents.get(parent)
+    if not (isinstance(parent, ast.For) and parent.iter is node):
+        return None
+    target = parent.target
+    if wrapper == "enumerate":  # (index, element)
+        parts = target.elts[1:2] if isinstance(target, ast.Tuple) and position == 0 else []
+    elif wrapper == "zip":  # one element of each argument
+        parts = target.elts[position : position + 1] if isinstance(target, ast.Tuple) else []
+    else:
+        parts = [target]
+    return parent, {part.id for part in parts if isinstance(part, ast.Name)}
 
 
-def _loop_only_calls_elements(loop: ast.For, container: ast.AST) -> bool:
-    """Every loop variable bound to an element is only ever called in the loop body."""
-    targets = [loop.target] if isinstance(loop.target, ast.Name) else []
-    if isinstance(loop.target, ast.Tuple):
-        targets = [t for t in loop.target.elts if isinstance(t, ast.Name)]
-    names = {t.id for t in targets}
-    body = ast.Module(body=loop.body, type_ignores=[])
-    parents = {child: parent for parent in ast.walk(body) for child in ast.iter_child_nodes(parent)}
+def _loop_only_calls_elements(
+    loop: ast.For, elements: set[str], method: ast.AST, parents: dict
+) -> bool:
+    """The loop binds its elements to plain names, calls them, and does nothing else with them.
+
+    Not even compare them: ``block is self.skipped`` or ``block in self.frozen`` is true of the
+    original element and false of its fused replacement. Nor may the method read an element
+    name after the loop, where it still holds the last element (``for`` does not scope it).
+    """
+    if not elements:  # unpacked further, or bound to an attribute: not seen called
+        return False
     element_calls = 0
-    for node in ast.walk(body):
-        if isinstance(node, ast.Name) and node.id in names:
+    for node in _walk_body(loop):
+        if isinstance(node, ast.Name) and node.id in elements:
             parent = parents.get(node)
-            if isinstance(parent, ast.Call) and parent.func is node:
-                element_calls += 1
-            elif not _is_index_like(node, parent):
+            if not (isinstance(parent, ast.Call) and parent.func is node):
                 return False
-    return element_calls > 0
+            element_calls += 1
+    return element_calls > 0 and not _read_outside(elements, loop, method, parents)
 
 
-def _is_index_like(node: ast.Name, parent: ast.AST | None) -> bool:
-    """Uses of an ``enumerate`` index (``i``) that do not touch the element: comparisons, arithmetic."""
-    return isinstance(parent, (ast.Compare, ast.BinOp, ast.Subscript)) and not (
-        isinstance(parent, ast.Subscript) and parent.value is node
-    )
+def _walk_body(loop: ast.For):
+    for statement in loop.body:
+        yield from ast.walk(statement)
+
+
+def _read_outside(names: set[str], loop: ast.For, method: ast.AST, parents: dict) -> bool:
+    """Whether ``method`` reads one of ``names`` outside ``loop``'s body where no other binding
+    (another loop's, a comprehension's, a nested function's argument) shadows it."""
+    inside = set(_walk_body(loop))
+    for node in ast.walk(method):
+        if (
+            isinstance(node, ast.Name)
+            and node.id in names
+            and isinstance(node.ctx, ast.Load)
+            and node not in inside
+            and not _bound_around(node, parents, loop, method)
+        ):
+            return True
+    return False
+
+
+def _bound_around(node: ast.Name, parents: dict, loop: ast.For, method: ast.AST) -> bool:
+    """Whether a construct inside ``method``, other than ``loop``, binds ``node``'s name afresh
+    around it (the method's own arguments do not: after the loop the name is the element)."""
+    child, ancestor = node, parents.get(node)
+    while ancestor is not None and ancestor is not method:
+        if ancestor is not loop and node.id in _names_bound_around(ancestor, child):
+            return True
+        child, ancestor = ancestor, parents.get(ancestor)
+    return False
+
+
+def _names_bound_around(ancestor: ast.AST, child: ast.AST) -> set[str]:
+    """The names ``ancestor`` binds for the code in ``child``, one of its parts: a loop's
+    variables in its body, a comprehension's, a nested function's or lambda's arguments."""
+    if isinstance(ancestor, ast.For) and any(child is part for part in ancestor.body):
+        return _target_names(ancestor.target)
+    if isinstance(ancestor, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+        return set().union(*(_target_names(g.target) for g in ancestor.generators))
+    if isinstance(ancestor, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        return {a.arg for a in ast.walk(ancestor.args) if isinstance(a, ast.arg)}
+    return set()
+
+
+def _target_names(target: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}

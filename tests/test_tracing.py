@@ -2,8 +2,7 @@
 
 One trace finds every untraceable submodule: a failed submodule call is rolled back (its graph
 nodes, cached parameter proxies, attribute changes) and kept as one opaque call. These tests pin
-what that rollback must undo. ``child_usage`` reads a parent's source once per file; these tests
-pin that classes are told apart by qualified name and that missing source means "leave it".
+what that rollback must undo.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from helpers import assert_equivalent, randomise_bn_stats, remaining_batch_norms
 from torch import nn
 
 from fuser import fuse_with_report
-from fuser.child_usage import CALLED, ELEMENTS_CALLED, OTHER, child_usage
 from fuser.fidelity import ForwardReference
 from fuser.shapes import deterministic_kernels
 from fuser.tracing import AUGMENTED_ASSIGNMENTS, tensor_augmented_assignments_as_methods
@@ -295,89 +293,6 @@ def test_module_traceable_at_one_call_site_and_not_at_another_is_opaque_at_both(
     assert len(gate_calls) == 2, fused.graph
     for sign in (1, -1):
         assert_equivalent(model, fused, sign * (image().abs() + 0.1))
-
-
-# --- child_usage ---------------------------------------------------------------------------------
-
-
-class UsesChildrenInEveryWay(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.called = nn.Conv2d(4, 4, 1)
-        self.indexed = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
-        self.looped = nn.ModuleList([nn.Conv2d(4, 4, 1)])
-        self.counted = nn.ModuleList([nn.Conv2d(4, 4, 1)])
-        self.checked = nn.Conv2d(4, 4, 1)
-        self.read = nn.Conv2d(4, 4, 1)
-        self.unused = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        x = self.indexed[0](self.called(x))
-        for layer in self.looped:
-            x = layer(x)
-        if len(self.counted) > 1 or self.checked is None:
-            x = x * 2
-        return self.checked(x) + self.read.weight.sum()
-
-
-def test_child_usage_classifies_each_kind_of_use():
-    assert child_usage(UsesChildrenInEveryWay()) == {
-        "called": CALLED,
-        "indexed": ELEMENTS_CALLED,
-        "looped": ELEMENTS_CALLED,
-        "counted": ELEMENTS_CALLED,
-        "checked": CALLED,
-        "read": OTHER,
-        "unused": OTHER,
-    }
-
-
-def _same_name_in_two_functions() -> tuple[type, type]:
-    def calls() -> type:
-        class Parent(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.child = nn.Conv2d(1, 1, 1)
-
-            def forward(self, x):
-                return self.child(x)
-
-        return Parent
-
-    def reads() -> type:
-        class Parent(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.child = nn.Conv2d(1, 1, 1)
-
-            def forward(self, x):
-                return x * self.child.weight
-
-        return Parent
-
-    return calls(), reads()
-
-
-def test_classes_with_the_same_name_are_told_apart_by_where_they_are_defined():
-    calling, reading = _same_name_in_two_functions()
-
-    assert child_usage(calling()) == {"child": CALLED}
-    assert child_usage(reading()) == {"child": OTHER}
-
-
-def test_child_of_a_class_without_source_is_left_alone():
-    namespace: dict = {"nn": nn}
-    exec(  # no file and no linecache entry: the source cannot be read back
-        "class NoSource(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.child = nn.Conv2d(1, 1, 1)\n"
-        "    def forward(self, x):\n"
-        "        return self.child(x)\n",
-        namespace,
-    )
-
-    assert child_usage(namespace["NoSource"]()) == {"child": OTHER}
 
 
 # --- code FX runs but does not record: x += y ---------------------------------------------------
