@@ -5,7 +5,9 @@ fused version if that code does nothing with the child but call it. A parent tha
 ``Sequential`` (``self.block[0](x)``), iterates it, or reads its attributes (``self.block.conv``)
 would crash on the swapped-in GraphModule or, worse, silently reach a folded layer. So the parent's
 methods (all but ``__init__``, which only runs at construction) are parsed, and every use of
-``self.NAME`` is classified.
+``self.NAME`` is classified. Code that reaches its children other than by name (``self.modules()``,
+``self.parameters()``, ``getattr(self, name)``, ``self`` handed to a function) would see the fused
+children wherever they are, so a class with such code keeps all of them as they are.
 """
 
 from __future__ import annotations
@@ -56,21 +58,85 @@ def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]]]:
+def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
     """Qualified class name -> attribute name -> kinds of use, for every class in ``text``
-    (the first definition of a name wins, as for ``inspect.getsource``)."""
+    (the first definition of a name wins, as for ``inspect.getsource``); None for a class whose
+    code reaches its children other than by name (``_reflects_on_self``)."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return {}
-    classes: dict[str, dict[str, frozenset[str]]] = {}
+    classes: dict[str, dict[str, frozenset[str]] | None] = {}
     for qualname, node in _class_definitions(tree, ""):
-        if qualname not in classes:
-            uses: dict[str, set[str]] = defaultdict(set)
-            for method in _methods(node):
-                _classify_method(method, uses)
-            classes[qualname] = {name: frozenset(kinds) for name, kinds in uses.items()}
+        if qualname in classes:
+            continue
+        methods = _methods(node)
+        if any(_reflects_on_self(method) for method in methods):
+            classes[qualname] = None
+            continue
+        uses: dict[str, set[str]] = defaultdict(set)
+        for method in methods:
+            _classify_method(method, uses)
+        classes[qualname] = {name: frozenset(kinds) for name, kinds in uses.items()}
     return classes
+
+
+#: ``nn.Module`` members that reach children, their parameters or buffers other than by the
+#: child's name: code using them would see the fused children (``self.parameters()`` sums the
+#: folded weights, ``self.modules()`` no longer finds the BN), so no use of a child is known.
+_REFLECTIVE_MEMBERS = frozenset(
+    {
+        "modules",
+        "named_modules",
+        "children",
+        "named_children",
+        "parameters",
+        "named_parameters",
+        "buffers",
+        "named_buffers",
+        "state_dict",
+        "get_submodule",
+        "get_parameter",
+        "get_buffer",
+        "apply",
+        "_modules",
+        "_parameters",
+        "_buffers",
+        "__dict__",
+        "__getattr__",
+        "__getattribute__",
+        "items",  # a ModuleDict's
+        "values",
+    }
+)
+
+
+def _reflects_on_self(method: ast.AST) -> bool:
+    """Whether ``method`` uses ``self`` other than by reading a named attribute: through a
+    reflective ``nn.Module`` member, or ``self`` itself handed on (``getattr(self, name)``,
+    ``vars(self)``, ``helper(self)``, ``self[0]``, ``for m in self``). ``super(Cls, self)`` is
+    no such use."""
+    parents = _parents(method)
+    for node in ast.walk(method):
+        if not (isinstance(node, ast.Name) and node.id == "self"):
+            continue
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute) and parent.value is node:
+            if parent.attr in _REFLECTIVE_MEMBERS:
+                return True
+        elif not _is_super_call(parent):
+            return True
+    return False
+
+
+def _is_super_call(node: ast.AST | None) -> bool:
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+    )
+
+
+def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+    return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
 
 def _class_definitions(node: ast.AST, prefix: str):
@@ -114,9 +180,7 @@ def _self_attribute(node: ast.AST) -> str | None:
 
 
 def _classify_method(method: ast.AST, uses: dict[str, set[str]]) -> None:
-    parents = {
-        child: parent for parent in ast.walk(method) for child in ast.iter_child_nodes(parent)
-    }
+    parents = _parents(method)
     for node in ast.walk(method):
         name = _self_attribute(node)
         if name is not None:

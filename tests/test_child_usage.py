@@ -22,7 +22,7 @@ from torch import nn
 from fuser import fuse_with_report
 from fuser.child_usage import CALLED, ELEMENTS_CALLED, OTHER, child_usage
 
-#: ``forward`` bodies of a parent holding ``self.blocks`` (a Sequential of conv/BN Sequentials),
+#: ``body`` code of a parent holding ``self.blocks`` (a Sequential of conv/BN Sequentials),
 #: ``self.skipped`` (its second element, under a second name) and ``self.scales`` (numbers, not
 #: a child), with the verdict for ``blocks``.
 BLOCKS_USES = {
@@ -208,6 +208,46 @@ BLOCKS_USES = {
         return self.blocks(x) + self.blocks[0](x)
         """,
     ),
+    "modules walked with self.modules()": (
+        OTHER,
+        """
+        x = self.blocks(x)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                x = x + m.running_mean.view(1, -1, 1, 1)
+        return x
+        """,
+    ),
+    "parameters summed with self.parameters()": (
+        OTHER,
+        """
+        return self.blocks(x) * sum(p.sum() for p in self.parameters())
+        """,
+    ),
+    "child reached with getattr(self, name)": (
+        OTHER,
+        """
+        return self.blocks(x) + getattr(self, "blocks")[1][1].bias.view(1, -1, 1, 1)
+        """,
+    ),
+    "child reached with self.get_submodule": (
+        OTHER,
+        """
+        return self.blocks(x) + self.get_submodule("blocks.1.1").bias.view(1, -1, 1, 1)
+        """,
+    ),
+    "self handed to a function": (
+        OTHER,
+        """
+        return self.blocks(x) + last_bias(self)
+        """,
+    ),
+    "a base class method through super(Parent, self)": (
+        CALLED,
+        """
+        return super(Parent, self).doubled(self.blocks(x))
+        """,
+    ),
     "iterated by a function that is not a plain wrapper": (
         OTHER,
         """
@@ -223,7 +263,16 @@ import torch
 from torch import nn
 
 
-class Parent(nn.Module):
+def last_bias(module):
+    return module.blocks[1][1].bias.view(1, -1, 1, 1)
+
+
+class Base(nn.Module):
+    def doubled(self, x):
+        return 2 * x
+
+
+class Parent(Base):
     def __init__(self):
         super().__init__()
         self.blocks = nn.Sequential(
