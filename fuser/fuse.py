@@ -20,6 +20,7 @@ from .errors import FuserError
 from .fidelity import ForwardReference
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
+from .hook_usage import hook_reading_its_module
 from .patterns import has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
@@ -152,6 +153,10 @@ class _Fuser:
         self.inputs_recorded = not inputs
 
     def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
+        hook_reading_it = hook_reading_its_module(module)
+        if hook_reading_it is not None:  # it would be handed the fused module: keep it whole
+            self._leave_child(module, path, f"not fused: {hook_reading_it}")
+            return module
         outcome = trace_with_opaque_submodules(module, path)
         if outcome.graph_module is None:
             return self._fuse_untraced(module, path, outcome.error or "")
@@ -275,7 +280,7 @@ class _Fuser:
                 self._leave_child(child, child_path, f"not fused: {owner} {why}")
 
     def _leave_child(self, child: nn.Module, child_path: str, reason: str) -> None:
-        self.report.untraced.append(UntracedModule(child_path, reason))
+        self.report.untraced.append(UntracedModule(child_path or "<model>", reason))
         for bn_path, bn in child.named_modules(prefix=child_path):
             if is_batch_norm_module(bn):
                 self.report.sites.append(
