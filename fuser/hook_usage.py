@@ -9,6 +9,10 @@ is read, as ``child_usage`` reads an untraceable parent's: the module may be fus
 every hook uses its module argument for nothing but values the fused module carries unchanged
 (``module.training`` and plain public attributes such as ``module.scale``). A hook whose code
 cannot be read (a ``functools.partial``, a callable object, a builtin) counts as reading it.
+
+A hook that is a method of a module of the model (``self.register_forward_hook(self.check)``) is
+bound to the working copy, whose modules the fused model shares and fusing changes; if it reads
+that module's state through ``self``, the module is kept whole too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import linecache
 import textwrap
 from collections.abc import Callable
 
-import torch
 from torch import fx, nn
 
 #: The hook dicts of a module that fire on its calls, and what to call each kind in a reason.
@@ -33,53 +36,96 @@ HOOK_KINDS = {
 
 
 def hook_reading_its_module(module: nn.Module) -> str | None:
-    """Why fusing inside ``module`` could change what one of its hooks computes, or None."""
-    for attribute, kind in HOOK_KINDS.items():
-        for hook in (getattr(module, attribute, None) or {}).values():
-            why = _reads_module(hook, module)
-            if why is not None:
-                return f"its {kind} {getattr(hook, '__qualname__', repr(hook))} {why}"
+    """Why fusing inside ``module`` could change what a hook computes, or None: one of its own
+    hooks reads the module it is handed, or a hook anywhere inside it is a method of a module
+    inside it and reads that module's state (fusing changes the modules the fused one shares
+    with the model it was traced from)."""
+    inside = {id(m) for m in module.modules()}
+    for path, hooked in module.named_modules():
+        for attribute, kind in HOOK_KINDS.items():
+            for hook in (getattr(hooked, attribute, None) or {}).values():
+                why = _reads_module(hook, hooked if hooked is module else None, inside)
+                if why is not None:
+                    name = getattr(hook, "__qualname__", repr(hook))
+                    where = f"the {kind} {name} of {path}" if path else f"its {kind} {name}"
+                    return f"{where} {why}"
     return None
 
 
-def _reads_module(hook: Callable, module: nn.Module) -> str | None:
-    function, bound = (hook.__func__, True) if inspect.ismethod(hook) else (hook, False)
+def _reads_module(hook: Callable, module: nn.Module | None, inside: set[int]) -> str | None:
+    """What ``hook`` reads that fusing may change: of ``module`` (the module it is handed; None
+    to skip), or of the object it is a method of, when that is a module in ``inside``."""
+    function, owner = (hook.__func__, hook.__self__) if inspect.ismethod(hook) else (hook, None)
+    owner_inside = isinstance(owner, nn.Module) and id(owner) in inside
+    if module is None and not owner_inside:
+        return None
     if not inspect.isfunction(function):
         return "cannot be read (not a Python function)"
     positional = [
-        parameter
+        parameter.name
         for parameter in inspect.signature(function).parameters.values()
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
     ]
-    if len(positional) <= int(bound):  # ``*args``: where the module goes cannot be followed
+    module_at = 0 if owner is None else 1
+    if len(positional) <= module_at:  # ``*args``: where the module goes cannot be followed
         return "takes its module in *args"
-    name = positional[int(bound)].name
     node = _function_node(function)
     if node is None:
         return "has no source that can be read"
+    # name in the hook's code -> (what it is, whether reading an attribute of it is safe)
+    watched = {}
+    if module is not None:
+        watched[positional[module_at]] = (
+            "its module",
+            lambda name: _carried_unchanged(module, name),
+        )
+    if owner_inside:
+        watched[positional[0]] = ("the module it is a method of", lambda name: _plain(owner, name))
     parents = {child: parent for parent in ast.walk(node) for child in ast.iter_child_nodes(parent)}
     for use in ast.walk(node):
-        if isinstance(use, ast.Name) and use.id == name:
+        if isinstance(use, ast.Name) and use.id in watched:
+            what, safe = watched[use.id]
             parent = parents.get(use)
             attribute = parent.attr if isinstance(parent, ast.Attribute) else None
-            if attribute is None or not _carried_unchanged(module, attribute):
-                what = name if attribute is None else f"{name}.{attribute}"
-                return f"reads its module ({what})"
+            if attribute is None or not safe(attribute):
+                read = use.id if attribute is None else f"{use.id}.{attribute}"
+                return f"reads {what} ({read})"
     return None
+
+
+#: Values fusing never changes: a module attribute holding one reads the same after fusing.
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _plain(owner: nn.Module, attribute: str) -> bool:
+    """Whether ``owner.attribute`` is the training flag or a value held by the module itself
+    (not a method or property) that reaches nothing fusing changes: plain values, and lists,
+    tuples, sets and dicts of them (an empty dict a hook collects outputs in)."""
+    if attribute == "training":
+        return True
+    return attribute in vars(owner) and _holds_only_plain_values(vars(owner)[attribute])
+
+
+def _holds_only_plain_values(value: object, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN_VALUES):
+        return True
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    else:  # a module, a tensor, or an object that may hold either
+        return False
+    return depth < 4 and all(_holds_only_plain_values(item, depth + 1) for item in items)
 
 
 def _carried_unchanged(module: nn.Module, attribute: str) -> bool:
     """Whether the fused module has ``attribute`` with the value ``module`` has: the training
-    flag, and the plain public attributes ``fuse`` copies over (not modules or tensors, which
-    fusing changes, nor names a GraphModule has of its own)."""
+    flag, and the plain public values ``fuse`` copies over (not names a GraphModule has of its
+    own)."""
     if attribute == "training":
         return True
-    if attribute.startswith("_") or attribute not in vars(module):
-        return False
-    value = vars(module)[attribute]
-    return not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(
-        fx.GraphModule, attribute
-    )
+    public = not attribute.startswith("_") and not hasattr(fx.GraphModule, attribute)
+    return public and _plain(module, attribute)
 
 
 def _function_node(function: Callable) -> ast.AST | None:

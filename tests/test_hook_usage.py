@@ -189,3 +189,39 @@ def test_a_model_whose_own_hook_reads_it_is_returned_unfused():
     assert_equivalent(model, fused, torch.randn(2, 3, 4, 4))
     assert not report.site("body.1").folded, report
     assert [module.name for module in report.untraced] == ["<model>"], report
+
+
+class CollectsFeatures(nn.Module):
+    """A wrapper whose hook is its own method: storing outputs in a dict of its own is fine,
+    reading the wrapped model's weights is not (the fused model shares and changes them)."""
+
+    def __init__(self, read_weights: bool) -> None:
+        super().__init__()
+        self.model = nn.Sequential(Block(), nn.ReLU(), Block())
+        self.features: dict = {}
+        self.model[0].register_forward_hook(self.shift if read_weights else self.collect)
+
+    def collect(self, module, args, output):
+        self.features["first"] = output
+
+    def shift(self, module, args, output):
+        return output + self.model[2].body[0].weight.sum()
+
+    def forward(self, x):
+        return self.model(x)
+
+
+@pytest.mark.parametrize("read_weights", [False, True], ids=["stores outputs", "reads weights"])
+def test_a_hook_that_is_a_method_of_the_model_reads_what_fusing_changes_only_if_it_says_so(
+    read_weights,
+):
+    torch.manual_seed(0)
+    model = randomise_bn_stats(CollectsFeatures(read_weights)).eval()
+    fused, report = fuse_with_report(model)
+
+    assert_equivalent(model, fused, torch.randn(2, 3, 4, 4))
+    folded = {site.bn for site in report.sites if site.folded}
+    assert folded == (set() if read_weights else {"model.0.body.1", "model.2.body.1"}), report
+    if read_weights:
+        why = report.site("model.2.body.1").reason
+        assert "CollectsFeatures.shift of model.0 reads the module it is a method of" in why
