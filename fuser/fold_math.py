@@ -153,36 +153,56 @@ def fold_into_input(
 ROUNDING_BLOCK = 1 << 18
 
 
-def round_scaled(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(weight.double() * factor).to(dtype)``, bit for bit, and the product's extremes.
+def round_scaled(
+    weight: Tensor, factor: Tensor, dtype: torch.dtype, *, layer: str = "conv", groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """``(weight.double() * factor).to(dtype)``, bit for bit, and the largest magnitude of the
+    product in each output channel of the layer.
 
     The product is formed in float64 and rounded once, a block of rows at a time through one
     reused float64 buffer. The result has the weight's shape, device and memory format. The second
-    tensor (float64) holds the smallest and the largest value of the float64 product in each block
-    (NaN where the block holds a NaN): its largest magnitude and its finiteness are those of the
-    whole product, so it decides whether the product fits ``dtype`` (``overflow_reason``).
+    tensor (float64, one entry per output channel, NaN where the channel holds a NaN) decides
+    whether the product fits ``dtype``: its largest entry must not overflow (``overflow_reason``),
+    and no channel may sink below the normal range (``underflow_reason``). ``layer`` and
+    ``groups`` say where the output channels are (a transposed conv's are along dim 1).
     """
     w = weight.detach()
     result = torch.empty_like(w, dtype=dtype)
     if not w.numel():
         return result, torch.zeros(0, dtype=torch.float64, device=w.device)
-    extremes: list[Tensor] = []
-    _scale_into(result, w, factor, extremes)
-    return result, torch.stack(extremes)
+    transposed = layer == "conv_transpose"
+    maxima: list[Tensor] = []
+    _scale_into(result, w, factor, maxima, per_column=transposed)
+    largest = torch.cat(maxima)
+    if transposed:  # rows are input channels: (group, its inputs, its outputs) -> output channels
+        largest = largest.reshape(groups, -1, largest.shape[-1]).amax(dim=1).flatten()
+    return result, largest
 
 
 def product_fits(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> bool:
-    """True when ``weight.double() * factor`` certainly fits ``dtype``: the largest magnitude of
-    the weight times that of the factor does. One pass over the weight in its own dtype, cheaper
-    than finding the product's extremes; False (not proven) on NaN, infinity or a large bound."""
+    """True when ``weight.double() * factor`` certainly fits ``dtype``, for a layer whose output
+    channels are the weight's rows (a conv or linear): the largest magnitude of the weight times
+    that of the factor does not overflow, and in every row not scaled to zero the row's largest
+    magnitude times the smallest factor it can meet stays in the normal range. One pass over the
+    weight in its own dtype, cheaper than forming the product; False (not proven) on NaN,
+    infinity, a large bound, or a row that might sink below the normal range."""
     w = weight.detach()
     if not w.numel() or not factor.numel():
         return False
-    smallest, largest = (value.item() for value in torch.aminmax(w))
-    if not (math.isfinite(smallest) and math.isfinite(largest)):  # Python's max() skips NaN
+    lows, highs = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
+    row_largest = torch.maximum(-lows, highs).double()  # NaN propagates
+    magnitude = factor.abs()
+    bound = (row_largest.max() * magnitude.max()).item()
+    if not (math.isfinite(bound) and bound <= torch.finfo(dtype).max):
         return False
-    bound = max(-smallest, largest) * factor.abs().max().item()
-    return math.isfinite(bound) and bound <= torch.finfo(dtype).max
+    if factor.shape[0] == w.shape[0] and factor[0].numel() == 1:  # one factor per row: exact
+        row_factor = magnitude.reshape(-1)
+        row_smallest = row_largest * row_factor
+        scaled = (row_largest > 0) & (row_factor > 0)
+    else:  # a lower bound of each row's largest product
+        row_smallest = row_largest * magnitude.min()
+        scaled = row_largest > 0
+    return bool((row_smallest[scaled] >= torch.finfo(dtype).tiny).all())
 
 
 def scale_in_place(weight: Tensor, factor: Tensor) -> None:
@@ -198,18 +218,22 @@ def scale_in_place(weight: Tensor, factor: Tensor) -> None:
         _scale_into(w, w, factor, None)
 
 
-def _scale_into(result: Tensor, w: Tensor, factor: Tensor, extremes: list[Tensor] | None) -> None:
-    """Write the rounded product into ``result`` (which may be ``w``), block by block; append
-    each block's min and max to ``extremes`` unless it is None."""
+def _scale_into(
+    result: Tensor, w: Tensor, factor: Tensor, maxima: list[Tensor] | None, per_column: bool = False
+) -> None:
+    """Write the rounded product into ``result`` (which may be ``w``), block by block; unless
+    ``maxima`` is None, append the largest magnitude of the product in each row of each block
+    (in each row and column with ``per_column``, for a transposed conv)."""
     rows = w.shape[0]
     per_row = max(1, w.numel() // rows)
     step = max(1, ROUNDING_BLOCK // per_row) if w.device.type == "cpu" else rows
+    reduced = tuple(range(2 if per_column else 1, w.ndim))
     with torch.no_grad():
         if step >= rows:  # one block: the fewest calls, which is what a small layer's time is
             product = w.to(torch.float64, copy=True).mul_(factor)
             result.copy_(product)
-            if extremes is not None:
-                extremes += torch.aminmax(product)
+            if maxima is not None:
+                maxima.append(product.abs().amax(dim=reduced))
             return
         row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
         buffer = torch.empty((step, *w.shape[1:]), dtype=torch.float64, device=w.device)
@@ -219,5 +243,5 @@ def _scale_into(result: Tensor, w: Tensor, factor: Tensor, extremes: list[Tensor
             block.copy_(w[start:stop])
             block.mul_(factor[start:stop] if row_factor else factor)
             result[start:stop].copy_(block)
-            if extremes is not None:
-                extremes += torch.aminmax(block)
+            if maxima is not None:
+                maxima.append(block.abs().amax(dim=reduced))

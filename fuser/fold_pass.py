@@ -33,6 +33,7 @@ from .graph_edit import (
     referenced_objects,
     set_attr,
     tensor_like,
+    underflow_reason,
     unique_path,
 )
 from .patterns import (
@@ -272,8 +273,14 @@ class _FoldPass:
             scale_in_place(layer.weight, folded.factor)
             new_weight = layer.weight
         else:
-            weight, extremes = round_scaled(folded.weight, folded.factor, dtype)
-            reason = overflow_reason(extremes, dtype) or overflow_reason(folded.bias, dtype)
+            weight, channel_largest = round_scaled(
+                folded.weight, folded.factor, dtype, layer=layer.kind, groups=layer.groups
+            )
+            reason = (
+                overflow_reason(channel_largest, dtype)
+                or overflow_reason(folded.bias, dtype)
+                or underflow_reason(channel_largest, dtype)
+            )
             if reason is not None:
                 raise _Left(reason)
             new_weight = tensor_like(weight, layer.weight, layer.weight)
@@ -295,6 +302,8 @@ class _FoldPass:
         fold is certain to succeed: the product provably fits and so does the bias."""
         weight = layer.weight
         if layer.module_target is None or type(weight) is not torch.nn.Parameter:
+            return False
+        if layer.kind == "conv_transpose":  # product_fits reads rows; its outputs are columns
             return False
         if folded.weight is not weight or not weight.numel():
             return False

@@ -188,7 +188,7 @@ def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
     """Why ``value`` (float64) cannot be stored in ``dtype``, or None when it can.
 
     Only the largest magnitude of ``value`` (or a NaN in it) matters, so ``value`` may also be any
-    tensor with the same largest magnitude, such as the extremes ``round_scaled`` returns.
+    tensor with the same largest magnitude, such as the channel maxima ``round_scaled`` returns.
     """
     if not value.numel():
         return None
@@ -199,3 +199,22 @@ def overflow_reason(value: torch.Tensor, dtype: torch.dtype) -> str | None:
     if largest > limit:
         return f"the folded weights would overflow {dtype} ({largest:.3g} > {limit:.3g})"
     return None
+
+
+def underflow_reason(channel_largest: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why folded weights would lose their precision in ``dtype``, or None: an output channel
+    whose weights are not all zero but all below the smallest normal number of ``dtype``
+    (``channel_largest``: each output channel's largest magnitude, float64, as ``round_scaled``
+    gives it). Below it the spacing of representable numbers stops shrinking (a float16 weight
+    of 1e-7 keeps one significant bit), so the channel's output would carry an error far beyond
+    its own size, which the unfused model, computing with normal-range activations, has not."""
+    if not dtype.is_floating_point or not channel_largest.numel():
+        return None
+    tiny = torch.finfo(dtype).tiny
+    sunk = channel_largest[(channel_largest > 0) & (channel_largest < tiny)]
+    if not sunk.numel():
+        return None
+    return (
+        f"the folded weights of {sunk.numel()} output channel(s) would all be subnormal in "
+        f"{dtype} (largest {sunk.max().item():.3g} < {tiny:.3g}), losing their precision"
+    )

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from strategies.spec import Act, Chain, Flatten, Layer, NetSpec, Norm, Tap, TwoCalls
 
-__all__ = ["PINNED", "Act", "Chain", "Flatten", "Layer", "NetSpec", "Norm", "Tap", "TwoCalls"]
+__all__ = [
+    "PINNED",
+    "SOUNDNESS_ONLY",
+    "Act",
+    "Chain",
+    "Flatten",
+    "Layer",
+    "NetSpec",
+    "Norm",
+    "Tap",
+    "TwoCalls",
+]
 
 PINNED: dict[str, NetSpec] = {
     # conv -> bn: the smallest foldable network (a deepcopy "fuser" fails completeness here).
@@ -915,4 +926,82 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Fuser bug (rule 6's subnormal clause, fixed): in float16, b3's shrinking BN (2**-12) and
+    # b2's BN folded on the output side into b2's linear made both its output channels' weights
+    # subnormal (about 1e-7, a bit or two each); b3's spiked layer and amplifying BN then
+    # amplified that error: 0.015 off where 0.012 was allowed. Now that fold is left, and the
+    # shrinking BN folds into the spiked layer on the input side instead.
+    "float16_fold_sinking_a_channel_below_the_normal_range": NetSpec(
+        input_shape=(2, 2, 5, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=4, num_features=2, eps=1.0, gain="shrinking"),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=2,
+                        out_channels=1,
+                        kernel_size=(2, 2),
+                        stride=(1, 1),
+                        padding="same",
+                        dilation=(1, 1),
+                        bias=False,
+                        padding_mode="reflect",
+                        spiked=True,
+                    ),
+                    Norm(input_ndim=4, num_features=1, eps=1.0, gain="amplifying"),
+                    Act(kind="relu"),
+                )
+            ),
+            TwoCalls(
+                layer=Layer(
+                    kind="linear", spatial_dims=0, input_ndim=4, in_channels=3, out_channels=1
+                ),
+                second="module",
+                first_norms=(Norm(input_ndim=4, num_features=1, affine=False, eps=1.0),),
+                second_norms=(),
+            ),
+            Chain(
+                ops=(
+                    Flatten(start_dim=1),
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=5,
+                        out_channels=2,
+                        bias=False,
+                        functional=True,
+                    ),
+                    Norm(input_ndim=2, num_features=2, eps=1.0),
+                )
+            ),
+            Chain(
+                ops=(
+                    Norm(input_ndim=2, num_features=2, eps=1.0, gain="shrinking"),
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=2,
+                        out_channels=1,
+                        bias=False,
+                        spiked=True,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0, gain="amplifying"),
+                    Act(kind="tanh"),
+                ),
+                packaging="sequential",
+                depth=3,
+            ),
+        ),
+        dtype="float16",
+    ),
 }
+
+#: Pinned networks whose foldable sites depend on drawn values the oracle does not read (rule 6's
+#: subnormal clause, see ``strategies/oracle.py``): replayed by the soundness tests only, as random
+#: float16 networks are.
+SOUNDNESS_ONLY = frozenset({"float16_fold_sinking_a_channel_below_the_normal_range"})

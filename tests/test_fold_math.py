@@ -21,7 +21,7 @@ from fuser.fold_math import (
     round_scaled,
     scale_in_place,
 )
-from fuser.graph_edit import overflow_reason
+from fuser.graph_edit import overflow_reason, underflow_reason
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -422,6 +422,85 @@ def test_rounded_weight_keeps_the_memory_format_and_leaves_the_weight_untouched(
     assert rounded.stride() == weight.stride()
     assert torch.equal(rounded, (weight.double() * scale.reshape(-1, 1, 1, 1)).float())
     assert torch.equal(weight, before)
+
+
+#: The layout of each of ``_folds_of_every_layout``'s folds: (layer kind, groups).
+LAYOUTS = {
+    "conv": ("conv", 1),
+    "conv3d": ("conv", 1),
+    "linear": ("linear", 1),
+    "conv_transpose-groups": ("conv_transpose", 2),
+    "input-side-conv-groups": ("conv", 2),
+    "input-side-linear": ("linear", 1),
+}
+
+
+def _largest_per_output_channel(exact: torch.Tensor, layer: str, groups: int) -> torch.Tensor:
+    if layer != "conv_transpose":
+        return exact.abs().flatten(1).amax(dim=1)
+    by_group = exact.abs().reshape(groups, exact.shape[0] // groups, exact.shape[1], -1)
+    return by_group.amax(dim=(1, 3)).flatten()  # output channel g * out_per_group + j
+
+
+@pytest.mark.parametrize("block", [ROUNDING_BLOCK, 1], ids=["one-block", "row-by-row"])
+def test_round_scaled_gives_each_output_channels_largest_magnitude(block, monkeypatch):
+    monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", block)
+    for name, folded in _folds_of_every_layout(torch.float32):
+        layer, groups = LAYOUTS[name]
+        exact, _ = folded.float64()
+        _, largest = round_scaled(
+            folded.weight, folded.factor, torch.float32, layer=layer, groups=groups
+        )
+        assert torch.equal(largest, _largest_per_output_channel(exact, layer, groups)), name
+
+
+TINY16 = torch.finfo(torch.float16).tiny
+
+
+@pytest.mark.parametrize(
+    ("largest", "dtype", "sunk"),
+    [
+        ([1.0, TINY16, 0.0], torch.float16, 0),  # the smallest normal float16 is fine, zero too
+        ([1.0, TINY16 / 2, 2e-7], torch.float16, 2),
+        ([1e-30], torch.float16, 1),
+        ([1e-30], torch.float32, 0),
+        ([1e-30], torch.bfloat16, 0),  # float32's range
+        ([], torch.float16, 0),
+    ],
+)
+def test_underflow_reason_counts_the_channels_whose_weights_are_all_subnormal(largest, dtype, sunk):
+    reason = underflow_reason(torch.tensor(largest, dtype=F64), dtype)
+    if sunk:
+        assert reason is not None and f"{sunk} output channel(s)" in reason, reason
+    else:
+        assert reason is None, reason
+
+
+@pytest.mark.parametrize(
+    ("weight", "factor", "fits"),
+    [
+        ([[1.0, 0.0], [1.0, 2e-9]], [1.0, 1e-4], True),  # each row's largest product is normal
+        ([[1.0, 0.0], [1.0, 0.5]], [1.0, 1e-5], False),  # row 1 sinks to 1e-5
+        ([[1.0, 0.0], [0.0, 0.0]], [1.0, 1e-9], True),  # an all-zero row stays exactly zero
+        ([[1.0, 0.0], [3.0, 1.0]], [1.0, 0.0], True),  # a row scaled to zero too
+    ],
+)
+def test_product_fits_also_proves_no_output_channel_sinks_below_the_normal_range(
+    weight, factor, fits
+):
+    weight = torch.tensor(weight, dtype=F64)
+    factor = torch.tensor(factor, dtype=F64).reshape(-1, 1)
+    assert product_fits(weight, factor, torch.float16) is fits
+    assert product_fits(weight, factor, torch.float32) is True
+
+
+def test_product_fits_bounds_a_factor_per_input_channel_by_its_smallest_entry():
+    """An input-side factor differs along a row: the row's largest weight times the smallest
+    factor bounds the row's largest product from below, and a zero factor proves nothing."""
+    weight = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    assert product_fits(weight, torch.tensor([[1.0, 1e-4]], dtype=F64), torch.float16)
+    assert not product_fits(weight, torch.tensor([[1.0, 1e-5]], dtype=F64), torch.float16)
+    assert not product_fits(weight, torch.tensor([[1.0, 0.0]], dtype=F64), torch.float16)
 
 
 def test_an_empty_weight_rounds_to_an_empty_weight_that_fits():

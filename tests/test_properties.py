@@ -37,7 +37,7 @@ from strategies.properties import (
 )
 from strategies.snapshot import shared_memory
 from tests.compat import cpu_runs_float16, requires_cpu_float16
-from tests.pinned import PINNED
+from tests.pinned import PINNED, SOUNDNESS_ONLY
 
 REQUIRES_CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -145,11 +145,13 @@ def test_fused_model_keeps_no_dead_state(
     check_no_dead_state(trial_on(device, spec, fuser_under_test))
 
 
-def _pinned_cases() -> list:
-    """Every pinned network; CUDA ones run where a GPU is present, float16 ones where this torch
-    has CPU float16 kernels."""
+def _pinned_cases(completeness: bool = False) -> list:
+    """Every pinned network (for completeness, those the oracle can judge); CUDA ones run where a
+    GPU is present, float16 ones where this torch has CPU float16 kernels."""
     cases = []
     for name in sorted(PINNED):
+        if completeness and name in SOUNDNESS_ONLY:
+            continue
         spec = PINNED[name]
         if spec.device == "cuda":
             cases.append(pytest.param(name, marks=REQUIRES_CUDA))
@@ -175,7 +177,7 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
 
 
 @pytest.mark.completeness
-@pytest.mark.parametrize("name", _pinned_cases())
+@pytest.mark.parametrize("name", _pinned_cases(completeness=True))
 def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, name: str) -> None:
     trial = run_trial(PINNED[name], fuser_under_test, with_report=True)
     check_no_foldable_batchnorm_remains(trial)

@@ -1001,6 +1001,67 @@ def test_fold_whose_bias_would_overflow_float16_is_left():
     assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
 
 
+def shrinking_chain(channels_scaled: int, head_pads: bool = True) -> nn.Module:
+    """conv (weights of 0.01 or less) -> BN whose scale is 2**-12 in the first
+    ``channels_scaled`` channels (1 elsewhere) -> a conv amplifying channel 0 by 2**12, as a BN
+    that shrinks its input before an amplifying layer does. On inputs of about 100 every
+    activation stays in float16's normal range; the product 0.01 * 2**-12 of a fold does not.
+    A zero-padded head takes no input-side fold (rule 3)."""
+    head = nn.Conv2d(4, 2, 3, padding=1) if head_pads else nn.Conv2d(4, 2, 1)
+    model = Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4), head=head).eval()
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.linspace(-0.01, 0.01, 12).reshape(4, 3, 1, 1))
+        model.conv.bias.fill_(0.005)
+        model.bn.running_var.fill_(1.0 - model.bn.eps)  # sqrt(var + eps) = 1
+        model.bn.weight.fill_(1.0)
+        model.bn.weight[:channels_scaled] = 2.0**-12
+        model.bn.bias.fill_(2.0**-12)
+        model.head.weight.zero_()
+        model.head.weight[:, 0, -1, -1] = 2.0**12
+        model.head.bias.zero_()
+    return model
+
+
+def large_image() -> torch.Tensor:
+    return 100 * image(2, 3, 4, 4)
+
+
+@requires_cpu_float16
+def test_fold_whose_weights_would_sink_below_float16s_normal_range_is_left():
+    """Folded into the conv, the BN's 2**-12 would make a whole output channel's weights
+    subnormal in float16 (below 6.1e-5, where a weight keeps a few bits): the head's 2**12 would
+    then amplify an error the unfused model, whose activations stay normal, does not make."""
+    model = shrinking_chain(channels_scaled=1).half()
+    _, report = fused_and_checked(model, large_image().half())
+    assert_left(report, "bn", because=("subnormal", "float16"))
+    assert "1 output channel" in report.site("bn").reason, report
+
+
+@requires_cpu_float16
+def test_a_bn_whose_output_side_fold_would_sink_folds_on_the_input_side_where_it_can():
+    """Into the head, the BN's 2**-12 meets the head's 2**12: the weights stay normal."""
+    model = shrinking_chain(channels_scaled=1, head_pads=False).half()
+    _, report = fused_and_checked(model, large_image().half())
+    assert_folded(report, "bn", side=INPUT_SIDE, into="head")
+
+
+@requires_cpu_float16
+def test_fold_that_leaves_every_channel_a_normal_weight_is_taken_in_float16():
+    """Only channels whose weights would all be subnormal count: a channel scaled to zero is
+    exact, and float32 has room for 2**-12 * 0.01."""
+    model = shrinking_chain(channels_scaled=0).half()
+    _, report = fused_and_checked(model, large_image().half())
+    assert report.site("bn").folded, report
+    model = shrinking_chain(channels_scaled=4)
+    _, report = fused_and_checked(model, large_image())
+    assert report.site("bn").folded, report
+    zeroed = shrinking_chain(channels_scaled=1).half()
+    with torch.no_grad():
+        zeroed.bn.weight[0] = 0.0
+    _, report = fused_and_checked(zeroed, large_image().half())
+    assert report.site("bn").folded, report
+
+
 @requires_cpu_float16
 def test_float16_fold_within_range_folds_and_stays_accurate():
     model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))).half()

@@ -160,7 +160,7 @@ def folded_weights_left_float64(model: nn.Module, example_inputs: tuple | None =
     original (a dtype mismatch raises in the conv).
     """
 
-    def float64_product(weight, factor, dtype):
+    def float64_product(weight, factor, dtype, **_):
         product = weight.detach().double() * factor
         return product, product
 
