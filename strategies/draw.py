@@ -28,6 +28,7 @@ from strategies.spec import (
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FUNCTIONAL,
+    HOOK_READS_MODULE,
     HOOKED,
     INLINE,
     LINEAR,
@@ -227,7 +228,7 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
     if packaging == INLINE:
         boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
     else:
-        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE)))
+        boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE, HOOK_READS_MODULE)))
     categories = draw(op_kind_sequences(max_ops, dtype))
     in_sequential = packaging == SEQUENTIAL
     ops: list[Op] = []

@@ -14,7 +14,9 @@ folded into it on the input side (then the weight is scaled by 2**-12 first, and
 after a spiked layer and before an activation, so that is the only fold it could take; every
 other drawn fold stays far below float16's 65504 unless the network's own values overflow (those
 networks are rejected), but a fold in float16 is not otherwise predicted, and the completeness
-properties leave float16 out.
+properties leave float16 out. Nor is rule 6's subnormal clause: whether a shrinking BN folded on
+the output side would leave an output channel's weights all below float16's normal range depends
+on the drawn values, not only on the spec.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from strategies.spec import (
     FORWARD_PRE_HOOK,
     FUNCTIONAL,
     GUARDED,
+    HOOK_READS_MODULE,
     INLINE,
     LINEAR,
     METADATA_TAPS,
@@ -202,12 +205,14 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
     and output) and, in the enclosing graph, a single opaque call. Behind a guarded boundary
     (untraceable, autocast, type check) an inline chain's ops are children of the guard module,
-    each fused alone: nothing folds."""
+    each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it."""
     if chain.boundary is None:
         return _lower_chain_ops(graph, index, chain, value)
     opaque = None
     if chain.boundary in GUARDED and chain.packaging == INLINE:
         opaque = "called from the forward of a module FX cannot trace"
+    if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
+        opaque = "inside a module whose hook reads it"
     inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
     graph.add(_Node("output", [inner_output]))
     return graph.add(_Node("value", [value]))

@@ -19,6 +19,7 @@ from strategies.spec import (
     FUNCTIONAL,
     GAIN_EXPONENT,
     GUARDED,
+    HOOK_READS_MODULE,
     HOOKED,
     INLINE,
     OPAQUE_SUBCLASS,
@@ -82,6 +83,14 @@ class LayerWeights(nn.Module):
 def shift_output(module, args, output):
     """Forward hook that changes values, so skipping it is visible."""
     return output + 0.25
+''',
+    "shift_by_own_weights": '''
+def shift_by_own_weights(module, args, output):
+    """Forward hook that reads its module's parameters: handed a module whose weights fusing
+    changed (BNs folded into its layers), it shifts by something else."""
+    weights = [p.detach().double().flatten() for p in module.parameters()]
+    mean = torch.cat(weights).mean() if weights else torch.zeros((), dtype=torch.float64)
+    return output + (0.25 * torch.tanh(mean)).to(output.dtype)
 ''',
     "shrink_batch_norm": '''
 def shrink_batch_norm(bn):
@@ -517,6 +526,9 @@ class _Renderer:
         if chain.boundary == HOOKED:
             self.helpers.add("shift_output")
             self.setup.append(f"model.b{index}.register_forward_hook(shift_output)")
+        if chain.boundary == HOOK_READS_MODULE:
+            self.helpers.add("shift_by_own_weights")
+            self.setup.append(f"model.b{index}.register_forward_hook(shift_by_own_weights)")
 
     def _chain_lines(self, index: int, chain: Chain) -> tuple[list[str], list[str]]:
         """``__init__`` and ``forward`` lines of a chain whose ops are attributes of one module."""

@@ -35,6 +35,7 @@ GAIN_EXPONENT = 12  # a shrinking BN scales its output by about 2**-12, an ampli
 SPIKE = 16.0  # the spiked weight entry: 16 * 1.25 * 2**12 = 81920 > float16's 65504
 
 HOOKED = "hooked"
+HOOK_READS_MODULE = "hook_reads_module"
 UNTRACEABLE = "untraceable"
 AUTOCAST = "autocast"
 TYPE_CHECK = "type_check"
@@ -178,7 +179,9 @@ class Chain:
     nested ``depth`` levels deep, or as a custom wrapper module holding the ops as attributes.
 
     ``boundary`` puts the chain behind a module the fuser must fuse on its own: ``hooked`` (the
-    Sequential or wrapper has a forward hook that changes values) or ``untraceable`` (the chain sits
+    Sequential or wrapper has a forward hook that changes values), ``hook_reads_module`` (its hook
+    also reads the module's parameters, so the fuser must keep that module whole: the hook would
+    be handed the fused module) or ``untraceable`` (the chain sits
     in a module whose forward checks the input's rank in Python, which FX cannot trace; a Sequential
     or wrapper chain is its child ``inner``, an inline chain's ops are its own attributes).
     ``autocast`` is packaged the same way, in a module that runs the chain under

@@ -237,6 +237,7 @@ REQUIRED = [
     "hooked layer",
     "frozen layer",
     "boundary hooked",
+    "boundary hook_reads_module",
     "boundary untraceable",
     "boundary autocast",
     "boundary type_check",

@@ -46,6 +46,7 @@ __all__ = [
     "linear_rank_unchecked",
     "metadata_users_block_folds",
     "missing_running_stats_taken_as_identity",
+    "module_hook_reading_it_ignored",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
     "torch_batch_norm_not_recognised",
@@ -265,6 +266,16 @@ def layer_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -
             return describe_layer(gm, node)
 
     patches = {"fuser.fold_pass.describe_layer": describe_ignoring_hooks}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def module_hook_reading_it_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a hooked module is fused inside even when its hook reads the module (its parameters,
+    children), as every fuser that moves hooks to the fused module does. The hook is handed the
+    fused module and reads folded weights. Needs a block whose hook reads its module's parameters.
+    Caught by: fused output matches the original.
+    """
+    patches = {"fuser.fuse.hook_reading_its_module": lambda module: None}
     return fuse_patched(model, example_inputs, patches)
 
 
