@@ -6,6 +6,7 @@ still run, reading weights from a table made before the edits, losing a dtype on
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from unittest import mock
 
@@ -20,6 +21,7 @@ from ._patching import Fused, fuse_patched
 __all__ = [
     "chain_folds_only_first",
     "float16_overflow_unchecked",
+    "float16_underflow_unchecked",
     "folded_weights_left_float64",
     "functional_layer_new_bias_not_passed",
     "hooks_lost_on_copy",
@@ -197,6 +199,27 @@ def float16_overflow_unchecked(model: nn.Module, example_inputs: tuple | None = 
         return None if torch.isfinite(value).all() else "the folded weights are not finite"
 
     patches = {"fuser.fold_pass.overflow_reason": finiteness_only}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def float16_underflow_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: folds are checked for overflow only: a BN that shrinks (scale 2**-12) folded into a
+    layer makes a whole output channel's float16 weights subnormal (1e-7 keeps a bit or two), an
+    error a later amplifying layer makes visible. Needs float16 networks with a shrinking BN
+    whose output-side fold sinks a channel. Caught by: fused output matches the original.
+    """
+
+    def overflow_bound_only(weight: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype):
+        w = weight.detach()
+        if not w.numel() or not factor.numel():
+            return False
+        bound = (w.abs().max().double() * factor.abs().max()).item()
+        return math.isfinite(bound) and bound <= torch.finfo(dtype).max
+
+    patches = {
+        "fuser.fold_pass.underflow_reason": lambda channel_largest, dtype: None,
+        "fuser.fold_pass.product_fits": overflow_bound_only,
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
