@@ -22,6 +22,7 @@ import functools
 import inspect
 import linecache
 import textwrap
+import tokenize
 from collections.abc import Callable
 
 from torch import fx, nn
@@ -46,7 +47,7 @@ def hook_reading_its_module(module: nn.Module) -> str | None:
             for hook in (getattr(hooked, attribute, None) or {}).values():
                 why = _reads_module(hook, hooked if hooked is module else None, inside)
                 if why is not None:
-                    name = getattr(hook, "__qualname__", repr(hook))
+                    name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
                     where = f"the {kind} {name} of {path}" if path else f"its {kind} {name}"
                     return f"{where} {why}"
     return None
@@ -98,11 +99,9 @@ _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
 
 
 def _plain(owner: nn.Module, attribute: str) -> bool:
-    """Whether ``owner.attribute`` is the training flag or a value held by the module itself
-    (not a method or property) that reaches nothing fusing changes: plain values, and lists,
-    tuples, sets and dicts of them (an empty dict a hook collects outputs in)."""
-    if attribute == "training":
-        return True
+    """Whether ``owner.attribute`` is a value held by the module itself (not a method or
+    property) that reaches nothing fusing changes: plain values (the ``training`` flag is one),
+    and lists, tuples, sets and dicts of them (an empty dict a hook collects outputs in)."""
     return attribute in vars(owner) and _holds_only_plain_values(vars(owner)[attribute])
 
 
@@ -120,10 +119,8 @@ def _holds_only_plain_values(value: object, depth: int = 0) -> bool:
 
 def _carried_unchanged(module: nn.Module, attribute: str) -> bool:
     """Whether the fused module has ``attribute`` with the value ``module`` has: the training
-    flag, and the plain public values ``fuse`` copies over (not names a GraphModule has of its
-    own)."""
-    if attribute == "training":
-        return True
+    flag (fused as it was) and the plain public values ``fuse`` copies over (not names a
+    GraphModule has of its own)."""
     public = not attribute.startswith("_") and not hasattr(fx.GraphModule, attribute)
     return public and _plain(module, attribute)
 
@@ -134,8 +131,8 @@ def _function_node(function: Callable) -> ast.AST | None:
         return _lambda_node(function)
     try:
         lines, _ = inspect.getsourcelines(function)
-    except (OSError, TypeError):
-        return None
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # no file, or lines that
+        return None  # inspect cannot cut a block from
     tree = _parsed(textwrap.dedent("".join(lines)))
     if tree is None:
         return None

@@ -9,6 +9,7 @@ module, so these tests, not the gate, pin the reading of a hook's code.
 from __future__ import annotations
 
 import functools
+import linecache
 
 import pytest
 import torch
@@ -68,6 +69,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen = 0
+        self.offset = torch.ones(())  # not the model's: fusing never changes it
+
+    def shift(self, module, args, output):
+        return output + self.offset
 
     def count(self, module, args, output):
         self.seen += 1
@@ -97,6 +102,7 @@ HOOKS = {
     "functools.partial": (functools.partial(ignores_module), "not a Python function"),
     "callable object": (Recorder(), "not a Python function"),
     "bound method ignoring its module": (Recorder().count, None),
+    "bound method of an object that is no module": (Recorder().shift, None),
     "bound method reading its module": (Recorder().peek, "module.body"),
     "module taken in *args": (takes_everything_in_args, "*args"),
 }
@@ -157,16 +163,22 @@ def hooked_model(hook, *, pre: bool = False) -> nn.Module:
 
 @pytest.mark.parametrize(
     "hook, pre",
-    [(reads_parameters, False), (reads_a_child, False), (pre_hook_reading_a_buffer, True)],
-    ids=["parameters", "child", "pre-hook"],
+    [
+        (reads_parameters, False),
+        (reads_a_child, False),
+        (pre_hook_reading_a_buffer, True),
+        (functools.partial(ignores_module), False),
+    ],
+    ids=["parameters", "child", "pre-hook", "unreadable"],
 )
 def test_a_module_whose_hook_reads_it_is_kept_whole(hook, pre):
+    """Only that module: its parent, whose trace keeps it as one call, still folds the rest."""
     model = hooked_model(hook, pre=pre)
     fused, report = fuse_with_report(model)
 
     assert_equivalent(model, fused, torch.randn(2, 3, 4, 4))
     left = report.site("0.body.1")
-    assert not left.folded and "reads its module" in left.reason, left
+    assert not left.folded and "not fused: its forward" in left.reason, left
     assert report.site("2.body.1").folded, report
     assert "0" in [module.name for module in report.untraced], report
 
@@ -225,3 +237,54 @@ def test_a_hook_that_is_a_method_of_the_model_reads_what_fusing_changes_only_if_
     if read_weights:
         why = report.site("model.2.body.1").reason
         assert "CollectsFeatures.shift of model.0 reads the module it is a method of" in why
+
+
+class KeepsTheWeights(nn.Module):
+    """A wrapper whose hook method reads a list holding the wrapped model's parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(Block(), nn.ReLU(), Block())
+        self.watched = [list(self.model[2].parameters())]
+        self.model[0].register_forward_hook(self.shift)
+
+    def shift(self, module, args, output):
+        return output + self.watched[0][0].sum()
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_container_on_the_module_holding_tensors_counts_as_read():
+    torch.manual_seed(0)
+    model = randomise_bn_stats(KeepsTheWeights()).eval()
+    fused, report = fuse_with_report(model)
+
+    assert_equivalent(model, fused, torch.randn(2, 3, 4, 4))
+    assert not any(site.folded for site in report.sites), report
+
+
+def _without_readable_source(text: str, name: str):
+    """``name`` compiled from ``text`` under a file name whose lines, as ``linecache`` has them,
+    do not parse (for ``"<no file>"``: no lines at all)."""
+    filename = f"<hook source {name}>"
+    namespace: dict = {}
+    exec(compile(text, filename, "exec"), namespace)
+    broken = ["def (\n"] * text.count("\n")
+    linecache.cache[filename] = (len(text), None, broken, filename)
+    return namespace[name]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _without_readable_source("def hook(m, a, o):\n    return o\n", "hook"),
+        lambda: _without_readable_source("hook = lambda m, a, o: o\n", "hook"),
+        lambda: eval("lambda m, a, o: o"),  # no file, no cached lines
+    ],
+    ids=["def", "lambda", "no file"],
+)
+def test_a_hook_whose_source_cannot_be_read_counts_as_reading_its_module(make):
+    block = Block()
+    block.register_forward_hook(make())
+    assert "has no source that can be read" in (hook_reading_its_module(block) or "")
