@@ -59,9 +59,11 @@ def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
 
 @functools.lru_cache(maxsize=256)
 def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
-    """Qualified class name -> attribute name -> kinds of use, for every class in ``text``
-    (the first definition of a name wins, as for ``inspect.getsource``); None for a class whose
-    code reaches its children other than by name (``_reflects_on_self``)."""
+    """Qualified class name -> attribute name -> kinds of use, for every class in ``text``;
+    None for a class whose code reaches its children other than by name (``_reflects_on_self``),
+    and for a name defined more than once (in two branches of an ``if``, or redefined): which
+    definition the live class is cannot be told from the text (``inspect.getsource`` takes the
+    first; a redefinition is the second)."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -69,6 +71,7 @@ def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
     classes: dict[str, dict[str, frozenset[str]] | None] = {}
     for qualname, node in _class_definitions(tree, ""):
         if qualname in classes:
+            classes[qualname] = None
             continue
         methods = _methods(node)
         if any(_reflects_on_self(method) for method in methods):
@@ -258,9 +261,7 @@ def _loop_only_calls_elements(
     original element and false of its fused replacement. Nor may the method read an element
     name after the loop, where it still holds the last element (``for`` does not scope it).
     """
-    if not elements:  # unpacked further, or bound to an attribute: not seen called
-        return False
-    element_calls = 0
+    element_calls = 0  # stays 0 for a target unpacked further or bound to an attribute
     for node in _walk_body(loop):
         if isinstance(node, ast.Name) and node.id in elements:
             parent = parents.get(node)

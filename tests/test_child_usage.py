@@ -91,6 +91,26 @@ BLOCKS_USES = {
         return sum(block for block in [x])
         """,
     ),
+    "name reused by a lambda's argument after the loop": (
+        ELEMENTS_CALLED,
+        """
+        for block in self.blocks:
+            x = block(x)
+        return (lambda block: block * 2)(x)
+        """,
+    ),
+    "name reused by a nested function's argument after the loop": (
+        ELEMENTS_CALLED,
+        """
+        for block in self.blocks:
+            x = block(x)
+
+        def doubled(block):
+            return block * 2
+
+        return doubled(x)
+        """,
+    ),
     "called whole": (CALLED, "return self.blocks(x)"),
     "is None check and a call": (
         CALLED,
@@ -414,6 +434,22 @@ def test_classes_with_the_same_name_are_told_apart_by_where_they_are_defined():
 
     assert child_usage(calling()) == {"child": CALLED}
     assert child_usage(reading()) == {"child": OTHER}
+
+
+def test_a_class_defined_twice_in_its_file_is_left_alone(tmp_path, monkeypatch):
+    """The live class is the second definition, which reads into its child; ``inspect`` would
+    read the first, which only calls it. Which definition runs cannot be told from the text."""
+    calls = PARENT_SOURCE.format(body="        return self.blocks(x)")
+    reads = "        return self.blocks(x) + self.blocks[0][1].bias.view(1, -1, 1, 1)"
+    redefined = "class Parent" + PARENT_SOURCE.format(body=reads).split("class Parent", 1)[1]
+    path = tmp_path / "twice.py"
+    path.write_text(calls + "\n\n" + redefined)
+    spec = importlib.util.spec_from_file_location("child_usage_twice", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "child_usage_twice", module)
+    spec.loader.exec_module(module)
+
+    assert child_usage(module.Parent())["blocks"] == OTHER
 
 
 def test_child_of_a_class_without_source_is_left_alone():

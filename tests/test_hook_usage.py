@@ -264,6 +264,24 @@ def test_a_container_on_the_module_holding_tensors_counts_as_read():
     assert not any(site.folded for site in report.sites), report
 
 
+def test_a_container_holding_itself_counts_as_read_without_recursing_forever():
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+            self.history: list = []
+            self.history.append(self.history)
+            self.register_forward_hook(self.record)
+
+        def record(self, module, args, output):
+            self.history.append(output)
+
+        def forward(self, x):
+            return self.body(x)
+
+    assert "self.history" in (hook_reading_its_module(Looped()) or "")
+
+
 def _without_readable_source(text: str, name: str):
     """``name`` compiled from ``text`` under a file name whose lines, as ``linecache`` has them,
     do not parse (for ``"<no file>"``: no lines at all)."""
