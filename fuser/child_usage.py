@@ -117,8 +117,9 @@ _REFLECTIVE_MEMBERS = frozenset(
 def _reflects_on_self(method: ast.AST) -> bool:
     """Whether ``method`` uses ``self`` other than by reading a named attribute: through a
     reflective ``nn.Module`` member, or ``self`` itself handed on (``getattr(self, name)``,
-    ``vars(self)``, ``helper(self)``, ``self[0]``, ``for m in self``). ``super(Cls, self)`` is
-    no such use."""
+    ``vars(self)``, ``helper(self)``, ``self[0]``, ``for m in self``). ``super(Cls, self)``,
+    ``type(self)``, ``isinstance(self, ...)`` and text (``repr(self)``, ``print(self)``) are no
+    such use: they reach no child's values."""
     parents = _parents(method)
     for node in ast.walk(method):
         if not (isinstance(node, ast.Name) and node.id == "self"):
@@ -127,14 +128,21 @@ def _reflects_on_self(method: ast.AST) -> bool:
         if isinstance(parent, ast.Attribute) and parent.value is node:
             if parent.attr in _REFLECTIVE_MEMBERS:
                 return True
-        elif not _is_super_call(parent):
+        elif not _is_harmless_call(parent, node):
             return True
     return False
 
 
-def _is_super_call(node: ast.AST | None) -> bool:
+#: Builtins that, handed ``self``, read nothing a fused child would answer differently.
+_HARMLESS_BUILTINS = frozenset({"super", "type", "isinstance", "id", "repr", "str", "print"})
+
+
+def _is_harmless_call(node: ast.AST | None, argument: ast.AST) -> bool:
     return (
-        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _HARMLESS_BUILTINS
+        and argument in node.args
     )
 
 

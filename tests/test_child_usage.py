@@ -262,6 +262,14 @@ BLOCKS_USES = {
         return self.blocks(x) + last_bias(self)
         """,
     ),
+    "type(self) and isinstance(self, ...)": (
+        CALLED,
+        """
+        if isinstance(self, Base) and type(self).__name__ == "Parent":
+            x = self.blocks(x)
+        return x
+        """,
+    ),
     "a base class method through super(Parent, self)": (
         CALLED,
         """
