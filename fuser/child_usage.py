@@ -49,8 +49,10 @@ def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
     text; ``inspect.getsource`` would parse the whole file again for every class it looks up.
     """
     try:
-        filename = inspect.getsourcefile(cls) or inspect.getfile(cls)
+        filename = inspect.getsourcefile(cls)
     except (OSError, TypeError):
+        return None
+    if filename is None:  # no file, and no lines cached for it
         return None
     module = inspect.getmodule(cls)
     text = "".join(linecache.getlines(filename, module.__dict__ if module else None))

@@ -84,6 +84,17 @@ class Recorder:
         return output + 1
 
 
+class OutsideModule(nn.Module):
+    """A module that is not part of the model: fusing the model never changes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.ones(()))
+
+    def shift(self, module, args, output):
+        return output + self.offset
+
+
 ONE_LINE_LAMBDAS = (lambda m, a, o: o + 1, lambda m, a, o: o * m.body[0].bias.sum())
 
 HOOKS = {
@@ -103,6 +114,7 @@ HOOKS = {
     "callable object": (Recorder(), "not a Python function"),
     "bound method ignoring its module": (Recorder().count, None),
     "bound method of an object that is no module": (Recorder().shift, None),
+    "bound method of a module outside the model": (OutsideModule().shift, None),
     "bound method reading its module": (Recorder().peek, "module.body"),
     "module taken in *args": (takes_everything_in_args, "*args"),
 }
@@ -282,25 +294,29 @@ def test_a_container_holding_itself_counts_as_read_without_recursing_forever():
     assert "self.history" in (hook_reading_its_module(Looped()) or "")
 
 
-def _without_readable_source(text: str, name: str):
+def _without_readable_source(text: str, name: str, cached: list[str]):
     """``name`` compiled from ``text`` under a file name whose lines, as ``linecache`` has them,
-    do not parse (for ``"<no file>"``: no lines at all)."""
-    filename = f"<hook source {name}>"
+    are ``cached`` instead."""
+    filename = f"<hook source {name} {len(cached)} {cached[-1]!r}>"
     namespace: dict = {}
     exec(compile(text, filename, "exec"), namespace)
-    broken = ["def (\n"] * text.count("\n")
-    linecache.cache[filename] = (len(text), None, broken, filename)
+    linecache.cache[filename] = (len(text), None, cached, filename)
     return namespace[name]
+
+
+DEF = "def hook(m, a, o):\n    return o\n"
+LAMBDA = "hook = lambda m, a, o: o\n"
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: _without_readable_source("def hook(m, a, o):\n    return o\n", "hook"),
-        lambda: _without_readable_source("hook = lambda m, a, o: o\n", "hook"),
+        lambda: _without_readable_source(DEF, "hook", ["def (\n", "def (\n"]),
+        lambda: _without_readable_source(DEF, "hook", ["def hook(m, a, o):\n", "    return o o\n"]),
+        lambda: _without_readable_source(LAMBDA, "hook", ["hook = lambda m, a, o: o o\n"]),
         lambda: eval("lambda m, a, o: o"),  # no file, no cached lines
     ],
-    ids=["def", "lambda", "no file"],
+    ids=["def that cannot be cut", "def that does not parse", "lambda", "no file"],
 )
 def test_a_hook_whose_source_cannot_be_read_counts_as_reading_its_module(make):
     block = Block()
