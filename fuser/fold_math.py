@@ -189,8 +189,7 @@ def product_fits(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> bool:
     w = weight.detach()
     if not w.numel() or not factor.numel():
         return False
-    lows, highs = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
-    row_largest = torch.maximum(-lows, highs).double()  # NaN propagates
+    row_largest = _largest_magnitude(w.reshape(w.shape[0], -1), (1,)).double()
     magnitude = factor.abs()
     bound = (row_largest.max() * magnitude.max()).item()
     if not (math.isfinite(bound) and bound <= torch.finfo(dtype).max):
@@ -233,7 +232,7 @@ def _scale_into(
             product = w.to(torch.float64, copy=True).mul_(factor)
             result.copy_(product)
             if maxima is not None:
-                maxima.append(product.abs().amax(dim=reduced))
+                maxima.append(_largest_magnitude(product, reduced))
             return
         row_factor = factor.shape[0] == rows and factor.ndim == w.ndim
         buffer = torch.empty((step, *w.shape[1:]), dtype=torch.float64, device=w.device)
@@ -244,4 +243,11 @@ def _scale_into(
             block.mul_(factor[start:stop] if row_factor else factor)
             result[start:stop].copy_(block)
             if maxima is not None:
-                maxima.append(block.abs().amax(dim=reduced))
+                maxima.append(_largest_magnitude(block, reduced))
+
+
+def _largest_magnitude(values: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``values.abs().amax(dims)`` (NaN where a NaN is), without an absolute copy of
+    ``values``: ``amax`` and ``amin`` along a dimension each run at the speed of one read, where
+    ``aminmax`` along one runs 20x slower."""
+    return torch.maximum(values.amax(dim=dims), -values.amin(dim=dims))
