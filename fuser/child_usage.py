@@ -122,7 +122,7 @@ def _reflects_on_self(method: ast.AST) -> bool:
     ``vars(self)``, ``helper(self)``, ``self[0]``, ``for m in self``). ``super(Cls, self)``,
     ``type(self)``, ``isinstance(self, ...)`` and text (``repr(self)``, ``print(self)``) are no
     such use: they reach no child's values."""
-    parents = _parents(method)
+    parents = parent_map(method)
     for node in ast.walk(method):
         if not (isinstance(node, ast.Name) and node.id == "self"):
             continue
@@ -148,7 +148,8 @@ def _is_harmless_call(node: ast.AST | None, argument: ast.AST) -> bool:
     )
 
 
-def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+def parent_map(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+    """Each node under ``tree`` -> the node it sits in (``ast`` keeps no parent links)."""
     return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
 
@@ -193,7 +194,7 @@ def _self_attribute(node: ast.AST) -> str | None:
 
 
 def _classify_method(method: ast.AST, uses: dict[str, set[str]]) -> None:
-    parents = _parents(method)
+    parents = parent_map(method)
     for node in ast.walk(method):
         name = _self_attribute(node)
         if name is not None:

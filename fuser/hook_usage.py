@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
+from .child_usage import parent_map
+
 #: The hook dicts of a module that fire on its calls, and what to call each kind in a reason.
 HOOK_KINDS = {
     "_forward_hooks": "forward hook",
@@ -82,7 +84,7 @@ def _reads_module(hook: Callable, module: nn.Module | None, inside: set[int]) ->
         )
     if owner_inside:
         watched[positional[0]] = ("the module it is a method of", lambda name: _plain(owner, name))
-    parents = {child: parent for parent in ast.walk(node) for child in ast.iter_child_nodes(parent)}
+    parents = parent_map(node)
     for use in ast.walk(node):
         if isinstance(use, ast.Name) and use.id in watched:
             what, safe = watched[use.id]
