@@ -32,6 +32,8 @@ from strategies.spec import (
     HOOKED,
     INLINE,
     LINEAR,
+    LOOP_CALLS,
+    LOOP_INSPECTS,
     METADATA_ATTRIBUTES,
     METADATA_METHODS,
     MODULE,
@@ -227,8 +229,12 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
     packaging = draw(one_of_values((INLINE, SEQUENTIAL, WRAPPER)))
     if packaging == INLINE:
         boundary = draw(one_of_values((None,) * 7 + (UNTRACEABLE,)))
-    else:
+    elif packaging == WRAPPER:
         boundary = draw(one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE, HOOK_READS_MODULE)))
+    else:  # an untraceable guard may also loop over a Sequential (``Chain.loop``): twice as often
+        boundary = draw(
+            one_of_values((None,) * 6 + (HOOKED, UNTRACEABLE, UNTRACEABLE, HOOK_READS_MODULE))
+        )
     categories = draw(op_kind_sequences(max_ops, dtype))
     in_sequential = packaging == SEQUENTIAL
     ops: list[Op] = []
@@ -263,7 +269,11 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
         shape = replace(shape, channels=2 * shape.channels)
     if tap is not None and _may_shift(tap, ops) and draw(chance(1, 3)):
         tap = replace(tap, shifted=True)
-    return Chain(tuple(ops), packaging, depth, tap, boundary), shape
+    loop = None
+    if in_sequential and boundary == UNTRACEABLE:
+        loop = draw(one_of_values((None, LOOP_CALLS, LOOP_INSPECTS)))
+        depth = depth if loop is None else max(depth, 2)  # at depth 1 every stage is one op
+    return Chain(tuple(ops), packaging, depth, tap, boundary, loop), shape
 
 
 def _may_shift(tap: Tap, ops: list[Op]) -> bool:

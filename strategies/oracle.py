@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from strategies.naming import chain_names, site_name, two_calls_names
+from strategies.naming import chain_names, site_name, staircase, two_calls_names
 from strategies.spec import (
     ADD,
     AMPLIFYING,
@@ -36,6 +36,7 @@ from strategies.spec import (
     HOOK_READS_MODULE,
     INLINE,
     LINEAR,
+    LOOP_INSPECTS,
     METADATA_TAPS,
     MODULE,
     OPAQUE_SUBCLASS,
@@ -47,6 +48,7 @@ from strategies.spec import (
     Layer,
     NetSpec,
     Norm,
+    Op,
     TwoCalls,
 )
 
@@ -205,9 +207,13 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
     and output) and, in the enclosing graph, a single opaque call. Behind a guarded boundary
     (untraceable, autocast, type check) an inline chain's ops are children of the guard module,
-    each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it."""
+    each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it.
+    A guard looping over its Sequential child fuses each stage of it on its own."""
     if chain.boundary is None:
         return _lower_chain_ops(graph, index, chain, value)
+    if chain.loop is not None:
+        _lower_stages(graph, index, chain)
+        return graph.add(_Node("value", [value]))
     opaque = None
     if chain.boundary in GUARDED and chain.packaging == INLINE:
         opaque = "called from the forward of a module FX cannot trace"
@@ -218,17 +224,41 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
     return graph.add(_Node("value", [value]))
 
 
+def _lower_stages(graph: _Graph, index: int, chain: Chain) -> None:
+    """The stages of a Sequential an untraceable guard loops over (``Chain.loop``), each its own
+    graph: an op alone in a stage is called as the guard's code runs, like a guarded inline
+    chain's, and a loop that asks the stages' types leaves every one of them whole."""
+    names = chain_names(index, chain)
+    paths = staircase(len(chain.ops), chain.depth)
+    stages: dict[int, list[int]] = {}
+    for position, path in enumerate(paths):
+        stages.setdefault(path[0], []).append(position)
+    for positions in stages.values():
+        opaque = None
+        if chain.loop == LOOP_INSPECTS:
+            opaque = "in a Sequential whose elements an untraceable module's code inspects"
+        elif len(paths[positions[0]]) == 1:  # the stage is the op itself, not a nested Sequential
+            opaque = "called from the forward of a module FX cannot trace"
+        value = graph.add(_Node("input"))
+        for position in positions:
+            value = _lower_op(graph, chain.ops[position], names[position], value, opaque)
+        graph.add(_Node("output", [value]))
+
+
+def _lower_op(graph: _Graph, op: Op, name: str | None, value: _Node, opaque: str | None) -> _Node:
+    if isinstance(op, Layer):
+        return graph.layer(op, name, value)
+    if isinstance(op, Norm):
+        return graph.norm(op, name, value, opaque)
+    return graph.add(_Node("value", [value]))
+
+
 def _lower_chain_ops(
     graph: _Graph, index: int, chain: Chain, value: _Node, opaque: str | None = None
 ) -> _Node:
     tapped = None
     for position, (op, name) in enumerate(zip(chain.ops, chain_names(index, chain), strict=True)):
-        if isinstance(op, Layer):
-            value = graph.layer(op, name, value)
-        elif isinstance(op, Norm):
-            value = graph.norm(op, name, value, opaque)
-        else:
-            value = graph.add(_Node("value", [value]))
+        value = _lower_op(graph, op, name, value, opaque)
         if chain.tap is not None and chain.tap.after == position:
             if chain.tap.kind in METADATA_TAPS:
                 graph.add(_Node("metadata", [value]))

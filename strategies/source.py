@@ -22,6 +22,7 @@ from strategies.spec import (
     HOOK_READS_MODULE,
     HOOKED,
     INLINE,
+    LOOP_INSPECTS,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     SEQUENTIAL,
@@ -500,7 +501,7 @@ class _Renderer:
             if module is None:
                 init, forward = self._chain_lines(index, chain)
             else:
-                init, forward = [f"self.inner = {module}"], ["x = self.inner(x)"]
+                init, forward = [f"self.inner = {module}"], _inner_call(chain.loop)
             if chain.boundary == UNTRACEABLE:
                 name = f"Guarded{index}"
                 doc = "Checks the input's rank in Python control flow, which FX cannot trace."
@@ -598,6 +599,19 @@ class _Renderer:
                 self._note_helpers(norm, name)
                 init.append(f"self.{attribute} = {_constructor(norm)}")
             forward.append(f"{value} = {_call(norm, value, 'self.' + attribute)}")
+
+
+def _inner_call(loop: str | None) -> list[str]:
+    """How a guard's forward runs its child ``inner`` (``Chain.loop``)."""
+    if loop is None:
+        return ["x = self.inner(x)"]
+    lines = ["for stage in self.inner:", f"{INDENT}x = stage(x)"]
+    if loop == LOOP_INSPECTS:
+        lines += [
+            f"{INDENT}if isinstance(stage, nn.Sequential):  # a nested stage: halve what it returns",
+            f"{INDENT * 2}x = x * 0.5",
+        ]
+    return lines
 
 
 def _nested_sequential(expressions: list[str], depth: int) -> str:

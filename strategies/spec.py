@@ -43,6 +43,11 @@ TYPE_CHECK = "type_check"
 #: another chain as its child ``inner``, and runs its own code (see ``Chain``).
 GUARDED = (UNTRACEABLE, AUTOCAST, TYPE_CHECK)
 
+#: How an untraceable module runs a Sequential child (``Chain.loop``): a loop calling each element
+#: of it, and one that also asks each element's type.
+LOOP_CALLS = "calls"
+LOOP_INSPECTS = "inspects"
+
 ADD = "add"
 CAT = "cat"
 METADATA_ATTRIBUTES = ("ndim", "shape")  # read as x.ndim, x.shape[1]
@@ -194,6 +199,14 @@ class Chain:
     last block, so that the difference reaches the output whatever the inputs (a ReLU after it could
     zero it on every example input, and no check on them could see it); the ``+ 0.25`` shows even
     where the chain's own output is zero.
+
+    ``loop`` (an ``untraceable`` Sequential chain only): the guard does not call ``inner`` but
+    iterates it, ``for stage in self.inner: x = stage(x)``, as code looping over a model's stages
+    does. The stages are the Sequential's elements (``naming.staircase``: the first op, then the
+    nested rest; every op alone at depth 1, which the strategies do not draw), each fused on its
+    own, so a fold never crosses from one to the next. ``inspects`` also asks each stage's type, ``if isinstance(stage,
+    nn.Sequential): x = x * 0.5``: a nested stage swapped for a fused module would no longer be
+    halved, so every stage must be left as it is and nothing in the chain folds.
     """
 
     ops: tuple[Op, ...]
@@ -201,6 +214,7 @@ class Chain:
     depth: int = 1
     tap: Tap | None = None
     boundary: str | None = None
+    loop: str | None = None
 
 
 @dataclass(frozen=True)

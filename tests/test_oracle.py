@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from compat import requires_cpu_float16
+from helpers import assert_equivalent
 
 from fuser import fuse_with_report
 from strategies import Act, Chain, Layer, NetSpec, Norm, Tap, TwoCalls, build, foldable_sites
@@ -235,6 +236,26 @@ def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boun
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
     wrapper = Chain((conv(), bn()), "wrapper", boundary=boundary)
     assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
+
+
+@pytest.mark.parametrize(
+    "loop, depth, expected",
+    [
+        ("calls", 2, [None, "output", "output"]),  # stages: bn, then Sequential(conv, bn, bn)
+        ("calls", 1, [None, None, None]),  # every op a stage of its own
+        ("inspects", 2, [None, None, None]),  # isinstance(stage, ...): every stage left whole
+    ],
+)
+def test_a_guard_looping_over_its_sequential_fuses_each_stage_on_its_own(loop, depth, expected):
+    chain = Chain(
+        (bn(), conv(), bn(), bn()), "sequential", depth, boundary="untraceable", loop=loop
+    )
+    assert [side for _, _, side in verdicts(chain)] == expected
+    spec = NetSpec(input_shape=MAP, blocks=(chain,))
+    model, inputs = build(spec)
+    fused, report = fuse_with_report(model, inputs)
+    assert [site.folded for site in report.sites] == [side is not None for side in expected]
+    assert_equivalent(model, fused, *inputs)
 
 
 def test_a_model_whose_forward_is_replaced_folds_nothing():

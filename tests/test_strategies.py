@@ -4,6 +4,7 @@ build it deterministically, and render it as a program that runs on its own."""
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def features(spec: NetSpec) -> set[str]:
             found.add(f"packaging {block.packaging}")
             if block.boundary is not None:
                 found.add(f"boundary {block.boundary}")
+            if block.loop is not None:
+                found.add(f"untraceable parent loops over a Sequential ({block.loop})")
             if block.packaging == "sequential" and block.depth >= 3:
                 found.add("nested Sequential depth >= 3")
             if block.tap is not None:
@@ -241,6 +244,8 @@ REQUIRED = [
     "boundary untraceable",
     "boundary autocast",
     "boundary type_check",
+    "untraceable parent loops over a Sequential (calls)",
+    "untraceable parent loops over a Sequential (inspects)",
     "model forward replaced",
     "fused without example inputs",
     "output-side fold",
@@ -272,8 +277,14 @@ def draw_sample(strategy, count: int, seeds: int = 20) -> list[NetSpec]:
     return sample
 
 
+@functools.cache
+def default_sample() -> tuple[NetSpec, ...]:
+    """The rate tests' sample of the default strategy, drawn once per process."""
+    return tuple(draw_sample(net_specs(), SAMPLE_SIZE, seeds=SAMPLE_RUNS))
+
+
 def test_every_feature_is_drawn_and_none_is_rare():
-    sample = draw_sample(net_specs(), SAMPLE_SIZE, seeds=SAMPLE_RUNS)
+    sample = default_sample()
     counts = Counter(feature for spec in sample for feature in features(spec))
     rare = {name: counts[name] for name in REQUIRED if counts[name] < RARE * len(sample)}
     assert not rare, f"drawn in fewer than {RARE:.1%} of {len(sample)} networks: {rare}"
@@ -293,7 +304,10 @@ def test_float16_networks_often_hold_a_fold_that_would_overflow():
 
 
 def test_many_sites_are_foldable():
-    sites = [site for spec in draw_sample(net_specs(), 200) for site in foldable_sites(spec)]
+    # From the rarity test's sample: 200 networks from 20 runs gave 29.5 % to 33.4 % for the same
+    # strategy, depending on which modules the process had loaded (Hypothesis draws constants
+    # from them); 1,000 from 100 runs gave 32.0 % to 32.9 % (2,888 to 2,961 sites).
+    sites = [site for spec in default_sample() for site in foldable_sites(spec)]
     assert sum(site.foldable for site in sites) >= 0.3 * len(sites)
 
 

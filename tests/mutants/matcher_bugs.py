@@ -8,6 +8,7 @@ caught by the completeness properties).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+import fuser.child_usage as child_usage
 import fuser.patterns as patterns
 from fuser.fold_math import FoldedLayer, fold_into_input
 from fuser.fold_pass import _FoldPass, _Left
@@ -44,6 +46,7 @@ __all__ = [
     "input_side_with_several_users",
     "layer_hooks_ignored",
     "linear_rank_unchecked",
+    "loop_element_uses_unchecked",
     "metadata_users_block_folds",
     "missing_running_stats_taken_as_identity",
     "module_hook_reading_it_ignored",
@@ -276,6 +279,29 @@ def module_hook_reading_it_ignored(model: nn.Module, example_inputs: tuple | Non
     Caught by: fused output matches the original.
     """
     patches = {"fuser.fuse.hook_reading_its_module": lambda module: None}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def _calls_an_element(loop: ast.For, elements: set[str], method: ast.AST, parents: dict) -> bool:
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in elements
+        for statement in loop.body
+        for node in ast.walk(statement)
+    )
+
+
+def loop_element_uses_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: an untraceable module looping over a container has each element swapped for its
+    fused copy as soon as the loop calls the element, whatever else the loop does with it. Code
+    that also asks an element's type (``isinstance(stage, nn.Sequential)``) or compares it then
+    sees a fused module where it saw a Sequential. Needs an untraceable module looping over a
+    Sequential and inspecting its stages. Caught by: fused output matches the original.
+    """
+    patches = {
+        "fuser.child_usage._loop_only_calls_elements": _calls_an_element,
+        # the real classification is cached per source text: read it afresh under the patch
+        "fuser.child_usage._uses_by_class": child_usage._uses_by_class.__wrapped__,
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
