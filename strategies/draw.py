@@ -276,6 +276,13 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
     return Chain(tuple(ops), packaging, depth, tap, boundary, loop), shape
 
 
+def _between_layer_and_norm(ops: list[Op], k: int) -> bool:
+    """Whether the output of ``ops[k]`` is a fold's: a layer's read by a BN, or a BN's read by a
+    layer."""
+    kinds = tuple(type(op) for op in ops[k : k + 2])
+    return kinds in ((Layer, Norm), (Norm, Layer))
+
+
 def _may_shift(tap: Tap, ops: list[Op]) -> bool:
     """A value tap may be changed in place (``Tap.shifted``) where the tapped tensor is new: a
     layer's or BN's output (an identity or a flatten returns its input or a view of it, which
@@ -314,6 +321,10 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
         positions = [
             k for k in positions if all(isinstance(op, (Norm, Act)) for op in ops[k + 1 :])
         ]
+    else:  # mostly where a fold runs: a fuser taking it for a value reader loses that fold
+        between = [k for k in positions if _between_layer_and_norm(ops, k)]
+        if between and draw(chance(3, 4)):
+            positions = between
     positions = sorted(positions, key=lambda k: not isinstance(ops[k], Layer))
     after = draw(one_of_values(tuple(positions)))
     shape = shapes[after]

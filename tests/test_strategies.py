@@ -77,6 +77,13 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("nested Sequential depth >= 3")
             if block.tap is not None:
                 found.add(f"extra user {block.tap.kind}")
+                pair = tuple(type(op).__name__ for op in block.ops[block.tap.after :][:2])
+                if block.tap.kind in ("ndim", "shape", "size", "dim", "numel") and pair in (
+                    ("Layer", "Norm"),
+                    ("Norm", "Layer"),
+                ):
+                    reads = "attribute" if block.tap.kind in ("ndim", "shape") else "method"
+                    found.add(f"metadata read between a layer and a BN ({reads})")
                 if block.tap.shifted:
                     found.add("tapped tensor changed in place")
             kinds = [type(op).__name__ for op in block.ops]
@@ -212,6 +219,8 @@ REQUIRED = [
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
     "tapped tensor changed in place",
+    "metadata read between a layer and a BN (attribute)",
+    "metadata read between a layer and a BN (method)",
     "activation in place",
     "network input changed in place",
     "Layer -> Norm",
