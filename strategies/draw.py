@@ -269,9 +269,11 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
         shape = replace(shape, channels=2 * shape.channels)
     if tap is not None and _may_shift(tap, ops) and draw(chance(1, 3)):
         tap = replace(tap, shifted=True)
+    if tap is not None and tap.kind == ADD and draw(BOOLEANS):
+        tap = replace(tap, in_place=True)
     loop = None
     if in_sequential and boundary == UNTRACEABLE:
-        loop = draw(one_of_values((None, LOOP_CALLS, LOOP_INSPECTS)))
+        loop = draw(one_of_values((None, LOOP_CALLS, LOOP_INSPECTS, LOOP_CALLS, LOOP_INSPECTS)))
         depth = depth if loop is None else max(depth, 2)  # at depth 1 every stage is one op
     return Chain(tuple(ops), packaging, depth, tap, boundary, loop), shape
 
@@ -321,10 +323,12 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
         positions = [
             k for k in positions if all(isinstance(op, (Norm, Act)) for op in ops[k + 1 :])
         ]
-    else:  # mostly where a fold runs: a fuser taking it for a value reader loses that fold
-        between = [k for k in positions if _between_layer_and_norm(ops, k)]
-        if between and draw(chance(3, 4)):
-            positions = between
+    # Often where a fold would run: a value reader there must block it, a metadata read must
+    # not (a fuser taking one for the other folds wrongly, or loses the fold). Value readers
+    # there less often: each one blocks a fold, and most sites should be foldable.
+    between = [k for k in positions if _between_layer_and_norm(ops, k)]
+    if between and draw(chance(1, 2) if reads_values else chance(3, 4)):
+        positions = between
     positions = sorted(positions, key=lambda k: not isinstance(ops[k], Layer))
     after = draw(one_of_values(tuple(positions)))
     shape = shapes[after]
@@ -401,6 +405,8 @@ def layers(
         layer, out = draw(_convolution(shape, kind, functional, hooked, bias, purpose))
     if purpose == "spiked_layer":
         layer = replace(layer, spiked=True)
+    if functional and not bias and draw(BOOLEANS):
+        layer = replace(layer, bias_omitted=True)
     if not functional and not hooked and draw(chance(1, 12)):
         layer = replace(layer, replaced_forward=True)
     elif not functional and not hooked and purpose != "spiked_layer" and draw(chance(1, 12)):

@@ -313,8 +313,9 @@ def _layer_class(layer: Layer) -> str:
 
 
 def _functional_layer_call(layer: Layer, value: str, owner: str) -> str:
-    """``F.conv*``/``F.linear`` on ``owner.weight`` and ``owner.bias``."""
-    args = [value, f"{owner}.weight", f"{owner}.bias"]
+    """``F.conv*``/``F.linear`` on ``owner.weight`` and ``owner.bias`` (left out where
+    ``layer.bias_omitted``)."""
+    args = [value, f"{owner}.weight"] + ([] if layer.bias_omitted else [f"{owner}.bias"])
     if layer.kind == "linear":
         return f"F.linear({', '.join(args)})"
     name = "conv" if layer.kind == CONV else "conv_transpose"
@@ -553,7 +554,7 @@ class _Renderer:
                 else:
                     forward.append(_metadata_assert(tap.kind, "x", tap.expected))
         if chain.tap is not None and chain.tap.kind == ADD:
-            forward.append("x = x + tap")
+            forward.append("x += tap" if chain.tap.in_place else "x = x + tap")
         if chain.tap is not None and chain.tap.kind == CAT:
             forward.append("x = torch.cat([x, tap], 1)")
         return init, forward

@@ -74,6 +74,9 @@ class Layer:
     ``F.pad`` for a conv with another ``padding_mode``), then the shift. A spiked layer's first weight
     entry is ``SPIKE`` and its bias is scaled by ``2**-GAIN_EXPONENT``: it reads a shrinking BN's
     small output, and an amplifying BN folded into it would overflow float16 (see ``Norm``).
+    A functional layer without bias may leave the argument out (``bias_omitted``:
+    ``F.conv2d(x, w, padding=1)``, as most code calls it) instead of passing ``None``: a fold must
+    then add one where the call has none.
     """
 
     kind: str
@@ -95,6 +98,7 @@ class Layer:
     spiked: bool = False
     replaced_forward: bool = False
     call_override: bool = False
+    bias_omitted: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,12 +174,17 @@ class Tap:
     ``shifted`` (value taps of a layer or BN output only): right after ``tap = x`` the chain
     changes that tensor in place, ``x *= 0.5``, so the tap reads the halved tensor too. FX records
     ``x *= 0.5`` as ``x = x * 0.5``: a fuser that runs that graph adds the tensor as it was.
+
+    ``in_place`` (``add`` only): the chain's result takes the tap as ``x += tap``, as torchvision's
+    ResNet blocks write ``out += identity``. The tapped tensor is then read by a method call,
+    ``x.add_(tap)``, once a fuser turns the traced ``operator.iadd`` back into what runs.
     """
 
     after: int
     kind: str
     expected: int = 0
     shifted: bool = False
+    in_place: bool = False
 
 
 @dataclass(frozen=True)

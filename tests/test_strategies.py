@@ -86,6 +86,10 @@ def features(spec: NetSpec) -> set[str]:
                     found.add(f"metadata read between a layer and a BN ({reads})")
                 if block.tap.shifted:
                     found.add("tapped tensor changed in place")
+                if block.tap.in_place:
+                    found.add("residual added in place (x += tap)")
+                    if pair == ("Layer", "Norm"):
+                        found.add("layer output read by its BN and added in place")
             kinds = [type(op).__name__ for op in block.ops]
             for first, second in itertools.pairwise(kinds):
                 found.add(f"{first} -> {second}")
@@ -138,6 +142,8 @@ def features(spec: NetSpec) -> set[str]:
                     found.add("output_padding")
             if op.functional:
                 found.add("functional layer")
+            if op.bias_omitted:
+                found.add("functional layer called without a bias argument")
             if op.hooked:
                 found.add("hooked layer")
             if op.frozen:
@@ -219,6 +225,8 @@ REQUIRED = [
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
     "tapped tensor changed in place",
+    "residual added in place (x += tap)",
+    "layer output read by its BN and added in place",
     "metadata read between a layer and a BN (attribute)",
     "metadata read between a layer and a BN (method)",
     "activation in place",
@@ -235,6 +243,7 @@ REQUIRED = [
     "flatten from dim 1",
     "flatten from dim 2",
     "functional layer",
+    "functional layer called without a bias argument",
     "bn style functional",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",
