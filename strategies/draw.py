@@ -363,7 +363,12 @@ def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
         layer = replace(layer, padding_mode="zeros")
     if second == FUNCTIONAL and draw(chance(1, 3)):  # one weight read by two functional calls
         layer = replace(
-            layer, functional=True, hooked=False, replaced_forward=False, call_override=False
+            layer,
+            functional=True,
+            hooked=False,
+            replaced_forward=False,
+            call_override=False,
+            parametrized=False,
         )
     shared = draw(BOOLEANS)
     first = tuple(draw(st.lists(norms(out), min_size=1, max_size=2)))
@@ -411,6 +416,8 @@ def layers(
         layer = replace(layer, replaced_forward=True)
     elif not functional and not hooked and purpose != "spiked_layer" and draw(chance(1, 12)):
         layer = replace(layer, call_override=True)
+    elif not functional and not hooked and purpose != "spiked_layer" and draw(chance(1, 24)):
+        layer = replace(layer, parametrized=True)  # rarer: it blocks every fold into the layer
     return (replace(layer, frozen=True) if frozen else layer), out
 
 

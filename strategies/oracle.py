@@ -187,8 +187,9 @@ def _is_module_call(norm: Norm, call_index: int) -> bool:
 
 
 def _computes_as_its_class(layer: Layer) -> bool:
-    """Rule 6: a hooked layer, or one whose forward is replaced, takes no fold on either side."""
-    return not (layer.hooked or layer.replaced_forward)
+    """Rule 6: a hooked layer, one whose forward is replaced, or one whose weight a
+    parametrization computes, takes no fold on either side."""
+    return not (layer.hooked or layer.replaced_forward or layer.parametrized)
 
 
 def _lower(spec: NetSpec) -> _Graph:

@@ -440,6 +440,9 @@ class _Renderer:
                 self.setup.append(f"shift_forward({_submodule(qualname)})")
             if op.call_override:
                 self.helpers.add(_layer_class(op))
+            if op.parametrized:
+                weight_norm = "torch.nn.utils.parametrizations.weight_norm"
+                self.setup.append(f"{weight_norm}({_submodule(qualname)})")
         if isinstance(op, Norm):
             if op.gain == SHRINKING:
                 self.helpers.add("shrink_batch_norm")

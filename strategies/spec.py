@@ -74,6 +74,8 @@ class Layer:
     ``F.pad`` for a conv with another ``padding_mode``), then the shift. A spiked layer's first weight
     entry is ``SPIKE`` and its bias is scaled by ``2**-GAIN_EXPONENT``: it reads a shrinking BN's
     small output, and an amplifying BN folded into it would overflow float16 (see ``Norm``).
+    A parametrized layer's weight is computed on every call by a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm``), so it takes no fold (README rule 6).
     A functional layer without bias may leave the argument out (``bias_omitted``:
     ``F.conv2d(x, w, padding=1)``, as most code calls it) instead of passing ``None``: a fold must
     then add one where the call has none.
@@ -99,6 +101,7 @@ class Layer:
     replaced_forward: bool = False
     call_override: bool = False
     bias_omitted: bool = False
+    parametrized: bool = False
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,22 @@ def test_a_hooked_layer_takes_no_fold():
     assert verdicts(Chain((bn(), conv(padding="valid", hooked=True)))) == [("b0_bn0", 0, None)]
 
 
+def test_a_parametrized_layer_takes_no_fold_and_the_fuser_agrees():
+    """weight_norm computes the weight on every call: README rule 6 leaves it, and a functional
+    read of that weight (tied) reads a computed tensor, no constant to fold into."""
+    blocks = [
+        Chain((conv(parametrized=True), bn())),
+        Chain((bn(), conv(padding="valid", parametrized=True))),
+        TwoCalls(conv(parametrized=True), "functional", (bn(),), (bn(),)),
+    ]
+    for block in blocks:
+        assert [side for _, _, side in verdicts(block)] == [None] * len(verdicts(block))
+        model, inputs = build(NetSpec(input_shape=MAP, blocks=(block,)))
+        fused, report = fuse_with_report(model, inputs)
+        assert not any(site.folded for site in report.sites)
+        assert_equivalent(model, fused, *inputs)
+
+
 def test_shared_and_tied_layers_fold_at_every_call_site():
     shared_bn = TwoCalls(conv(), second="module", first_norms=(bn(),), second_norms=None)
     assert verdicts(shared_bn) == [("b0_bn_a0", 0, "output"), ("b0_bn_a0", 1, "output")]

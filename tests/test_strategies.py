@@ -142,6 +142,8 @@ def features(spec: NetSpec) -> set[str]:
                     found.add("output_padding")
             if op.functional:
                 found.add("functional layer")
+            if op.parametrized:
+                found.add("parametrized layer (weight_norm)")
             if op.bias_omitted:
                 found.add("functional layer called without a bias argument")
             if op.hooked:
@@ -244,6 +246,7 @@ REQUIRED = [
     "flatten from dim 2",
     "functional layer",
     "functional layer called without a bias argument",
+    "parametrized layer (weight_norm)",
     "bn style functional",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",
