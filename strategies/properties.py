@@ -438,8 +438,8 @@ def check_no_foldable_batchnorm_remains(trial: Trial) -> None:
 def check_report_agrees_with_oracle(trial: Trial) -> None:
     """Site by site, the fuser's report says folded (and on which side) exactly where the
     oracle does; it has an entry for every call the oracle lists that a fuser can see
-    (``Site.seen``), and none for calls the network does not make. Fusers without a report pass
-    trivially."""
+    (``Site.seen``), and none for calls the network does not make, nor for a module of it that
+    is no BatchNorm. Fusers without a report pass trivially."""
     prop = "report_agrees_with_oracle"
     trial.require_fused(prop)
     if trial.report is None:
@@ -463,12 +463,17 @@ def check_report_agrees_with_oracle(trial: Trial) -> None:
         if not site.foldable and got.folded:
             detail = f"report: folded into {got.into} ({got.side} side); oracle: {site.describe()}"
             raise trial.violation(prop, detail, name)
+    modules = dict(trial.model.named_modules())
     for (bn, index), got in reported.items():
         if got.folded:
             detail = f"report folds a site the oracle has no foldable BatchNorm for: {got}"
             raise trial.violation(prop, detail, f"{bn} (call {index})")
         if any(site.bn == bn for site in trial.sites):
             detail = f"report has a call the network does not make: {got}"
+            raise trial.violation(prop, detail, f"{bn} (call {index})")
+        module = modules.get(bn)  # other names are graph nodes: functional calls without stats
+        if module is not None and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            detail = f"report lists {bn}, a {type(module).__name__}, as a BatchNorm call: {got}"
             raise trial.violation(prop, detail, f"{bn} (call {index})")
 
 

@@ -30,3 +30,18 @@ def folds_nothing(model: nn.Module, example_inputs: tuple | None = None) -> nn.M
     """Returns an untouched copy: sound, and complete only for networks with nothing to fold.
     Caught by: no foldable BatchNorm remains."""
     return copy.deepcopy(model)
+
+
+def reports_its_layers_as_batch_norms(model: nn.Module, example_inputs: tuple | None = None):
+    """Fuses correctly, but its report also lists every conv and linear module as a BatchNorm
+    call left unfolded (a matcher that took any module call for a BatchNorm's, then found it
+    "overrides forward"). Caught by: the report agrees with the oracle."""
+    from fuser import fuse_with_report
+    from fuser.report import SiteReport
+
+    fused, report = fuse_with_report(model, example_inputs)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            reason = f"{type(module).__name__} overrides forward"
+            report.sites.append(SiteReport(name, 0, folded=False, reason=reason))
+    return fused, report

@@ -228,6 +228,15 @@ def test_a_fused_model_must_not_share_memory_with_the_input():
     check_input_model_untouched(_pinned_trial("torch_fuse_training_bn_submodule", "fuser:fuse"))
 
 
+def test_a_report_must_not_list_a_layer_as_a_batch_norm_call():
+    """Entries the oracle cannot name (functional calls without statistics are named by graph
+    node) are let through, but not one naming a module of the network that is no BatchNorm."""
+    broken = "tests.broken_fusers:reports_its_layers_as_batch_norms"
+    with pytest.raises(PropertyViolation, match="a Conv1d, as a BatchNorm call"):
+        check_report_agrees_with_oracle(_pinned_trial("conv1d_then_bn", broken))
+    check_report_agrees_with_oracle(_pinned_trial("conv1d_then_bn", "fuser:fuse_with_report"))
+
+
 def test_shared_memory_finds_views_and_tensor_attributes_but_not_copies():
     model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
     assert shared_memory(model, copy.deepcopy(model)) == []
