@@ -216,9 +216,10 @@ class Chain:
     iterates it, ``for stage in self.inner: x = stage(x)``, as code looping over a model's stages
     does. The stages are the Sequential's elements (``naming.staircase``: the first op, then the
     nested rest; every op alone at depth 1, which the strategies do not draw), each fused on its
-    own, so a fold never crosses from one to the next. ``inspects`` also asks each stage's type, ``if isinstance(stage,
-    nn.Sequential): x = x * 0.5``: a nested stage swapped for a fused module would no longer be
-    halved, so every stage must be left as it is and nothing in the chain folds.
+    own, so a fold never crosses from one to the next. ``inspects`` also asks each stage's type,
+    ``if isinstance(stage, nn.Sequential): x = x * 0.5``: a nested stage swapped for a fused
+    module would no longer be halved, so every stage must be left as it is and nothing in the
+    chain folds.
     """
 
     ops: tuple[Op, ...]

@@ -32,7 +32,9 @@ def folds_nothing(model: nn.Module, example_inputs: tuple | None = None) -> nn.M
     return copy.deepcopy(model)
 
 
-def reports_its_layers_as_batch_norms(model: nn.Module, example_inputs: tuple | None = None):
+def reports_its_layers_as_batch_norms(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> tuple[nn.Module, object]:
     """Fuses correctly, but its report also lists every conv and linear module as a BatchNorm
     call left unfolded (a matcher that took any module call for a BatchNorm's, then found it
     "overrides forward"). Caught by: the report agrees with the oracle."""

@@ -283,6 +283,7 @@ def module_hook_reading_it_ignored(model: nn.Module, example_inputs: tuple | Non
 
 
 def _calls_an_element(loop: ast.For, elements: set[str], method: ast.AST, parents: dict) -> bool:
+    """The mutated check: the loop calls one of its elements somewhere, nothing more asked."""
     return any(
         isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in elements
         for statement in loop.body
