@@ -31,7 +31,7 @@ from strategies import (
     render_source,
 )
 from strategies.batchnorm_calls import batchnorm_calls
-from strategies.spec import literal
+from strategies.spec import METADATA_ATTRIBUTES, METADATA_TAPS, literal
 from tests import pinned
 from tests.compat import cpu_runs_float16
 
@@ -78,11 +78,9 @@ def features(spec: NetSpec) -> set[str]:
             if block.tap is not None:
                 found.add(f"extra user {block.tap.kind}")
                 pair = tuple(type(op).__name__ for op in block.ops[block.tap.after :][:2])
-                if block.tap.kind in ("ndim", "shape", "size", "dim", "numel") and pair in (
-                    ("Layer", "Norm"),
-                    ("Norm", "Layer"),
-                ):
-                    reads = "attribute" if block.tap.kind in ("ndim", "shape") else "method"
+                fold_point = pair in (("Layer", "Norm"), ("Norm", "Layer"))
+                if block.tap.kind in METADATA_TAPS and fold_point:
+                    reads = "attribute" if block.tap.kind in METADATA_ATTRIBUTES else "method"
                     found.add(f"metadata read between a layer and a BN ({reads})")
                 if block.tap.shifted:
                     found.add("tapped tensor changed in place")
