@@ -176,6 +176,8 @@ def _unfoldable_reason(norm: Norm) -> str | None:
         return f"has a {norm.defect.replace('_', ' ')}"
     if norm.defect == REPLACED_FORWARD:
         return "its forward is replaced on the instance"
+    if norm.computed is not None:
+        return f"its {norm.computed} is computed when it runs, not a module constant"
     return None
 
 
@@ -186,10 +188,11 @@ def _is_module_call(norm: Norm, call_index: int) -> bool:
     return norm.style == MODULE and call_index == 0
 
 
-def _computes_as_its_class(layer: Layer) -> bool:
+def _takes_folds(layer: Layer) -> bool:
     """Rule 6: a hooked layer, one whose forward is replaced, or one whose weight a
-    parametrization computes, takes no fold on either side."""
-    return not (layer.hooked or layer.replaced_forward or layer.parametrized)
+    parametrization computes, takes no fold on either side; rule 2: nor does a functional layer
+    whose weight or bias is computed when it runs."""
+    return not (layer.hooked or layer.replaced_forward or layer.parametrized or layer.computed)
 
 
 def _lower(spec: NetSpec) -> _Graph:
@@ -292,7 +295,7 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
 def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
     """Rule 2: the norm reads a layer's output, and nothing else reads that output's values."""
     producer = norm_node.inputs[0]
-    if producer.kind != "layer" or not _computes_as_its_class(producer.layer):
+    if producer.kind != "layer" or not _takes_folds(producer.layer):
         return False
     if graph.value_users(producer) != [norm_node]:
         return False
@@ -325,7 +328,7 @@ def _pads_with_zeros(layer: Layer) -> bool:
 def _takes_input_fold(graph: _Graph, norm_node: _Node) -> _Node | None:
     """Rule 3: the norm's only value reader is a layer reading it as input; that layer."""
     users = graph.value_users(norm_node)
-    if len(users) != 1 or users[0].kind != "layer" or not _computes_as_its_class(users[0].layer):
+    if len(users) != 1 or users[0].kind != "layer" or not _takes_folds(users[0].layer):
         return None
     layer = users[0].layer
     if layer.kind == CONV and not _pads_with_zeros(layer):

@@ -12,6 +12,8 @@ from strategies.spec import (
     ADD,
     AMPLIFYING,
     CAT,
+    COMPUTED_ARGUMENTS,
+    COMPUTED_FACTOR,
     CONV,
     CONV_TRANSPOSE,
     FORWARD_HOOK,
@@ -314,13 +316,19 @@ def _layer_class(layer: Layer) -> str:
 
 def _functional_layer_call(layer: Layer, value: str, owner: str) -> str:
     """``F.conv*``/``F.linear`` on ``owner.weight`` and ``owner.bias`` (left out where
-    ``layer.bias_omitted``)."""
-    args = [value, f"{owner}.weight"] + ([] if layer.bias_omitted else [f"{owner}.bias"])
+    ``layer.bias_omitted``; one of them computed where ``layer.computed``)."""
+    weight, bias = (_argument(owner, name, layer.computed) for name in COMPUTED_ARGUMENTS)
+    args = [value, weight] + ([] if layer.bias_omitted else [bias])
     if layer.kind == "linear":
         return f"F.linear({', '.join(args)})"
     name = "conv" if layer.kind == CONV else "conv_transpose"
     args += _layer_options(layer, True)
     return f"F.{name}{layer.spatial_dims}d({', '.join(args)})"
+
+
+def _argument(owner: str, name: str, computed: str | None) -> str:
+    """``owner.name``, or a value computed from it when the call runs (``computed``)."""
+    return f"{owner}.{name} * {COMPUTED_FACTOR!r}" if name == computed else f"{owner}.{name}"
 
 
 def _call(op: Op, value: str, owner: str | None) -> str:
@@ -331,7 +339,8 @@ def _call(op: Op, value: str, owner: str | None) -> str:
         training = op.defect == TRAINING or not op.track_running_stats
         momentum = 0.1 if op.momentum is None else op.momentum
         running = f"{owner}.running_mean, {owner}.running_var"
-        affine = f"{owner}.weight, {owner}.bias"
+        weight, bias = (_argument(owner, name, op.computed) for name in COMPUTED_ARGUMENTS)
+        affine = f"{weight}, {bias}"
         if op.torch_call:
             arguments = f"{value}, {affine}, {running}, {training}, {momentum!r}, {op.eps!r}, False"
             return f"torch.batch_norm({arguments})"

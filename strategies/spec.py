@@ -54,6 +54,14 @@ METADATA_ATTRIBUTES = ("ndim", "shape")  # read as x.ndim, x.shape[1]
 METADATA_METHODS = ("size", "dim", "numel")  # called as x.size(1), x.dim(), x.numel()
 METADATA_TAPS = METADATA_ATTRIBUTES + METADATA_METHODS
 
+#: The arguments of a functional call that can be computed when it runs (``Norm.computed``,
+#: ``Layer.computed``), rendered as ``owner.NAME * COMPUTED_FACTOR``: parameters only. FX turns
+#: a module's parameters into graph values but hands it its buffers as tensors, so a computation
+#: on running statistics runs once, while tracing, and becomes a constant of the traced module
+#: (``_tensor_constant0``) that folds like any other.
+COMPUTED_ARGUMENTS = ("weight", "bias")
+COMPUTED_FACTOR = 0.5
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -79,6 +87,11 @@ class Layer:
     A functional layer without bias may leave the argument out (``bias_omitted``:
     ``F.conv2d(x, w, padding=1)``, as most code calls it) instead of passing ``None``: a fold must
     then add one where the call has none.
+    A functional layer's ``computed`` argument (``weight`` or ``bias``) is not its registered
+    parameter but a value computed from it when the call runs (``F.conv2d(x, w.weight * 0.5,
+    w.bias)``): the layer is then no foldable layer (README rule 2 asks for module constants), and
+    a fuser that took the computed argument for the parameter, or a computed bias for none, would
+    fold wrongly.
     """
 
     kind: str
@@ -102,6 +115,7 @@ class Layer:
     call_override: bool = False
     bias_omitted: bool = False
     parametrized: bool = False
+    computed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,11 @@ class Norm:
     functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values), or
     ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output). A
     functional call with ``torch_call`` is ``torch.batch_norm`` (which ``F.batch_norm`` calls: the
-    affine parameters first, every argument positional) instead of ``F.batch_norm``.
+    affine parameters first, every argument positional) instead of ``F.batch_norm``. A functional
+    call's ``computed`` argument (``weight`` or ``bias``, of an affine BN) is computed from the
+    registered parameter when the call runs, ``owner.weight * 0.5`` (a reparametrised gamma, a
+    conditional BN): README rule 1 folds only module constants, so the call is left, and a fuser
+    that took a computed weight or bias for none (gamma 1, beta 0) would fold wrongly.
 
     ``gain`` makes a float16 fold overflow without the network overflowing: a ``shrinking`` BN's
     gamma and beta are scaled by ``2**-GAIN_EXPONENT``, so its output is about 2**-12; an
@@ -138,6 +156,7 @@ class Norm:
     defect: str | None = None
     gain: str | None = None
     torch_call: bool = False
+    computed: str | None = None
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,28 @@ def test_a_parametrized_layer_takes_no_fold_and_the_fuser_agrees():
         assert_equivalent(model, fused, *inputs)
 
 
+@pytest.mark.parametrize("computed", ["weight", "bias"])
+def test_a_computed_argument_takes_no_fold_and_the_fuser_agrees(computed: str):
+    """README rules 1 and 2 fold only module constants: a functional layer or ``F.batch_norm``
+    whose weight or bias is computed when it runs (``w.bias * 0.5``) is left, and a BN module
+    next to such a layer stays too."""
+    functional_bn = bn(style="functional", computed=computed)
+    blocks = [
+        Chain((conv(), functional_bn)),
+        Chain((conv(functional=True, computed=computed), bn())),
+        Chain((conv(functional=True, computed=computed), bn(style="functional"))),
+    ]
+    for block in blocks:
+        assert [side for _, _, side in verdicts(block)] == [None]
+        model, inputs = build(NetSpec(input_shape=MAP, blocks=(block,)))
+        fused, report = fuse_with_report(model, inputs)
+        assert [site.folded for site in report.sites] == [False]
+        assert "not a constant of the module" in report.sites[0].reason
+        assert_equivalent(model, fused, *inputs)
+    plain = verdicts(Chain((conv(functional=True), bn(style="functional"))))
+    assert [side for _, _, side in plain] == ["output"]  # the same pair without it folds
+
+
 def test_shared_and_tied_layers_fold_at_every_call_site():
     shared_bn = TwoCalls(conv(), second="module", first_norms=(bn(),), second_norms=None)
     assert verdicts(shared_bn) == [("b0_bn_a0", 0, "output"), ("b0_bn_a0", 1, "output")]

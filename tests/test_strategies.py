@@ -144,6 +144,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("parametrized layer (weight_norm)")
             if op.bias_omitted:
                 found.add("functional layer called without a bias argument")
+            if op.computed:
+                found.add("functional layer with a computed weight or bias, then a BN")
             if op.hooked:
                 found.add("hooked layer")
             if op.frozen:
@@ -157,6 +159,8 @@ def features(spec: NetSpec) -> set[str]:
             found.add(f"bn style {op.style}")
             if op.torch_call:
                 found.add("bn style functional via torch.batch_norm")
+            if op.computed:
+                found.add("functional bn with a computed weight or bias, after a layer")
             found.add(f"bn defect {op.defect}")
             if not op.affine:
                 found.add("bn affine off")
@@ -245,6 +249,8 @@ REQUIRED = [
     "functional layer",
     "functional layer called without a bias argument",
     "parametrized layer (weight_norm)",
+    "functional layer with a computed weight or bias, then a BN",
+    "functional bn with a computed weight or bias, after a layer",
     "bn style functional",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",

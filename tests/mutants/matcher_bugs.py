@@ -29,6 +29,7 @@ from fuser.patterns import (
     describe_layer,
     is_batch_norm_module,
     known_rank,
+    normalized_args,
     value_users,
 )
 
@@ -39,6 +40,8 @@ __all__ = [
     "autocast_traced_through",
     "bn_hooks_ignored",
     "bn_subclass_matched_by_isinstance",
+    "computed_bn_affine_taken_as_absent",
+    "computed_layer_bias_taken_as_absent",
     "functional_bn_not_recognised",
     "functional_training_bn_folded",
     "input_side_into_transposed_conv",
@@ -246,6 +249,50 @@ def functional_training_bn_folded(model: nn.Module, example_inputs: tuple | None
         return _functional_batch_norm_problem(gm, {**args, "training": False}, label)
 
     patches = {"fuser.patterns._functional_batch_norm_problem": problem_ignoring_training}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def _computed(value: object) -> bool:
+    """An argument node that is no module constant: a value computed when the call runs."""
+    return isinstance(value, fx.Node) and value.op != "get_attr"
+
+
+def computed_bn_affine_taken_as_absent(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: an ``F.batch_norm`` call's weight and bias are read only where they are module
+    constants (``get_attr`` nodes); one computed when the call runs (``self.weight * 0.5``) is
+    taken as absent, as if the BN had no affine parameters, and the call is folded with gamma 1
+    and beta 0. Needs functional BNs whose weight or bias is computed. Caught by: fused output
+    matches the original.
+    """
+
+    def problem_ignoring_computed_affine(gm: fx.GraphModule, args: dict, label: str) -> str | None:
+        absent = {name: None for name in ("weight", "bias") if _computed(args.get(name))}
+        return _functional_batch_norm_problem(gm, {**args, **absent}, label)
+
+    patches = {"fuser.patterns._functional_batch_norm_problem": problem_ignoring_computed_affine}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def computed_layer_bias_taken_as_absent(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a functional layer's bias is read only where it is a module constant; one computed
+    when the call runs (``F.conv2d(x, w, self.bias * 0.5)``) is taken as absent, so a fold gives
+    the layer a bias of its own that leaves the computed one out. Needs functional layers with a
+    computed bias followed by a foldable BN. Caught by: fused output matches the original.
+    """
+
+    def args_without_computed_bias(node: fx.Node, names: tuple, defaults: dict) -> dict:
+        args = normalized_args(node, names, defaults)  # the real one, not the patched name
+        return {**args, "bias": None} if _computed(args.get("bias")) else args
+
+    def describe_ignoring_computed_bias(gm: fx.GraphModule, node: fx.Node) -> LayerCall | str:
+        with mock.patch("fuser.patterns.normalized_args", args_without_computed_bias):
+            return describe_layer(gm, node)
+
+    patches = {"fuser.fold_pass.describe_layer": describe_ignoring_computed_bias}
     return fuse_patched(model, example_inputs, patches)
 
 
