@@ -7,6 +7,7 @@ on its own. The caller's model is never touched: all work happens on a deep copy
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import replace
 
@@ -58,7 +59,7 @@ def fuse_with_report(
     except Exception as error:  # the model's own parts decide how (and whether) they copy
         raise FuserError(
             "fuse works on a deep copy of the model (yours is never changed), and "
-            f"copy.deepcopy(model) failed: {type(error).__name__}: {error}"
+            f"copy.deepcopy(model) failed: {type(error).__name__}: {error}{_pruning_advice(model)}"
         ) from error
     recorded = {id(working_copy): inputs} if inputs is not None else {}  # run on copies only
     report = FusionReport()
@@ -89,6 +90,12 @@ def _numbered_across_graphs(sites: list[SiteReport]) -> list[SiteReport]:
 def _check_input(model: object, example_inputs: object) -> tuple | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
+    if _is_compiled_wrapper(model):
+        raise FuserError(
+            "the model is a torch.compile wrapper (OptimizedModule), whose forward runs compiled "
+            "code FX cannot trace: fuse the eager model (model._orig_mod), then compile the "
+            "fused one"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise FuserError(
             "fuse cannot trace a torch.jit.ScriptModule: fuse the eager nn.Module, then script it"
@@ -119,6 +126,37 @@ def _from_torch_export(model: nn.Module) -> bool:
     """``ExportedProgram.module()`` (torch 2.3 and later) reports ``training=True`` and raises
     on ``.eval()``, so the usual advice would be impossible to follow."""
     return any(cls.__module__.startswith("torch.export") for cls in type(model).__mro__)
+
+
+def _is_compiled_wrapper(model: nn.Module) -> bool:
+    """``torch.compile(model)`` returns an ``OptimizedModule`` holding the model as ``_orig_mod``
+    (torch 2.0 and later); looked up by name, so that checking never imports dynamo."""
+    return any(
+        cls.__name__ == "OptimizedModule" and cls.__module__.startswith("torch._dynamo")
+        for cls in type(model).__mro__
+    )
+
+
+def _pruning_advice(model: nn.Module) -> str:
+    """What to do when the copy failed on a pruned layer: ``torch.nn.utils.prune`` leaves a
+    weight computed from ``weight_orig`` and a mask in the module, a tensor with a history that
+    ``copy.deepcopy`` refuses. Making the pruning permanent removes it (and the forward
+    pre-hook that would keep the layer from taking a fold)."""
+    prune = sys.modules.get("torch.nn.utils.prune")  # no pruned module before it is imported
+    if prune is None:
+        return ""
+    pruned = [
+        f"{path or '<model>'}.{hook._tensor_name}"
+        for path, module in model.named_modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod)
+    ]
+    if not pruned:
+        return ""
+    return (
+        f"; the model has pruned tensors ({', '.join(pruned)}): make the pruning permanent "
+        "with torch.nn.utils.prune.remove(module, name) for each, then fuse"
+    )
 
 
 def _check_initialized(model: nn.Module, parts: ModelParts) -> None:

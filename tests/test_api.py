@@ -22,6 +22,7 @@ from helpers import (
     tutorial_model,
 )
 from torch import fx, nn
+from torch.nn.utils import prune
 
 from fuser import FuserError, FusionReport, fuse, fuse_with_report
 from fuser.fold_pass import fold_batch_norms
@@ -79,6 +80,30 @@ def test_a_model_deepcopy_cannot_copy_raises_a_fuser_error_naming_the_copy():
     model.lock = threading.Lock()
     with pytest.raises(FuserError, match=r"copy\.deepcopy\(model\) failed: TypeError"):
         fuse(model)
+
+
+def test_a_pruned_model_deepcopy_cannot_copy_gets_the_way_to_make_pruning_permanent():
+    """``torch.nn.utils.prune`` leaves each pruned weight as a tensor computed from
+    ``weight_orig``, which ``copy.deepcopy`` refuses: the error names the pruned tensors and the
+    fix, after which the model fuses."""
+    model = small_net()
+    prune.l1_unstructured(model[0][0], "weight", amount=0.3)
+    with pytest.raises(FuserError, match=r"pruned tensors \(0\.0\.weight\).*prune\.remove"):
+        fuse(model)
+    prune.remove(model[0][0], "weight")
+    x = image(2, 3, 6, 6)
+    fused = fuse(model, (x,))
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, x)
+
+
+def test_a_torch_compile_wrapper_raises_a_fuser_error_naming_the_eager_model():
+    """``torch.compile(model)`` runs compiled code FX cannot trace: fusing it would leave every
+    BatchNorm, silently (no error, nothing folded)."""
+    compiled = torch.compile(small_net())
+    with pytest.raises(FuserError, match=r"torch\.compile wrapper .*model\._orig_mod"):
+        fuse(compiled)
+    assert_equivalent(compiled._orig_mod, fuse(compiled._orig_mod), image(2, 3, 6, 6))
 
 
 @pytest.mark.parametrize(
