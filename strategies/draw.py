@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
+import torch
 from hypothesis import strategies as st
 
 from strategies.spec import (
@@ -218,10 +219,34 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     replaced_forward = draw(chance(1, 16))
     type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
     example_inputs = type_checked or not draw(chance(1, 12))  # ``NetSpec.example_inputs``
+    float32_norms = runs_float32_norms(dtype) and draw(chance(1, 3))  # ``NetSpec.float32_norms``
     input_shape = (batch, channels, *spatial)
     return NetSpec(
-        input_shape, tuple(blocks), dtype, device, seed, replaced_forward, example_inputs
+        input_shape,
+        tuple(blocks),
+        dtype,
+        device,
+        seed,
+        replaced_forward,
+        example_inputs,
+        float32_norms,
     )
+
+
+@cache
+def runs_float32_norms(dtype: str) -> bool:
+    """Whether this torch runs a BatchNorm with float32 statistics and parameters on ``dtype``
+    inputs on the CPU (only half-precision networks keep their BNs float32)."""
+    if dtype not in ("bfloat16", "float16"):
+        return False
+    values = torch.ones(2, 3, 4, dtype=getattr(torch, dtype))
+    try:
+        for training in (False, True):  # the training-mode property runs them in training mode
+            statistics = torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3)
+            torch.nn.functional.batch_norm(values, *statistics, training=training)
+    except RuntimeError:  # an older torch, or one without CPU kernels for the dtype
+        return False
+    return True
 
 
 @reused

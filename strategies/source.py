@@ -131,6 +131,15 @@ def amplify_batch_norm(bn, eps, seed):
         bn.weight.copy_(signs() * uniform(1.25, 2.0) * 2.0**GAIN * (var + eps).sqrt())
         bn.bias.copy_(uniform(-1.0, 1.0))
 ''',
+    "keep_norms_float32": '''
+def keep_norms_float32(model, norms):
+    """BatchNorms back in float32 in a half-precision network, as mixed-precision training leaves
+    them (apex's O2, timm's half-precision export, ``model.half()`` then ``bn.float()``): their
+    inputs and outputs stay in the network's dtype, their statistics and affine parameters not."""
+    for module in model.modules():
+        if isinstance(module, norms):
+            module.float()
+''',
     "shift_forward": '''
 def shift_forward(module):
     """Replace forward on the instance, as monkeypatching does, with one that shifts the output:
@@ -394,14 +403,15 @@ class _Renderer:
     def program(self) -> str:
         if self.spec.replaced_forward:
             self.helpers.add("shift_forward")
+        if self.spec.float32_norms:
+            self.helpers.add("keep_norms_float32")
         helper_order = [name for name in HELPERS if name in self.helpers]
         parts = [HEADER]
         if self.helpers & {"shrink_batch_norm", "spike_weight", "amplify_batch_norm"}:
             parts.append(f"\nGAIN = {GAIN_EXPONENT}\nSPIKE = {SPIKE!r}\n")
         parts += [*(HELPERS[name] for name in helper_order), *self.classes]
         parts.append(self._class("Net", "The drawn network.", self.root_init, self.root_forward))
-        stats_class = ", BatchNormStats" if "BatchNormStats" in self.helpers else ""
-        parts.append(RANDOMIZE.replace("{stats_class}", stats_class))
+        parts.append(RANDOMIZE.replace("{stats_class}", self._stats_class()))
         parts.append(self._make_network())
         parts.append("\nmodel, inputs = make_network()\n")
         return "".join(parts)
@@ -422,6 +432,7 @@ class _Renderer:
             "def make_network():",
             "model = Net()",
             f"model = model.to({target}).eval()",
+            *([f"keep_norms_float32(model, {self._norm_classes()})"] if spec.float32_norms else []),
             f"randomize(model, seed={spec.seed})",
             *self.setup,
             *(["shift_forward(model)"] if spec.replaced_forward else []),
@@ -430,6 +441,14 @@ class _Renderer:
             f"return model, (x.to({target}),)",
         ]
         return "\n\n" + "\n".join(lines[:1] + [INDENT + line for line in lines[1:]]) + "\n"
+
+    def _stats_class(self) -> str:
+        return ", BatchNormStats" if "BatchNormStats" in self.helpers else ""
+
+    def _norm_classes(self) -> str:
+        """Every BatchNorm module of the network (subclasses included) and the holders of the
+        functional calls' statistics."""
+        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._stats_class()})"
 
     def _note_helpers(self, op: Op, qualname: str | None) -> None:
         """Record helper definitions an op needs and its post-construction steps."""

@@ -288,6 +288,11 @@ class NetSpec:
     other common call). Without them no Linear's rank is proven (README rule 2), so no Linear folds,
     and nothing can compare a trace with the model, so a network with a ``type_check`` block is
     always fused with them.
+
+    ``float32_norms`` (bfloat16 and float16 networks): the BatchNorms' statistics and affine
+    parameters (modules and the functional calls' holders) are float32 while everything else is
+    half, as mixed-precision training leaves a model. PyTorch runs such a BN on half inputs and
+    returns half outputs; a fold must still give its layer weights of the layer's own dtype.
     """
 
     input_shape: tuple[int, ...]
@@ -297,6 +302,7 @@ class NetSpec:
     seed: int = 0
     replaced_forward: bool = False
     example_inputs: bool = True
+    float32_norms: bool = False
 
 
 def literal(value: object) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "chain_folds_only_first",
     "float16_overflow_unchecked",
     "float16_underflow_unchecked",
+    "folded_weights_in_promoted_dtype",
     "folded_weights_left_float64",
     "functional_layer_new_bias_not_passed",
     "hooks_lost_on_copy",
@@ -145,10 +146,13 @@ def _tensor_like(
     *,
     cast: bool = True,
     requires_grad: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``graph_edit.tensor_like`` with the dtype cast or the requires_grad flag optionally lost."""
+    """``graph_edit.tensor_like`` with the dtype cast or the requires_grad flag optionally lost,
+    or another ``dtype`` than the template's."""
     template = like if like is not None else reference
-    result = value.to(dtype=template.dtype if cast else value.dtype, device=template.device)
+    dtype = dtype or (template.dtype if cast else value.dtype)
+    result = value.to(dtype=dtype, device=template.device)
     if isinstance(template, nn.Parameter):
         flag = template.requires_grad if requires_grad is None else requires_grad
         return nn.Parameter(result, requires_grad=flag)
@@ -172,6 +176,35 @@ def folded_weights_left_float64(model: nn.Module, example_inputs: tuple | None =
     patches = {
         "fuser.fold_pass.round_scaled": float64_product,
         "fuser.fold_pass.tensor_like": keep_float64,
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def folded_weights_in_promoted_dtype(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: the folded weight and bias keep the dtype PyTorch promotes a product of the layer's
+    and the BN's tensors to (``w * (gamma * torch.rsqrt(var + eps))``), never cast back to the
+    layer's dtype: float32 for a half-precision layer next to a float32 BN, as mixed-precision
+    training leaves a model (torch's own fuse casts back for this reason). Elsewhere that is
+    the layer's dtype. Needs half-precision networks with float32 BNs. Caught by: fused output
+    matches the original (the layer raises on half inputs with float32 parameters).
+    """
+    statistics_dtype: dict[str, torch.dtype] = {}
+    real_scale_shift = _FoldPass._scale_shift  # read before the patch replaces it
+
+    def scale_shift(call: BatchNormCall) -> tuple[torch.Tensor, torch.Tensor]:
+        statistics_dtype["last fold"] = call.running_var.dtype
+        return real_scale_shift(call)
+
+    def promoted_like(value: torch.Tensor, like, reference: torch.Tensor) -> torch.Tensor:
+        template = like if like is not None else reference
+        dtype = torch.promote_types(template.dtype, statistics_dtype["last fold"])
+        return _tensor_like(value, like, reference, dtype=dtype)
+
+    patches = {
+        "fuser.fold_pass._FoldPass._scale_shift": staticmethod(scale_shift),
+        "fuser.fold_pass.tensor_like": promoted_like,
     }
     return fuse_patched(model, example_inputs, patches)
 
