@@ -263,6 +263,28 @@ def test_functional_batch_norm_on_computed_statistics_is_left():
     assert report.folded == [], report
 
 
+def test_statistics_computed_from_buffers_alone_fold_and_a_computed_gamma_does_not():
+    """README rule 1: FX hands buffers to the code as tensors, so ``self.bn_var * 0.5`` runs once
+    while tracing and is a constant of the traced module, and the call folds (named by its
+    running mean, or by that constant where the mean is the computed one); ``self.bn_gamma * 0.5``
+    reads a parameter, which FX traces, so it runs on every call."""
+
+    class ComputedFromBuffers(FunctionalConvBatchNorm):
+        def forward(self, x):
+            y = F.conv2d(x, self.weight, self.bias)
+            y = F.batch_norm(y, self.bn_mean, self.bn_var * 0.5, self.bn_gamma, self.bn_beta)
+            y = F.batch_norm(y, -self.bn_mean, self.bn_var, self.bn_gamma, self.bn_beta)
+            return F.batch_norm(y, self.bn_mean, self.bn_var, self.bn_gamma * 0.5, self.bn_beta)
+
+    model = ComputedFromBuffers().eval()
+    fused, report = fused_and_checked(model, image(2, 3, 5, 5))
+    scaled_var, negated_mean, scaled_gamma = report.sites
+    assert scaled_var.folded and scaled_var.bn == "bn_mean", report
+    assert negated_mean.folded and negated_mean.bn.startswith("_tensor_constant"), report
+    assert not scaled_gamma.folded and "weight is not a constant" in scaled_gamma.reason, report
+    assert len(remaining_batch_norms(fused)) == 1
+
+
 class TorchBatchNormCalls(FunctionalConvBatchNorm):
     """``torch.batch_norm`` (which ``F.batch_norm`` calls; its affine parameters come first) after
     F.conv2d, then again before a 1x1 conv, on registered parameters and buffers."""
