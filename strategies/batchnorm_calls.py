@@ -5,6 +5,12 @@ Completeness asks that no foldable BatchNorm is left in the fused model. Watchin
 ``GraphModule``, an untouched copy, or a module with opaque parts, where inspecting one particular
 graph representation would miss BatchNorms hidden inside untraced submodules. Each call is named by
 its ``running_mean`` tensor's qualified name in the module that ran.
+
+torchvision's ``FrozenBatchNorm2d`` calls no batch norm: its forward computes ``x * scale + bias``
+from its buffers, starting with ``self.running_mean.reshape(...)``, and a fuser tracing through it
+(as FX does: it is no torch.nn module) records those same operations. So an operation whose first
+argument is a ``running_mean`` buffer also counts as a call, named by that buffer; no BatchNorm
+that calls ``F.batch_norm`` hands its running mean to anything first.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class _BatchNormRecorder(TorchFunctionMode):
     def __init__(self, names: dict[int, str]) -> None:
         super().__init__()
         self.names = names
+        self.running_means = {key for key, name in names.items() if name.endswith("running_mean")}
         self.calls: list[str | None] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -31,6 +38,8 @@ class _BatchNormRecorder(TorchFunctionMode):
             self.calls.append(self._name(args, kwargs, 1))
         elif func is torch.batch_norm:
             self.calls.append(self._name(args, kwargs, 3))
+        elif args and id(args[0]) in self.running_means:  # FrozenBatchNorm2d's arithmetic
+            self.calls.append(self.names[id(args[0])])
         return func(*args, **kwargs)
 
     def _name(self, args: tuple, kwargs: dict, position: int) -> str | None:

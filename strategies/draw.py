@@ -30,6 +30,7 @@ from strategies.spec import (
     CONV_TRANSPOSE,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
+    FROZEN,
     FUNCTIONAL,
     HOOK_READS_MODULE,
     HOOKED,
@@ -44,6 +45,7 @@ from strategies.spec import (
     REPLACED_FORWARD,
     SEQUENTIAL,
     SHRINKING,
+    SYNC,
     TRACED_SUBCLASS,
     TRAINING,
     TYPE_CHECK,
@@ -298,7 +300,7 @@ def chains(draw, shape: Shape, max_ops: int = 4, dtype: str = "float32") -> tupl
         shape = replace(shape, channels=2 * shape.channels)
     if tap is not None and _may_shift(tap, ops) and draw(chance(1, 3)):
         tap = replace(tap, shifted=True)
-    if tap is not None and tap.kind == ADD and draw(BOOLEANS):
+    if tap is not None and tap.kind == ADD and draw(chance(2, 3)):  # torchvision: out += identity
         tap = replace(tap, in_place=True)
     loop = None
     if in_sequential and boundary == UNTRACEABLE:
@@ -739,8 +741,15 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
         defect = draw(one_of_values(defects))
     if gain is not None:
         affine, track, defect = True, True, None
+    module_class = None  # ``Norm.module_class``
+    if style == MODULE and gain is None:
+        frozen = (FROZEN, FROZEN) if shape.ndim == 4 else ()  # detection backbones' 2-D BN
+        module_class = draw(one_of_values((None,) * 6 + (SYNC, *frozen)))
+    if module_class == FROZEN:  # always affine, with running statistics
+        affine, track = True, True
     torch_call = style == FUNCTIONAL and draw(chance(1, 3))
     norm = Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect, gain)
+    norm = replace(norm, module_class=module_class) if module_class else norm
     return replace(norm, torch_call=True) if torch_call else norm
 
 

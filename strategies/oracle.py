@@ -31,6 +31,7 @@ from strategies.spec import (
     CONV,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
+    FROZEN,
     FUNCTIONAL,
     GUARDED,
     HOOK_READS_MODULE,
@@ -168,7 +169,7 @@ def _unfoldable_reason(norm: Norm) -> str | None:
     """README rule 1: why this call is not a foldable BatchNorm at all, or ``None``."""
     if norm.style == OPAQUE_SUBCLASS:
         return "BatchNorm subclass whose forward FX cannot trace (runs opaque)"
-    if norm.defect == TRAINING:
+    if norm.defect == TRAINING and norm.module_class != FROZEN:  # frozen: its statistics always
         return "training mode"
     if not norm.track_running_stats:
         return "no running statistics"

@@ -18,6 +18,7 @@ from strategies.spec import (
     CONV_TRANSPOSE,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
+    FROZEN,
     FUNCTIONAL,
     GAIN_EXPONENT,
     GUARDED,
@@ -30,6 +31,7 @@ from strategies.spec import (
     SEQUENTIAL,
     SHRINKING,
     SPIKE,
+    SYNC,
     TRACED_SUBCLASS,
     TRAINING,
     TYPE_CHECK,
@@ -131,6 +133,9 @@ def amplify_batch_norm(bn, eps, seed):
         bn.weight.copy_(signs() * uniform(1.25, 2.0) * 2.0**GAIN * (var + eps).sqrt())
         bn.bias.copy_(uniform(-1.0, 1.0))
 ''',
+    FROZEN: """
+from torchvision.ops.misc import FrozenBatchNorm2d
+""",
     "keep_norms_float32": '''
 def keep_norms_float32(model, norms):
     """BatchNorms back in float32 in a half-precision network, as mixed-precision training leaves
@@ -202,11 +207,12 @@ def randomize(model, seed):
     def sometimes_zero(values):
         return torch.where(uniform(values.shape, 0, 1) < 0.125, 0.0, values)
 
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{stats_class})
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{other_norms})
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, norms):
-                count = module.num_features
+                count = module.running_var.numel() if module.running_var is not None else 0
+                count = getattr(module, "num_features", count)  # FrozenBatchNorm2d has none
                 var = torch.ones(count, dtype=torch.float64)
                 if module.running_var is not None:
                     var = torch.exp(uniform(count, math.log(1e-4), math.log(1e2)))
@@ -242,6 +248,10 @@ def _literal(value: object) -> str:
 
 
 def _batchnorm_class(norm: Norm) -> str:
+    if norm.module_class == SYNC:
+        return "nn.SyncBatchNorm"
+    if norm.module_class == FROZEN:
+        return FROZEN  # imported from torchvision.ops.misc (HELPERS)
     dims = {2: 1, 3: 1, 4: 2, 5: 3}[norm.input_ndim]
     prefix = {TRACED_SUBCLASS: "Traced", OPAQUE_SUBCLASS: "Opaque"}.get(norm.style, "nn.")
     return f"{prefix}BatchNorm{dims}d"
@@ -293,6 +303,8 @@ def _constructor(op: Op) -> str | None:
                 f"BatchNormStats({op.num_features}, affine={op.affine}, "
                 f"track_running_stats={op.track_running_stats})"
             )
+        if op.module_class == FROZEN:  # always affine, with statistics, and no momentum
+            return f"{FROZEN}({op.num_features}, eps={op.eps!r})"
         options = [f"eps={op.eps!r}", f"momentum={op.momentum!r}"]
         if not op.affine:
             options.append("affine=False")
@@ -397,6 +409,7 @@ class _Renderer:
         self.root_init: list[str] = []
         self.root_forward: list[str] = []
         self.setup: list[str] = []
+        self.norm_classes: set[str] = set()  # BN modules other than nn.BatchNormNd and subclasses
         for index, block in enumerate(spec.blocks):
             self._block(index, block)
 
@@ -411,7 +424,7 @@ class _Renderer:
             parts.append(f"\nGAIN = {GAIN_EXPONENT}\nSPIKE = {SPIKE!r}\n")
         parts += [*(HELPERS[name] for name in helper_order), *self.classes]
         parts.append(self._class("Net", "The drawn network.", self.root_init, self.root_forward))
-        parts.append(RANDOMIZE.replace("{stats_class}", self._stats_class()))
+        parts.append(RANDOMIZE.replace("{other_norms}", self._other_norms()))
         parts.append(self._make_network())
         parts.append("\nmodel, inputs = make_network()\n")
         return "".join(parts)
@@ -432,7 +445,11 @@ class _Renderer:
             "def make_network():",
             "model = Net()",
             f"model = model.to({target}).eval()",
-            *([f"keep_norms_float32(model, {self._norm_classes()})"] if spec.float32_norms else []),
+            *(
+                [f"keep_norms_float32(model, {self._mixed_dtype_norms()})"]
+                if spec.float32_norms
+                else []
+            ),
             f"randomize(model, seed={spec.seed})",
             *self.setup,
             *(["shift_forward(model)"] if spec.replaced_forward else []),
@@ -442,13 +459,22 @@ class _Renderer:
         ]
         return "\n\n" + "\n".join(lines[:1] + [INDENT + line for line in lines[1:]]) + "\n"
 
-    def _stats_class(self) -> str:
-        return ", BatchNormStats" if "BatchNormStats" in self.helpers else ""
+    def _other_norms(self, leave_out: tuple[str, ...] = ()) -> str:
+        """The classes beside ``nn.BatchNormNd`` (and its subclasses) holding BN statistics."""
+        holders = ["BatchNormStats"] if "BatchNormStats" in self.helpers else []
+        names = [name for name in sorted(self.norm_classes) if name not in leave_out] + holders
+        return "".join(f", {name}" for name in names)
 
     def _norm_classes(self) -> str:
         """Every BatchNorm module of the network (subclasses included) and the holders of the
         functional calls' statistics."""
-        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._stats_class()})"
+        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._other_norms()})"
+
+    def _mixed_dtype_norms(self) -> str:
+        """The BatchNorms that run float32 in a half-precision network (``float32_norms``): all
+        but ``FrozenBatchNorm2d``, whose ``x * scale + bias`` would promote its output to float32,
+        so the network itself would not run (the next layer's half weights meet float32 inputs)."""
+        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._other_norms((FROZEN,))})"
 
     def _note_helpers(self, op: Op, qualname: str | None) -> None:
         """Record helper definitions an op needs and its post-construction steps."""
@@ -483,8 +509,10 @@ class _Renderer:
                 )
             if op.style == FUNCTIONAL:
                 self.helpers.add("BatchNormStats")
-            elif op.style != "module":
+            elif op.style != "module" or op.module_class == FROZEN:
                 self.helpers.add(_batchnorm_class(op))
+            if op.module_class is not None:
+                self.norm_classes.add(_batchnorm_class(op))
             if op.defect == TRAINING and op.style != FUNCTIONAL:
                 self.setup.append(f"{_submodule(qualname)}.train()")
             if op.defect == FORWARD_HOOK:

@@ -48,6 +48,9 @@ GUARDED = (UNTRACEABLE, AUTOCAST, TYPE_CHECK)
 LOOP_CALLS = "calls"
 LOOP_INSPECTS = "inspects"
 
+SYNC = "SyncBatchNorm"  # ``Norm.module_class``: torch.nn.SyncBatchNorm, any rank
+FROZEN = "FrozenBatchNorm2d"  # torchvision.ops.misc.FrozenBatchNorm2d, 4-D inputs
+
 ADD = "add"
 CAT = "cat"
 METADATA_ATTRIBUTES = ("ndim", "shape")  # read as x.ndim, x.shape[1]
@@ -136,6 +139,13 @@ class Norm:
     conditional BN): README rule 1 folds only module constants, so the call is left, and a fuser
     that took a computed weight or bias for none (gamma 1, beta 0) would fold wrongly.
 
+    A ``module`` BN's ``module_class`` is ``nn.BatchNormNd`` (None), ``nn.SyncBatchNorm`` (``SYNC``:
+    what ``convert_sync_batchnorm`` leaves in a model trained with DDP; without a process group it
+    runs as a BatchNorm, in training mode too) or torchvision's ``FrozenBatchNorm2d`` (``FROZEN``:
+    the backbones of torchvision's detection models; 4-D inputs, affine parameters and
+    statistics all buffers, and always its running statistics: in training mode it still folds).
+    Neither matches ``nn.BatchNorm2d`` by type, which is how torch's own fuse matches.
+
     ``gain`` makes a float16 fold overflow without the network overflowing: a ``shrinking`` BN's
     gamma and beta are scaled by ``2**-GAIN_EXPONENT``, so its output is about 2**-12; an
     ``amplifying`` BN reads values of that size (its running mean is scaled down likewise) and
@@ -157,6 +167,7 @@ class Norm:
     gain: str | None = None
     torch_call: bool = False
     computed: str | None = None
+    module_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,7 @@ class NetSpec:
     parameters (modules and the functional calls' holders) are float32 while everything else is
     half, as mixed-precision training leaves a model. PyTorch runs such a BN on half inputs and
     returns half outputs; a fold must still give its layer weights of the layer's own dtype.
+    A ``FrozenBatchNorm2d`` stays half: its arithmetic would return float32.
     """
 
     input_shape: tuple[int, ...]

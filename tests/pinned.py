@@ -999,9 +999,45 @@ PINNED: dict[str, NetSpec] = {
         ),
         dtype="float16",
     ),
+    # Strategy bug (fixed): a bfloat16 network keeping its BNs float32 (``float32_norms``) kept its
+    # FrozenBatchNorm2d float32 too, whose ``x * scale + bias`` returns float32, so the next conv
+    # (bfloat16 weights) refused its input and the drawn network itself did not run. FrozenBN now
+    # stays in the network's dtype; a SyncBatchNorm, which runs as a BatchNorm, is kept float32.
+    "frozen_and_sync_batch_norms_in_a_bfloat16_network_with_float32_norms": NetSpec(
+        input_shape=(2, 2, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=2,
+                        out_channels=2,
+                        kernel_size=(1, 1),
+                        stride=(1, 1),
+                        padding=(0, 0),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=2, eps=0.5, module_class="FrozenBatchNorm2d"),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=2,
+                        out_channels=2,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(1, 1),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=2, eps=0.5, module_class="SyncBatchNorm"),
+                ),
+            ),
+        ),
+        dtype="bfloat16",
+        float32_norms=True,
+    ),
 }
 
-#: Pinned networks whose foldable sites depend on drawn values the oracle does not read (rule 6's
-#: subnormal clause, see ``strategies/oracle.py``): replayed by the soundness tests only, as random
-#: float16 networks are.
 SOUNDNESS_ONLY = frozenset({"float16_fold_sinking_a_channel_below_the_normal_range"})

@@ -236,6 +236,22 @@ def test_a_computed_argument_takes_no_fold_and_the_fuser_agrees(computed: str):
     assert [side for _, _, side in plain] == ["output"]  # the same pair without it folds
 
 
+@pytest.mark.parametrize("module_class", ["SyncBatchNorm", "FrozenBatchNorm2d"])
+def test_sync_and_frozen_batch_norms_fold_as_batch_norms_and_the_fuser_agrees(module_class: str):
+    """README rule 1: both are BatchNorms. A FrozenBatchNorm2d in training mode still normalises
+    with its running statistics, so it still folds; a SyncBatchNorm in training mode does not."""
+    frozen = module_class == "FrozenBatchNorm2d"
+    for defect in (None, "training", "forward_hook"):
+        block = Chain((conv(), bn(module_class=module_class, defect=defect)))
+        folds = defect is None or (defect == "training" and frozen)
+        assert [side for _, _, side in verdicts(block)] == ["output" if folds else None]
+        model, inputs = build(NetSpec(input_shape=MAP, blocks=(block,)))
+        fused, report = fuse_with_report(model, inputs)
+        assert [site.folded for site in report.sites] == [folds], (defect, report)
+        if folds or defect != "training":  # a training SyncBatchNorm updates its statistics
+            assert_equivalent(model, fused, *inputs)
+
+
 def test_shared_and_tied_layers_fold_at_every_call_site():
     shared_bn = TwoCalls(conv(), second="module", first_norms=(bn(),), second_norms=None)
     assert verdicts(shared_bn) == [("b0_bn_a0", 0, "output"), ("b0_bn_a0", 1, "output")]

@@ -163,6 +163,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("bn style functional via torch.batch_norm")
             if op.computed:
                 found.add("functional bn with a computed weight or bias, after a layer")
+            if op.module_class:
+                found.add(f"bn module {op.module_class}")
             found.add(f"bn defect {op.defect}")
             if not op.affine:
                 found.add("bn affine off")
@@ -254,6 +256,8 @@ REQUIRED = [
     "functional layer with a computed weight or bias, then a BN",
     "functional bn with a computed weight or bias, after a layer",
     "bn style functional",
+    "bn module SyncBatchNorm",
+    "bn module FrozenBatchNorm2d",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",
     "bn style traced_subclass",
@@ -338,7 +342,9 @@ def test_half_precision_networks_often_keep_their_batch_norms_float32():
     mixed = [spec for spec in sample if spec.float32_norms]
     assert len(mixed) >= 0.2 * len(sample)
     with_folds = [spec for spec in mixed if any(site.foldable for site in foldable_sites(spec))]
-    assert len(with_folds) >= 0.5 * len(mixed)
+    # Measured: 30 of 60 at f7f1e2e, 32 of 71 once SyncBatchNorm and FrozenBatchNorm2d were drawn;
+    # 123 of 251 (49 %) in a sample of 1,000. The first floor, 0.5, sat on the first measurement.
+    assert len(with_folds) >= 0.4 * len(mixed)
     assert not any(spec.float32_norms for spec in default_sample())  # float32 and float64 only
 
 
