@@ -57,6 +57,12 @@ class _Left(Exception):
     """A site that will not fold, with the reason as its message."""
 
 
+def _out_of_range(reason: str | None) -> bool:
+    """Whether a fold was refused for its values alone (``overflow_reason`` and
+    ``underflow_reason``): values that other folds into the same layer change."""
+    return reason is not None and ("overflow" in reason or "subnormal" in reason)
+
+
 @dataclass
 class _Outcome:
     into: str | None = None
@@ -115,15 +121,34 @@ class _FoldPass:
                         f"output side: {outcome.reason}; input side: {input_side.reason}"
                     )
                 outcomes[call.node] = input_side
-        for call in calls:  # rule 4, until nothing changes: an input-side fold may have scaled
-            outcome = outcomes[call.node]  # a layer down so that a refused fold now fits
-            if outcome.into is None and "overflow" in (outcome.reason or ""):
-                retried = self._attempt(call, self._fold_output_side, OUTPUT_SIDE)
-                if retried.into is not None:
-                    outcomes[call.node] = retried
+        self._retry_out_of_range(calls, outcomes)
         self.graph.lint()
         self.gm.recompile()
         return self._reports(calls, outcomes)
+
+    def _retry_out_of_range(self, calls: list[BatchNormCall], outcomes: dict) -> None:
+        """Rule 4, until nothing changes. A fold refused because its weights would leave the
+        layer's dtype's range (overflow, or an output channel sunk below its normal numbers) may
+        fit once other folds have scaled that layer up or down, and a retried fold that succeeds
+        may in turn let another fit; so whole rounds of retries, each side in the order of
+        preference, go on until one folds nothing. Stopping earlier would leave folds that the
+        finished weights allow, and fusing the fused model again would make them."""
+        folded_one = True
+        while folded_one:
+            folded_one = False
+            for call in calls:
+                outcome = outcomes[call.node]
+                if outcome.into is not None or not _out_of_range(outcome.reason):
+                    continue
+                for fold, side in (
+                    (self._fold_output_side, OUTPUT_SIDE),
+                    (self._fold_input_side, INPUT_SIDE),
+                ):
+                    retried = self._attempt(call, fold, side)
+                    if retried.into is not None:
+                        outcomes[call.node] = retried
+                        folded_one = True
+                        break
 
     def _reports(self, calls: list[BatchNormCall], outcomes: dict) -> list[SiteReport]:
         seen: Counter[str] = Counter()

@@ -60,6 +60,11 @@ class FoldTracer(fx.Tracer):
             return True
         if is_foldable_layer_or_batch_norm(m):
             return True
+        if is_batch_norm_module(m) and own_call_code(m) is not None:
+            # Kept as the call it is, so the report names it and why it stays. torch.nn's BNs are
+            # leaves anyway; torchvision's FrozenBatchNorm2d would be traced through, its forward
+            # replaced on the instance recorded as arithmetic that names no BatchNorm.
+            return True
         if isinstance(m, torch.jit.ScriptModule):  # compiled code: FX cannot look inside
             return True
         return super().is_leaf_module(m, module_qualified_name)

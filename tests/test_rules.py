@@ -190,6 +190,15 @@ def test_a_layer_or_batchnorm_whose_forward_is_replaced_on_the_instance_takes_no
         assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
 
 
+def test_a_frozen_batchnorm_whose_forward_is_replaced_is_left_and_reported():
+    """torchvision's modules are no FX leaves: traced through, the replaced forward would be
+    recorded as arithmetic on the buffers, and the report would have no entry for the BN."""
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=FrozenBatchNorm2d(4)))
+    plus_one(model.bn)
+    _, report = fused_and_checked(model, image(2, 3, 6, 6))
+    assert_left(report, "bn", because=("replaced on the instance",))
+
+
 def test_a_model_whose_forward_is_replaced_on_the_instance_runs_that_forward():
     # FX traces type(model).forward: the replacement would silently not run in the fused model.
     # So the model is not traced, and its children (which that code may use any way) are left.
@@ -1082,6 +1091,37 @@ def test_fold_that_leaves_every_channel_a_normal_weight_is_taken_in_float16():
         zeroed.bn.weight[0] = 0.0
     _, report = fused_and_checked(zeroed, large_image().half())
     assert report.site("bn").folded, report
+
+
+@requires_cpu_float16
+def test_range_refusals_are_retried_until_a_round_folds_nothing():
+    """README rule 4 in float16. ``amplify`` (2**12) cannot fold into ``fc`` at first: the spike of
+    16 would become 65536, above float16's 65504. ``shrink`` (2**-12) folds into ``fc`` on the
+    input side; ``first`` (0.25) then cannot, as the second output channel's weights would be
+    subnormal (about 3e-5). Retried, ``amplify`` now fits and scales ``fc`` back up, which lets
+    ``first`` fold in turn: all three fold in one fuse, and a second fuse has nothing left."""
+    model = Chain(
+        first=nn.BatchNorm1d(2),
+        shrink=nn.BatchNorm1d(2),
+        fc=nn.Linear(2, 2),
+        amplify=nn.BatchNorm1d(2),
+    ).eval()
+    with torch.no_grad():
+        for bn, scale in ((model.first, 0.25), (model.shrink, 2.0**-12), (model.amplify, 2.0**12)):
+            bn.running_var.fill_(1.0 - bn.eps)  # sqrt(var + eps) = 1
+            bn.weight.fill_(scale)
+            bn.bias.zero_()
+        model.fc.weight.copy_(torch.tensor([[16.0, 0.25], [0.5, -0.5]]))
+        model.fc.bias.zero_()
+    model.half()
+    x = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(4, 2).half()
+
+    fused, report = fused_and_checked(model, x, example_inputs=(x,))
+    assert_folded(report, "amplify", side=OUTPUT_SIDE, into="fc")
+    assert_folded(report, "shrink", side=INPUT_SIDE, into="fc")
+    assert_folded(report, "first", side=INPUT_SIDE, into="fc")
+    _, again = fuse_with_report(fused, (x,))
+    assert not again.folded, again
 
 
 @requires_cpu_float16
