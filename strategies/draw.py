@@ -328,7 +328,9 @@ def _with_computed_arguments(draw: Callable, ops: list[Op]) -> list[Op]:
             drawn[k] = replace(layer, functional=True, computed=computed)
         elif side == "norm":
             computed = draw(one_of_values(COMPUTED_ARGUMENTS))
-            drawn[k + 1] = replace(norm, style=FUNCTIONAL, computed=computed)
+            # The module becomes a call: no class of its own is left (``Norm.module_class``).
+            functional = replace(norm, style=FUNCTIONAL, computed=computed, module_class=None)
+            drawn[k + 1] = functional
     return drawn
 
 

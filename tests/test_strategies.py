@@ -360,6 +360,26 @@ def test_many_sites_are_foldable():
     assert sum(site.foldable for site in sites) >= 0.3 * len(sites)
 
 
+def test_every_drawn_batch_norm_class_builds_and_runs():
+    """A BN module's class (``Norm.module_class``) is drawn for module BNs only, and each network
+    holding one builds and runs. A module BN turned into a functional call kept its class once,
+    and its network named FrozenBatchNorm2d without importing it (found on CUDA, 3 networks in
+    6,816: too rare for the property tests' CI counts to meet)."""
+    held = [
+        spec
+        for spec in default_sample()
+        if any(isinstance(op, Norm) and op.module_class for op in _ops(spec))
+    ]
+    assert len(held) >= 0.02 * len(default_sample())
+    for spec in held:
+        for op in _ops(spec):
+            if isinstance(op, Norm) and op.module_class:
+                assert op.style == "module", op
+        model, inputs = build(spec)
+        with torch.no_grad():
+            model(*inputs)
+
+
 # float16 only where this torch has CPU kernels for it (torch 2.1 has none).
 RUNNABLE_DTYPES = ("float32", "float64", "bfloat16") + (("float16",) if cpu_runs_float16() else ())
 
