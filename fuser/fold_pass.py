@@ -75,6 +75,7 @@ def fold_batch_norms(
     path: str = "",
     shared: frozenset[int] = frozenset(),
     private_storages: frozenset[int] = frozenset(),
+    under_autocast: bool = False,
 ) -> list[SiteReport]:
     """Fold every foldable BN of ``gm`` in place; report every BN call site, in graph order.
 
@@ -84,15 +85,23 @@ def fold_batch_norms(
     ``private_storages`` holds the data pointers of weight storages nothing else uses (see
     ``sharing.ModelParts.private_storages``): a layer read by one call only gets its folded weight
     written into them, instead of into a new tensor the size of the weight.
+    ``under_autocast``: ``gm`` runs inside a module's ``torch.autocast`` region, where its layers
+    return the autocast dtype whatever their weights' dtype.
     """
-    return _FoldPass(gm, path, shared, private_storages).run()
+    return _FoldPass(gm, path, shared, private_storages, under_autocast).run()
 
 
 class _FoldPass:
     def __init__(
-        self, gm: fx.GraphModule, path: str, shared: frozenset[int], private: frozenset[int]
+        self,
+        gm: fx.GraphModule,
+        path: str,
+        shared: frozenset[int],
+        private: frozenset[int],
+        under_autocast: bool = False,
     ) -> None:
         self.gm = gm
+        self.under_autocast = under_autocast
         self.graph = gm.graph
         self.path = path
         self.usage = UsageCounts(gm, shared)
@@ -194,6 +203,8 @@ class _FoldPass:
         if layer.out_channels != call.channels:
             raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
         self._check_rank(layer, producer)
+        if call.promotes:
+            self._check_output_dtype_kept(layer, call)
         self._check_values(layer, call)
         scale, shift = self._scale_shift(call)
         folded = fold_into_output(
@@ -268,6 +279,28 @@ class _FoldPass:
         if len(devices) > 1:
             names = ", ".join(sorted(str(device) for device in devices))
             raise _Left(f"the layer's and the BN's tensors are on different devices ({names})")
+
+    def _check_output_dtype_kept(self, layer: LayerCall, call: BatchNormCall) -> None:
+        """Rule 6 for a BN whose output takes the dtype its buffers promote its input to
+        (``BatchNormCall.promotes``): folded into the layer, its output is the layer's, so the
+        fold is left where the two dtypes may differ. They do when the buffers are of a wider
+        dtype than the layer's weight (float32 buffers after a bfloat16 conv return float32), and
+        inside an autocast region, where the layer returns the autocast dtype."""
+        buffers = [call.running_mean, call.running_var, call.weight, call.bias]
+        kept = layer.weight.dtype
+        for tensor in buffers:
+            if tensor is not None:
+                kept = torch.promote_types(kept, tensor.dtype)
+        if kept != layer.weight.dtype:
+            raise _Left(
+                f"its {kept} buffers turn the layer's {layer.weight.dtype} output into {kept}; "
+                f"folded into the layer, the output would stay {layer.weight.dtype}"
+            )
+        if self.under_autocast:
+            raise _Left(
+                "inside a torch.autocast region the layer returns the autocast dtype, which its "
+                "buffers turn into theirs; folded into the layer, the output would keep it"
+            )
 
     @staticmethod
     def _check_rank(layer: LayerCall, value: fx.Node) -> None:

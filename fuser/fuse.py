@@ -189,6 +189,7 @@ class _Fuser:
         self.shared = shared  # objects never changed in place (see fold_batch_norms)
         self.private = private  # weight storages a fold may overwrite
         self.inputs_recorded = not inputs
+        self.autocast_regions = 0  # modules entering torch.autocast whose children are fused
 
     def fuse_module(self, module: nn.Module, path: str) -> nn.Module:
         hook_reading_it = hook_reading_its_module(module)
@@ -197,7 +198,8 @@ class _Fuser:
             return module
         outcome = trace_with_opaque_submodules(module, path)
         if outcome.graph_module is None:
-            return self._fuse_untraced(module, path, outcome.error or "")
+            why = outcome.error or ""
+            return self._fuse_untraced(module, path, why, outcome.enters_autocast)
         example_inputs = self.inputs.get(id(module))
         if example_inputs is not None:
             outcome, mismatch = self._faithful_trace(module, path, outcome, example_inputs)
@@ -210,9 +212,11 @@ class _Fuser:
         if leaves_to_enter:
             self._record_inputs(module)
         self.report.untraced.extend(outcome.untraced)
-        self.report.sites.extend(fold_batch_norms(gm, path, self.shared, self.private))
+        under_autocast = self.autocast_regions > 0
+        sites = fold_batch_norms(gm, path, self.shared, self.private, under_autocast)
+        self.report.sites.extend(sites)
         if leaves_to_enter:
-            self._fuse_inside_leaves(gm, path, outcome.opaque, outcome.kept)
+            self._fuse_inside_leaves(gm, path, outcome)
         _carry_over(module, gm)
         return gm
 
@@ -264,13 +268,25 @@ class _Fuser:
         reference = ForwardReference(module, inputs)
         return self._run_and_compare(gm, reference, inputs, strict=False) is not None
 
-    def _fuse_untraced(self, module: nn.Module, path: str, why: str) -> nn.Module:
+    def _fuse_untraced(
+        self, module: nn.Module, path: str, why: str, enters_autocast: bool = False
+    ) -> nn.Module:
         """``module`` runs as written (it could not be traced, or its trace computes something
-        else); its children are fused on their own."""
+        else); its children are fused on their own, as running inside the autocast region its
+        code enters, if it does (``fold_batch_norms``'s ``under_autocast``)."""
         self.report.untraced.append(UntracedModule(path or "<model>", why))
         self._record_inputs(module)
-        self.fuse_children(module, path)
+        self._fuse_children_in_region(module, path, enters_autocast)
         return module
+
+    def _fuse_children_in_region(self, module: nn.Module, path: str, enters_autocast: bool) -> None:
+        """``fuse_children``, counting the autocast region ``module``'s code enters, if it does:
+        layers inside it return the autocast dtype (``fold_batch_norms``'s ``under_autocast``)."""
+        self.autocast_regions += enters_autocast
+        try:
+            self.fuse_children(module, path)
+        finally:
+            self.autocast_regions -= enters_autocast
 
     def fuse_children(self, module: nn.Module, path: str) -> None:
         """Fuse the children of a module whose own code runs as it is, as far as that is safe.
@@ -332,9 +348,7 @@ class _Fuser:
         reason = f"called by {owner}'s code, which runs as written (not traced)"
         self.report.sites.append(SiteReport(bn_path, 0, folded=False, reason=reason))
 
-    def _fuse_inside_leaves(
-        self, gm: fx.GraphModule, path: str, opaque: set[int], kept: frozenset[int]
-    ) -> None:
+    def _fuse_inside_leaves(self, gm: fx.GraphModule, path: str, outcome: TraceOutcome) -> None:
         """Opaque, kept and hooked modules stay single calls in ``gm``; they are fused on their own.
 
         A hooked or kept module is traced and folded by itself (a hooked one keeps its hooks); an
@@ -349,9 +363,10 @@ class _Fuser:
                 continue
             done.add(id(module))
             module_path = f"{path}.{node.target}" if path else node.target
-            if id(module) in opaque:
-                self.fuse_children(module, module_path)
-            elif id(module) in kept or (has_hooks(module) and not is_library_leaf(module)):
+            if id(module) in outcome.opaque:
+                entered = id(module) in outcome.autocast
+                self._fuse_children_in_region(module, module_path, entered)
+            elif id(module) in outcome.kept or (has_hooks(module) and not is_library_leaf(module)):
                 fused = self.fuse_module(module, module_path)
                 if fused is not module:
                     set_attr(gm, node.target, fused)

@@ -256,6 +256,9 @@ class BatchNormCall:
     bias: torch.Tensor | None = None
     eps: float = 1e-5
     not_foldable: str | None = None  # why the BN itself can never fold
+    # FrozenBatchNorm2d computes ``x * scale + shift`` from its buffers: its output takes the
+    # dtype they promote its input to, where a BatchNorm's output keeps its input's dtype.
+    promotes: bool = False
 
     @property
     def channels(self) -> int | None:
@@ -313,6 +316,8 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
         if call.not_foldable is None:
             call.running_mean, call.running_var = module.running_mean, module.running_var
             call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
+        frozen = _frozen_batch_norm_type()
+        call.promotes = frozen is not None and isinstance(module, frozen)
         return call
     if node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS:
         names, defaults, label = FUNCTIONAL_BATCH_NORMS[node.target]

@@ -45,10 +45,15 @@ class FoldTracer(fx.Tracer):
     """
 
     def __init__(
-        self, opaque: set[int], untraced: list[tuple[str, str]], kept: frozenset[int] = frozenset()
+        self,
+        opaque: set[int],
+        untraced: list[tuple[str, str]],
+        kept: frozenset[int] = frozenset(),
+        autocast: set[int] | None = None,
     ) -> None:
         super().__init__()
         self.opaque = opaque
+        self.autocast = set() if autocast is None else autocast  # opaque: its code enters autocast
         self.kept = kept
         self.untraced = untraced  # (qualified name, why) of each module made opaque
         self._entered: set[int] = set()  # modules traced through at some call site
@@ -86,6 +91,8 @@ class FoldTracer(fx.Tracer):
             checkpoint.roll_back()
             _refuse_own_call_code(m)
             self.opaque.add(id(m))
+            if isinstance(error, AutocastInForward):
+                self.autocast.add(id(m))
             self.untraced.append((self.path_of_module(m), _describe(error)))
             if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
                 raise _RetraceNeeded from error
@@ -398,6 +405,8 @@ class TraceOutcome:
     opaque: set[int] = field(default_factory=set)
     untraced: list[UntracedModule] = field(default_factory=list)
     kept: frozenset[int] = frozenset()
+    enters_autocast: bool = False  # the error: the module's own code enters torch.autocast
+    autocast: set[int] = field(default_factory=set)  # opaque modules whose code enters it
 
 
 def trace_with_opaque_submodules(
@@ -416,13 +425,16 @@ def trace_with_opaque_submodules(
         return outcome
     untraced: list[tuple[str, str]] = []
     while True:
-        tracer = FoldTracer(outcome.opaque, untraced, kept)  # kept across retraces
+        tracer = FoldTracer(
+            outcome.opaque, untraced, kept, outcome.autocast
+        )  # kept across retraces
         try:
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:
             continue
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             outcome.error = _describe(error)
+            outcome.enters_autocast = isinstance(error, AutocastInForward)
         outcome.untraced = [
             UntracedModule(f"{path}.{name}" if path else name, reason) for name, reason in untraced
         ]

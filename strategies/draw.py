@@ -745,10 +745,12 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
         affine, track, defect = True, True, None
     module_class = None  # ``Norm.module_class``
     if style == MODULE and gain is None:
-        frozen = (FROZEN, FROZEN) if shape.ndim == 4 else ()  # detection backbones' 2-D BN
+        frozen = (FROZEN,) * 3 if shape.ndim == 4 else ()  # detection backbones' 2-D BN
         module_class = draw(one_of_values((None,) * 6 + (SYNC, *frozen)))
     if module_class == FROZEN:  # always affine, with running statistics
         affine, track = True, True
+        if defect is None and draw(BOOLEANS):  # it exists to stay frozen in training mode
+            defect = TRAINING
     torch_call = style == FUNCTIONAL and draw(chance(1, 3))
     norm = Norm(shape.ndim, shape.channels, affine, track, eps, momentum, style, defect, gain)
     norm = replace(norm, module_class=module_class) if module_class else norm

@@ -27,6 +27,7 @@ from strategies.naming import chain_names, site_name, staircase, two_calls_names
 from strategies.spec import (
     ADD,
     AMPLIFYING,
+    AUTOCAST,
     CAT,
     CONV,
     FORWARD_HOOK,
@@ -102,6 +103,7 @@ class _Node:
     folded_side: str | None = None
     folded_into: str | None = None
     shrunk: bool = False  # a layer that took a shrinking BN's input-side fold
+    under_autocast: bool = False  # a norm run inside a module's torch.autocast region
     seen: bool = True  # see Site.seen
 
 
@@ -118,7 +120,14 @@ class _Graph:
         self.nodes.append(node)
         return node
 
-    def norm(self, norm: Norm, qualname: str, value: _Node, opaque: str | None = None) -> _Node:
+    def norm(
+        self,
+        norm: Norm,
+        qualname: str,
+        value: _Node,
+        opaque: str | None = None,
+        under_autocast: bool = False,
+    ) -> _Node:
         """A norm call; ``opaque`` says why it runs where the fuser cannot look."""
         bn = site_name(qualname, norm)
         index = self.calls.get(bn, 0) if bn is not None else 0
@@ -133,6 +142,7 @@ class _Graph:
                 call_index=index,
                 candidate_reason=_unfoldable_reason(norm) or opaque,
                 seen=opaque is None or _is_module_call(norm, index),
+                under_autocast=under_autocast,
             )
         )
         if norm.style == TRACED_SUBCLASS:
@@ -224,7 +234,8 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
         opaque = "called from the forward of a module FX cannot trace"
     if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
         opaque = "inside a module whose hook reads it"
-    inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
+    inner = graph.add(_Node("input"))
+    inner_output = _lower_chain_ops(graph, index, chain, inner, opaque, chain.boundary == AUTOCAST)
     graph.add(_Node("output", [inner_output]))
     return graph.add(_Node("value", [value]))
 
@@ -250,20 +261,32 @@ def _lower_stages(graph: _Graph, index: int, chain: Chain) -> None:
         graph.add(_Node("output", [value]))
 
 
-def _lower_op(graph: _Graph, op: Op, name: str | None, value: _Node, opaque: str | None) -> _Node:
+def _lower_op(
+    graph: _Graph,
+    op: Op,
+    name: str | None,
+    value: _Node,
+    opaque: str | None,
+    under_autocast: bool = False,
+) -> _Node:
     if isinstance(op, Layer):
         return graph.layer(op, name, value)
     if isinstance(op, Norm):
-        return graph.norm(op, name, value, opaque)
+        return graph.norm(op, name, value, opaque, under_autocast)
     return graph.add(_Node("value", [value]))
 
 
 def _lower_chain_ops(
-    graph: _Graph, index: int, chain: Chain, value: _Node, opaque: str | None = None
+    graph: _Graph,
+    index: int,
+    chain: Chain,
+    value: _Node,
+    opaque: str | None = None,
+    under_autocast: bool = False,
 ) -> _Node:
     tapped = None
     for position, (op, name) in enumerate(zip(chain.ops, chain_names(index, chain), strict=True)):
-        value = _lower_op(graph, op, name, value, opaque)
+        value = _lower_op(graph, op, name, value, opaque, under_autocast)
         if chain.tap is not None and chain.tap.after == position:
             if chain.tap.kind in METADATA_TAPS:
                 graph.add(_Node("metadata", [value]))
@@ -303,6 +326,8 @@ def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
     layer = producer.layer
     if layer.kind == LINEAR and not (layer.input_ndim == 2 and graph.ranks_proven):
         return False
+    if norm_node.norm.module_class == FROZEN and norm_node.under_autocast:
+        return False  # rule 6: its float32 output would become the autocast dtype
     return layer.out_channels == norm_node.norm.num_features
 
 

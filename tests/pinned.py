@@ -1145,6 +1145,73 @@ PINNED: dict[str, NetSpec] = {
         ),
         dtype="float16",
     ),
+    # Fuser bug (soundness, fixed): a FrozenBatchNorm2d after a conv inside a block that runs under
+    # torch.autocast was folded (the block's children are fused on their own), but under autocast
+    # the conv returns bfloat16 and FrozenBN's float32 buffers turn that into float32: the fused
+    # block returned bfloat16 where the original returns float32. Its folds are now left inside
+    # autocast regions and wherever its buffers are wider than the layer's weight (README rule 6).
+    # Found by a thorough CPU run (idempotent, then fused_matches_original).
+    "frozen_batch_norm_folded_inside_an_autocast_region": NetSpec(
+        input_shape=(2, 4, 4, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(
+                        input_ndim=4,
+                        num_features=4,
+                        eps=0.0002481882157413226,
+                        momentum=0.01,
+                        style="functional",
+                        torch_call=True,
+                    ),
+                    Layer(
+                        kind="conv_transpose",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=4,
+                        out_channels=8,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(2, 2),
+                        dilation=(1, 1),
+                        groups=4,
+                        bias=False,
+                        output_padding=(0, 0),
+                    ),
+                ),
+                tap=Tap(after=1, kind="add"),
+            ),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=8,
+                        out_channels=5,
+                        kernel_size=(1, 1),
+                        stride=(2, 2),
+                        padding=(2, 1),
+                        dilation=(1, 1),
+                        bias=False,
+                        padding_mode="circular",
+                    ),
+                    Norm(
+                        input_ndim=4,
+                        num_features=5,
+                        eps=1.0,
+                        momentum=0.01,
+                        module_class="FrozenBatchNorm2d",
+                    ),
+                    Act(kind="gelu"),
+                ),
+                packaging="sequential",
+                depth=3,
+                boundary="autocast",
+            ),
+        ),
+        seed=3520,
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset({"float16_fold_sinking_a_channel_below_the_normal_range"})

@@ -130,6 +130,48 @@ def test_sync_batchnorm_folds_in_eval_mode_on_cpu():
     assert remaining_batch_norms(fused) == []
 
 
+def test_frozen_batchnorm_with_wider_buffers_than_its_layer_is_left():
+    """FrozenBatchNorm2d computes ``x * scale + shift`` from its buffers, so float32 buffers after
+    a bfloat16 conv return float32 (a BatchNorm's output keeps its input's dtype). Folded, the
+    output would stay bfloat16; left, the fused model returns what the original does."""
+    model = prepared(Chain(conv=nn.Conv2d(3, 4, 3), bn=FrozenBatchNorm2d(4))).bfloat16()
+    model.bn.float()
+    x = image(2, 3, 6, 6).bfloat16()
+    fused, report = fused_and_checked(model, x)
+    assert_left(report, "bn", because=("torch.float32 buffers", "torch.bfloat16 output"))
+    with torch.no_grad():
+        assert fused(x).dtype == model(x).dtype == torch.float32
+
+
+class AutocastBlock(nn.Module):
+    """Runs ``inner`` under CPU autocast (bfloat16), as a mixed-precision block does."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x)
+
+
+def test_frozen_batchnorm_inside_an_autocast_region_is_left_and_a_batchnorm_folds():
+    """Under autocast the conv returns bfloat16; a FrozenBatchNorm2d's float32 buffers turn that
+    into float32, a BatchNorm2d keeps it bfloat16. So only the BatchNorm2d folds, and the fused
+    block returns the dtype the original does."""
+    frozen = AutocastBlock(Chain(conv=nn.Conv2d(3, 4, 3), bn=FrozenBatchNorm2d(4)))
+    plain = AutocastBlock(Chain(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)))
+    x = image(2, 3, 6, 6)
+    for block, folds, dtype in ((frozen, False, torch.float32), (plain, True, torch.bfloat16)):
+        model = prepared(block)
+        fused, report = fused_and_checked(model, x)
+        assert report.site("inner.bn").folded is folds, report
+        with torch.no_grad():
+            assert fused(x).dtype == model(x).dtype == dtype
+    _, report = fuse_with_report(prepared(frozen))
+    assert_left(report, "inner.bn", because=("torch.autocast region",))
+
+
 def test_conv3d_subclass_that_keeps_forward_folds_like_torchvision_conv3dsimple():
     model = prepared(Chain(conv=Conv3DSimple(2, 4), bn=nn.BatchNorm3d(4)))
     fused, report = fused_and_checked(model, image(1, 2, 3, 4, 4))

@@ -42,6 +42,8 @@ __all__ = [
     "bn_subclass_matched_by_isinstance",
     "computed_bn_affine_taken_as_absent",
     "computed_layer_bias_taken_as_absent",
+    "frozen_batch_norm_not_recognised",
+    "frozen_batch_norm_refused_in_training_mode",
     "functional_bn_not_recognised",
     "functional_training_bn_folded",
     "input_side_into_transposed_conv",
@@ -55,6 +57,7 @@ __all__ = [
     "module_hook_reading_it_ignored",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
+    "sync_batch_norm_taken_for_a_subclass",
     "torch_batch_norm_not_recognised",
     "trace_fidelity_unchecked",
     "training_mode_bn_folded",
@@ -422,6 +425,55 @@ def missing_running_stats_taken_as_identity(
             return describe_batch_norm(gm, node)
 
     patches = {"fuser.fold_pass.describe_batch_norm": describe_with_default_stats}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def sync_batch_norm_taken_for_a_subclass(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: the BN classes a BN module may behave as are ``BatchNorm1d/2d/3d`` only, so an
+    ``nn.SyncBatchNorm`` (what ``convert_sync_batchnorm`` leaves in a model trained with DDP)
+    looks like a subclass of ``_BatchNorm`` overriding ``forward`` and is left. Needs
+    SyncBatchNorm modules. Caught by: no foldable BatchNorm remains.
+    """
+    behaves_as_base = patterns.batch_norm_module_behaves_as_base
+
+    def plain_classes_only(module: nn.Module) -> bool:
+        return not isinstance(module, nn.SyncBatchNorm) and behaves_as_base(module)
+
+    patches = {
+        "fuser.patterns.batch_norm_module_behaves_as_base": plain_classes_only,
+        "fuser.tracing.batch_norm_module_behaves_as_base": plain_classes_only,
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def frozen_batch_norm_not_recognised(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: only ``torch.nn``'s BatchNorms are BatchNorms, so torchvision's ``FrozenBatchNorm2d``
+    (the backbones of its detection models) is traced through as arithmetic on buffers and never
+    folded. Needs FrozenBatchNorm2d modules. Caught by: no foldable BatchNorm remains.
+    """
+    return fuse_patched(
+        model, example_inputs, {"fuser.patterns._frozen_batch_norm_type": lambda: None}
+    )
+
+
+def frozen_batch_norm_refused_in_training_mode(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: every BN module in training mode is left, ``FrozenBatchNorm2d`` too, though it
+    normalises with its running statistics in either mode. Needs a FrozenBatchNorm2d put in
+    training mode inside an eval-mode model. Caught by: no foldable BatchNorm remains.
+    """
+
+    def problem_reading_training_of_every_class(module: nn.Module) -> str | None:
+        if module.training:
+            return "the BatchNorm module is in training mode"
+        return _module_batch_norm_problem(module)
+
+    patches = {"fuser.patterns._module_batch_norm_problem": problem_reading_training_of_every_class}
     return fuse_patched(model, example_inputs, patches)
 
 

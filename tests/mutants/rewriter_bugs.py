@@ -28,6 +28,7 @@ __all__ = [
     "hooks_lost_on_copy",
     "hooks_lost_on_save",
     "in_place_activations_made_out_of_place",
+    "range_refusals_retried_once",
     "requires_grad_dropped",
     "shared_module_folded_in_place",
     "stale_parameter_table",
@@ -232,6 +233,26 @@ def float16_overflow_unchecked(model: nn.Module, example_inputs: tuple | None = 
         return None if torch.isfinite(value).all() else "the folded weights are not finite"
 
     patches = {"fuser.fold_pass.overflow_reason": finiteness_only}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def range_refusals_retried_once(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug (ours until f3449d4): a fold refused for its values is retried once, on the output side
+    and only for overflow, so a fold refused because another fold had scaled its layer down into
+    float16's subnormals stays refused after a retried fold scales the layer back up, and fusing
+    the fused model folds it (README rule 4: until nothing changes). Needs float16 chains of
+    shrinking and amplifying BNs around a spiked layer. Caught by: idempotent.
+    """
+
+    def one_output_side_round(self: _FoldPass, calls: list[BatchNormCall], outcomes: dict) -> None:
+        for call in calls:
+            outcome = outcomes[call.node]
+            if outcome.into is None and "overflow" in (outcome.reason or ""):
+                retried = self._attempt(call, self._fold_output_side, "output")
+                if retried.into is not None:
+                    outcomes[call.node] = retried
+
+    patches = {"fuser.fold_pass._FoldPass._retry_out_of_range": one_output_side_round}
     return fuse_patched(model, example_inputs, patches)
 
 
