@@ -425,9 +425,8 @@ def trace_with_opaque_submodules(
         return outcome
     untraced: list[tuple[str, str]] = []
     while True:
-        tracer = FoldTracer(
-            outcome.opaque, untraced, kept, outcome.autocast
-        )  # kept across retraces
+        # The opaque modules (and which of them enter autocast) are kept across retraces.
+        tracer = FoldTracer(outcome.opaque, untraced, kept, outcome.autocast)
         try:
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:
