@@ -198,8 +198,8 @@ class _Fuser:
             return module
         outcome = trace_with_opaque_submodules(module, path)
         if outcome.graph_module is None:
-            why = outcome.error or ""
-            return self._fuse_untraced(module, path, why, outcome.enters_autocast)
+            enters_autocast = id(module) in outcome.autocast
+            return self._fuse_untraced(module, path, outcome.error or "", enters_autocast)
         example_inputs = self.inputs.get(id(module))
         if example_inputs is not None:
             outcome, mismatch = self._faithful_trace(module, path, outcome, example_inputs)

@@ -76,6 +76,13 @@ def _frozen_batch_norm_type() -> type | None:
     return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
 
 
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d: always its running statistics, and a forward that
+    computes ``x * scale + shift`` from its buffers rather than calling a batch norm."""
+    frozen = _frozen_batch_norm_type()
+    return frozen is not None and isinstance(module, frozen)
+
+
 def batch_norm_module_types() -> tuple[type[nn.Module], ...]:
     frozen = _frozen_batch_norm_type()
     known: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
@@ -316,8 +323,7 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
         if call.not_foldable is None:
             call.running_mean, call.running_var = module.running_mean, module.running_var
             call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
-        frozen = _frozen_batch_norm_type()
-        call.promotes = frozen is not None and isinstance(module, frozen)
+        call.promotes = is_frozen_batch_norm(module)
         return call
     if node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS:
         names, defaults, label = FUNCTIONAL_BATCH_NORMS[node.target]
@@ -348,8 +354,7 @@ def _module_batch_norm_problem(module: nn.Module) -> str | None:
         return f"{type(module).__name__} overrides forward"
     if has_hooks(module):
         return "the BatchNorm module has hooks"
-    frozen = _frozen_batch_norm_type()
-    if module.training and not (frozen is not None and isinstance(module, frozen)):
+    if module.training and not is_frozen_batch_norm(module):
         return "the BatchNorm module is in training mode"
     if module.running_mean is None or module.running_var is None:
         return "no running statistics (track_running_stats=False)"

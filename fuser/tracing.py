@@ -405,8 +405,7 @@ class TraceOutcome:
     opaque: set[int] = field(default_factory=set)
     untraced: list[UntracedModule] = field(default_factory=list)
     kept: frozenset[int] = frozenset()
-    enters_autocast: bool = False  # the error: the module's own code enters torch.autocast
-    autocast: set[int] = field(default_factory=set)  # opaque modules whose code enters it
+    autocast: set[int] = field(default_factory=set)  # untraced: its own code enters autocast
 
 
 def trace_with_opaque_submodules(
@@ -433,7 +432,8 @@ def trace_with_opaque_submodules(
             continue
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             outcome.error = _describe(error)
-            outcome.enters_autocast = isinstance(error, AutocastInForward)
+            if isinstance(error, AutocastInForward):
+                outcome.autocast.add(id(module))
         outcome.untraced = [
             UntracedModule(f"{path}.{name}" if path else name, reason) for name, reason in untraced
         ]

@@ -103,7 +103,7 @@ class _Node:
     folded_side: str | None = None
     folded_into: str | None = None
     shrunk: bool = False  # a layer that took a shrinking BN's input-side fold
-    under_autocast: bool = False  # a norm run inside a module's torch.autocast region
+    under_autocast: bool = False  # run inside a module's torch.autocast region
     seen: bool = True  # see Site.seen
 
 
@@ -120,14 +120,7 @@ class _Graph:
         self.nodes.append(node)
         return node
 
-    def norm(
-        self,
-        norm: Norm,
-        qualname: str,
-        value: _Node,
-        opaque: str | None = None,
-        under_autocast: bool = False,
-    ) -> _Node:
+    def norm(self, norm: Norm, qualname: str, value: _Node, opaque: str | None = None) -> _Node:
         """A norm call; ``opaque`` says why it runs where the fuser cannot look."""
         bn = site_name(qualname, norm)
         index = self.calls.get(bn, 0) if bn is not None else 0
@@ -142,7 +135,6 @@ class _Graph:
                 call_index=index,
                 candidate_reason=_unfoldable_reason(norm) or opaque,
                 seen=opaque is None or _is_module_call(norm, index),
-                under_autocast=under_autocast,
             )
         )
         if norm.style == TRACED_SUBCLASS:
@@ -234,8 +226,11 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
         opaque = "called from the forward of a module FX cannot trace"
     if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
         opaque = "inside a module whose hook reads it"
-    inner = graph.add(_Node("input"))
-    inner_output = _lower_chain_ops(graph, index, chain, inner, opaque, chain.boundary == AUTOCAST)
+    start = len(graph.nodes)
+    inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
+    if chain.boundary == AUTOCAST:  # what the chain lowered to runs inside it
+        for node in graph.nodes[start:]:
+            node.under_autocast = True
     graph.add(_Node("output", [inner_output]))
     return graph.add(_Node("value", [value]))
 
@@ -261,32 +256,20 @@ def _lower_stages(graph: _Graph, index: int, chain: Chain) -> None:
         graph.add(_Node("output", [value]))
 
 
-def _lower_op(
-    graph: _Graph,
-    op: Op,
-    name: str | None,
-    value: _Node,
-    opaque: str | None,
-    under_autocast: bool = False,
-) -> _Node:
+def _lower_op(graph: _Graph, op: Op, name: str | None, value: _Node, opaque: str | None) -> _Node:
     if isinstance(op, Layer):
         return graph.layer(op, name, value)
     if isinstance(op, Norm):
-        return graph.norm(op, name, value, opaque, under_autocast)
+        return graph.norm(op, name, value, opaque)
     return graph.add(_Node("value", [value]))
 
 
 def _lower_chain_ops(
-    graph: _Graph,
-    index: int,
-    chain: Chain,
-    value: _Node,
-    opaque: str | None = None,
-    under_autocast: bool = False,
+    graph: _Graph, index: int, chain: Chain, value: _Node, opaque: str | None = None
 ) -> _Node:
     tapped = None
     for position, (op, name) in enumerate(zip(chain.ops, chain_names(index, chain), strict=True)):
-        value = _lower_op(graph, op, name, value, opaque, under_autocast)
+        value = _lower_op(graph, op, name, value, opaque)
         if chain.tap is not None and chain.tap.after == position:
             if chain.tap.kind in METADATA_TAPS:
                 graph.add(_Node("metadata", [value]))

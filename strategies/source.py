@@ -446,7 +446,9 @@ class _Renderer:
             "model = Net()",
             f"model = model.to({target}).eval()",
             *(
-                [f"keep_norms_float32(model, {self._mixed_dtype_norms()})"]
+                # FrozenBatchNorm2d stays half: its ``x * scale + bias`` would return float32, and
+                # the next layer's half weights would refuse it (``NetSpec.float32_norms``).
+                [f"keep_norms_float32(model, {self._norm_classes(leave_out=(FROZEN,))})"]
                 if spec.float32_norms
                 else []
             ),
@@ -465,16 +467,10 @@ class _Renderer:
         names = [name for name in sorted(self.norm_classes) if name not in leave_out] + holders
         return "".join(f", {name}" for name in names)
 
-    def _norm_classes(self) -> str:
+    def _norm_classes(self, leave_out: tuple[str, ...] = ()) -> str:
         """Every BatchNorm module of the network (subclasses included) and the holders of the
-        functional calls' statistics."""
-        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._other_norms()})"
-
-    def _mixed_dtype_norms(self) -> str:
-        """The BatchNorms that run float32 in a half-precision network (``float32_norms``): all
-        but ``FrozenBatchNorm2d``, whose ``x * scale + bias`` would promote its output to float32,
-        so the network itself would not run (the next layer's half weights meet float32 inputs)."""
-        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._other_norms((FROZEN,))})"
+        functional calls' statistics, but the classes in ``leave_out``."""
+        return f"(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d{self._other_norms(leave_out)})"
 
     def _note_helpers(self, op: Op, qualname: str | None) -> None:
         """Record helper definitions an op needs and its post-construction steps."""
