@@ -22,7 +22,7 @@ from .fidelity import ForwardReference
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
 from .hook_usage import hook_reading_its_module
-from .patterns import has_hooks, is_batch_norm_module, own_call_code
+from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
@@ -110,6 +110,14 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
         raise FuserError(
             "the model is in training mode, where BatchNorm uses batch statistics and cannot be "
             "folded: call model.eval() first"
+        )
+    hooks = global_module_hooks()
+    if hooks:
+        raise FuserError(
+            "global module hooks are registered (" + "; ".join(hooks) + "): they run on every "
+            "module call, and folding removes BatchNorm calls and changes what their layers "
+            "return, so under them the fused model would compute something else; remove them "
+            "(handle.remove()) before fusing, and run the fused model without them"
         )
     if example_inputs is None:
         return None

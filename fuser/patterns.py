@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as module_globals
 from torch.nn.utils import parametrize
 
 # Layer modules by the kind of fold math they take.
@@ -174,6 +175,31 @@ def has_hooks(module: nn.Module) -> bool:
     """Hooks run only on module calls, so a hooked module must stay a module call, untouched."""
     hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return any(getattr(module, name, None) for name in hook_dicts)
+
+
+#: torch's process-wide module hooks (``torch.nn.modules.module``'s dicts), with the function that
+#: registers each kind: they run on every module call of every model.
+GLOBAL_MODULE_HOOKS = {
+    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+    "_global_forward_hooks": "register_module_forward_hook",
+    "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
+    "_global_backward_hooks": "register_module_full_backward_hook",
+}
+
+
+def global_module_hooks() -> list[str]:
+    """The global module hooks registered now, each as ``registrar: hook name``.
+
+    A global hook runs on every module call, so it sees (and may change) what each BatchNorm
+    module returns: folding one away removes those calls and changes what its layer returns.
+    Read at each fuse, as hooks come and go with the process (``handle.remove()``).
+    """
+    found = []
+    for dict_name, registrar in GLOBAL_MODULE_HOOKS.items():
+        for hook in getattr(module_globals, dict_name, {}).values():
+            name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+            found.append(f"{registrar}: {getattr(hook, '__module__', '?')}.{name}")
+    return found
 
 
 def normalized_args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:

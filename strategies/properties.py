@@ -8,7 +8,8 @@ the spec literal to pin it as a regression.
 
 Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 ``input_model_untouched``, ``output_signature_preserved``, ``idempotent``,
-``survives_copy_and_save``, ``training_model_refused_or_equivalent``, and, on pinned networks
+``survives_copy_and_save``, ``training_model_refused_or_equivalent``,
+``global_hooks_refused_or_honoured``, and, on pinned networks
 only, ``scripts_where_the_original_does``. Completeness (folds everything the README promises):
 ``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``, ``no_dead_state``.
 """
@@ -29,6 +30,7 @@ from strategies.batchnorm_calls import batchnorm_calls
 from strategies.build import build_from_source
 from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
+from strategies.global_hooks import GLOBAL_HOOKS, registered_global_hook
 from strategies.oracle import Site, foldable_sites
 from strategies.snapshot import named_state, snapshot, touched_by_fusing
 from strategies.source import render_source
@@ -75,6 +77,7 @@ class Trial:
     fused: nn.Module | None = None
     report: object | None = None
     error: BaseException | None = None
+    global_hook: str | None = None
     _fused_output: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -96,6 +99,11 @@ class Trial:
             lines += [f"  {line}" for line in str(self.report).splitlines()]
         lines += ["network (runnable Python: builds `model` and `inputs`):", "", self.source]
         lines.append(f"pin it in tests/pinned.py:\n    {literal(self.spec)}")
+        if self.global_hook is not None:
+            lines.append(
+                f"and replay it under global hook {self.global_hook!r} "
+                "(check_global_hooks_refused_or_honoured)"
+            )
         return PropertyViolation("\n".join(lines))
 
     def require_fused(self, prop: str) -> nn.Module:
@@ -378,8 +386,8 @@ def check_training_model_refused_or_equivalent(
         return  # refused: nothing to compare, so no reference is measured
     except Exception as error:
         detail = f"a training-mode model raised {type(error).__name__}: {error} (not a ValueError)"
-        raise _training_trial(spec, fuser, source).violation(prop, detail) from error
-    trial = _training_trial(spec, fuser, source)
+        raise _fresh_trial(spec, fuser, source, training=True).violation(prop, detail) from error
+    trial = _fresh_trial(spec, fuser, source, training=True)
     output = trial.run_fused(prop, fused)
     if output.shape != trial.original_output.shape:
         raise trial.violation(prop, f"output shape changed to {tuple(output.shape)}")
@@ -389,14 +397,47 @@ def check_training_model_refused_or_equivalent(
         raise trial.violation(prop, detail, trial.suspects())
 
 
-def _training_trial(spec: NetSpec, fuser: FuserUnderTest, source: str) -> Trial:
-    """The training-mode network built afresh (the fuser may have changed the one it was given;
-    building is deterministic) and measured against its float64 reference. Measuring runs it
-    in training mode, which updates its statistics: nothing reads them afterwards."""
+def _fresh_trial(
+    spec: NetSpec,
+    fuser: FuserUnderTest,
+    source: str,
+    *,
+    training: bool = False,
+    global_hook: str | None = None,
+) -> Trial:
+    """The network built afresh (the fuser may have changed the one it was given; building is
+    deterministic) and measured against its float64 reference. Measuring a training-mode model
+    updates its statistics: nothing reads them afterwards. ``global_hook``: the one registered
+    now, whose source a failure report shows after the network's."""
     model, inputs = build_from_source(source)
-    model.train()
+    model.train(training)
     reference = measure_reference(model, inputs, spec.seed)
-    return Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
+    if global_hook is not None:
+        source += f"\n# registered while fusing and running:{GLOBAL_HOOKS[global_hook]}"
+    trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
+    trial.global_hook = global_hook
+    return trial
+
+
+def check_global_hooks_refused_or_honoured(spec: NetSpec, fuser: FuserUnderTest, hook: str) -> None:
+    """Under a global module hook that changes what some modules return
+    (``strategies/global_hooks.py``), the model is refused with a ``ValueError`` or fused into
+    one that computes, under the same hook, what the original computes under it."""
+    prop = "global_hooks_refused_or_honoured"
+    _count_network()
+    source = render_source(spec)
+    model, inputs = build_from_source(source)
+    with registered_global_hook(hook):
+        try:
+            fused, _ = fuser.fuse(model, fresh_copies(inputs) if spec.example_inputs else None)
+        except ValueError:
+            return  # refused: nothing to compare, so no reference is measured
+        except Exception as error:
+            detail = f"under a global module hook the fuser raised {type(error).__name__}: {error}"
+            trial = _fresh_trial(spec, fuser, source, global_hook=hook)
+            raise trial.violation(prop, detail + " (not a ValueError)") from error
+        trial = _fresh_trial(spec, fuser, source, global_hook=hook)
+        _check_matches_original(trial, prop, trial.run_fused(prop, fused), "under the hook: ")
 
 
 def _site_of_call(name: str | None, site_names: set[str]) -> str | None:
@@ -533,7 +574,8 @@ TRIAL_CHECKS = (
 
 
 def check_network(spec: NetSpec, fuser: FuserUnderTest) -> None:
-    """Every property on one network (one build, one fuse); raises the first violation."""
+    """Every property on one network (one build, one fuse), but the global-hook one, which is
+    drawn with its hook (``check_global_hooks_refused_or_honoured``); raises the first violation."""
     trial = run_trial(spec, fuser, with_report=True)
     for check in TRIAL_CHECKS:
         check(trial)  # the first proves the fuser left the model as built

@@ -151,6 +151,45 @@ def test_a_torch_export_module_raises_a_fuser_error_that_does_not_ask_for_eval()
         pytest.skip("this torch's exported modules accept .eval(): the advice can be followed")
 
 
+def _shift_batch_norm_output(module, args, output):
+    return output + 1.0 if isinstance(module, nn.BatchNorm2d) else None
+
+
+def _shift_batch_norm_input(module, args):
+    return (args[0] + 1.0,) if isinstance(module, nn.BatchNorm2d) else None
+
+
+def _scale_gradient(module, grad_output):
+    return tuple(None if grad is None else grad * 2.0 for grad in grad_output)
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        lambda: torch.nn.modules.module.register_module_forward_hook(_shift_batch_norm_output),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(_shift_batch_norm_input),
+        lambda: torch.nn.modules.module.register_module_full_backward_pre_hook(_scale_gradient),
+        lambda: torch.nn.modules.module.register_module_full_backward_hook(
+            lambda module, grad_input, grad_output: None
+        ),
+    ],
+    ids=["forward", "forward_pre", "full_backward_pre", "full_backward"],
+)
+def test_global_module_hooks_raise_a_fuser_error_naming_them(register):
+    """A global hook runs on every module call: a folded BN's calls would be gone from under it
+    (the forward one here shifts every BN's output, which a fused model would silently drop)."""
+    model = small_net()
+    before = copy.deepcopy(model.state_dict())
+    handle = register()
+    try:
+        with pytest.raises(FuserError, match=r"global module hooks are registered \(register_"):
+            fuse(model, (image(1, 3, 6, 6),))
+    finally:
+        handle.remove()
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert_equivalent(model, fuse(model), image(1, 3, 6, 6))  # once removed, it fuses
+
+
 def test_torchscript_module_raises_a_clear_error():
     scripted = torch.jit.script(small_net())
     with pytest.raises((TypeError, FuserError), match=r"(?i)script"):

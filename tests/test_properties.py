@@ -15,15 +15,18 @@ from dataclasses import replace
 import pytest
 import torch
 from hypothesis import given, reject
+from hypothesis import strategies as st
 from torch import nn
 
 from strategies import NetSpec, net_specs
 from strategies.fuser_under_test import FuserUnderTest
+from strategies.global_hooks import GLOBAL_HOOK_KINDS
 from strategies.properties import (
     OutOfRange,
     PropertyViolation,
     Trial,
     check_fused_matches_original,
+    check_global_hooks_refused_or_honoured,
     check_idempotent,
     check_input_model_untouched,
     check_no_dead_state,
@@ -114,6 +117,18 @@ def test_training_mode_model_is_refused_or_left_equivalent(
 ) -> None:
     try:
         check_training_model_refused_or_equivalent(replace(spec, device=device), fuser_under_test)
+    except OutOfRange:
+        reject()
+
+
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=SOUNDNESS_SPECS, hook=st.sampled_from(GLOBAL_HOOK_KINDS))
+def test_global_module_hooks_are_refused_or_honoured(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec, hook: str
+) -> None:
+    try:
+        check_global_hooks_refused_or_honoured(replace(spec, device=device), fuser_under_test, hook)
     except OutOfRange:
         reject()
 
@@ -235,6 +250,19 @@ def test_a_report_must_not_list_a_layer_as_a_batch_norm_call():
     with pytest.raises(PropertyViolation, match="a Conv1d, as a BatchNorm call"):
         check_report_agrees_with_oracle(_pinned_trial("conv1d_then_bn", broken))
     check_report_agrees_with_oracle(_pinned_trial("conv1d_then_bn", "fuser:fuse_with_report"))
+
+
+@pytest.mark.parametrize("hook", GLOBAL_HOOK_KINDS)
+def test_a_fuser_that_folds_under_a_global_hook_is_caught(hook):
+    """torch's fuse folds a Conv1d -> BatchNorm1d pair whatever global hooks are registered; each
+    drawn hook changes what that pair computes once folded. Ours refuses (a ``ValueError``)."""
+    spec = PINNED["conv1d_then_bn"]
+    torch_fuse = FuserUnderTest.from_target("torch.fx.experimental.optimization:fuse")
+    with pytest.raises(PropertyViolation, match="global_hooks_refused_or_honoured violated"):
+        check_global_hooks_refused_or_honoured(spec, torch_fuse, hook)
+    check_global_hooks_refused_or_honoured(spec, FuserUnderTest.from_target("fuser:fuse"), hook)
+    assert not torch.nn.modules.module._global_forward_hooks, "the hook outlived the check"
+    assert not torch.nn.modules.module._global_forward_pre_hooks, "the hook outlived the check"
 
 
 def test_shared_memory_finds_views_and_tensor_attributes_but_not_copies():

@@ -46,6 +46,7 @@ __all__ = [
     "frozen_batch_norm_refused_in_training_mode",
     "functional_bn_not_recognised",
     "functional_training_bn_folded",
+    "global_module_hooks_ignored",
     "input_side_into_transposed_conv",
     "input_side_through_zero_padding",
     "input_side_with_several_users",
@@ -319,6 +320,16 @@ def layer_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -
             return describe_layer(gm, node)
 
     patches = {"fuser.fold_pass.describe_layer": describe_ignoring_hooks}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def global_module_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: global module hooks (``register_module_forward_hook``), which run on every module
+    call, are not looked for, so a model is fused under one that shifts what each BatchNorm module
+    returns, as torch's fuse does. Needs a global hook and a BN module that folds. Caught by: global
+    module hooks are refused or honoured.
+    """
+    patches = {"fuser.fuse.global_module_hooks": lambda: []}
     return fuse_patched(model, example_inputs, patches)
 
 

@@ -9,7 +9,9 @@ Three jobs, configured by environment variables the runner sets:
   profile itself. Only the time changes: shrinking takes several times longer than finding.
 - **Run the most discriminating properties first**: the output check, then the two completeness
   checks, then the pinned networks (about 4 s for all of them, where a mutant that only a later
-  property or a pin catches took 50 to 90 s to reach its catch), then the rest in file order. With
+  property or a pin catches took 50 to 90 s to reach its catch), then the global-hook property
+  (about 2 s: the real fuser refuses every network under a global hook), then the rest in file
+  order. With
   ``-x`` a mutant is caught at its first failing test, so the order changes only how long a catch
   takes, never whether: a mutant counts as missed only when every test passed.
 - **Attribute the failure** (``CONVBN_MUTANT_VERDICT=path``): the first failing property is checked
@@ -40,10 +42,12 @@ FIRST = (
     "test_report_agrees_with_oracle",
     "test_pinned_network_is_fused_soundly",
     "test_pinned_network_is_fused_completely",
+    "test_global_module_hooks_are_refused_or_honoured",  # 2 s: the real fuser refuses at once
 )
 
 _PINNABLE = re.compile(r"pin it in tests/pinned\.py:\s*\n\s*(NetSpec\(.*\))\s*$", re.MULTILINE)
 _PROPERTY = re.compile(r"property (\w+) violated")
+_GLOBAL_HOOK = re.compile(r"replay it under global hook '(\w+)'")
 
 
 @pytest.hookimpl(trylast=True)
@@ -90,12 +94,16 @@ def attribute_failure(test: str, phase: str, message: str) -> dict:
     }
     spec_literal = _PINNABLE.search(message)
     if phase == "call" and found and spec_literal:
-        verdict["control"] = check_real_fuser(spec_literal.group(1), found.group(1))
+        hook = _GLOBAL_HOOK.search(message)
+        verdict["control"] = check_real_fuser(
+            spec_literal.group(1), found.group(1), hook.group(1) if hook else None
+        )
     return verdict
 
 
-def check_real_fuser(spec_literal: str, prop: str) -> str:
-    """``"passes"``, or how our real fuser fails property ``prop`` on the network."""
+def check_real_fuser(spec_literal: str, prop: str, global_hook: str | None = None) -> str:
+    """``"passes"``, or how our real fuser fails property ``prop`` on the network (under the
+    global module hook the failure was found under, if any)."""
     from strategies import properties
     from strategies import spec as spec_module
     from strategies.fuser_under_test import FuserUnderTest
@@ -106,6 +114,8 @@ def check_real_fuser(spec_literal: str, prop: str) -> str:
     try:
         if prop == "training_model_refused_or_equivalent":
             check(spec, real)
+        elif prop == "global_hooks_refused_or_honoured":
+            check(spec, real, global_hook)
         else:
             check(properties.run_trial(spec, real, with_report=True))
     except properties.OutOfRange as error:
