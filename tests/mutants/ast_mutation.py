@@ -20,6 +20,7 @@ suite; each one needs reading. ``stale`` here means the mutated fuser crashed lo
 
     python -m tests.mutants.ast_mutation fuser/fold_pass.py -j 2
     python -m tests.mutants.ast_mutation fuser/fold_math.py --list
+    python -m tests.mutants.ast_mutation fuser/fold_pass.py --lines 456 459
 
 It exits 0 whatever the verdicts: its misses are findings to read, not failures (docs/mutants.md).
 """
@@ -186,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per mutant"
     )
     parser.add_argument("--list", action="store_true", help="list the mutation points and exit")
+    parser.add_argument(
+        "--lines", type=int, nargs="+", help="only the edits on these lines (to rerun misses)"
+    )
     args = parser.parse_args(argv)
 
     planned = []
     for name in args.files:
         file = Path(name).name
         source = (ROOT / PACKAGE / file).read_text()
-        planned += [(file, edit) for edit in edits(ast.parse(source))]
+        found = edits(ast.parse(source))
+        planned += [(file, edit) for edit in found if not args.lines or edit.line in args.lines]
     if args.list:
         for file, edit in planned:
             print(f"{file}:{edit.line} {edit.description}")
