@@ -1074,16 +1074,25 @@ def test_fold_whose_bias_would_overflow_float16_is_left():
     assert_left(report, "bn", because=("overflow", "float16", "fp16", "range"))
 
 
-def shrinking_chain(channels_scaled: int, head_pads: bool = True) -> nn.Module:
+def shrinking_chain(
+    channels_scaled: int, head_pads: bool = True, transposed: bool = False
+) -> nn.Module:
     """conv (weights of 0.01 or less) -> BN whose scale is 2**-12 in the first
     ``channels_scaled`` channels (1 elsewhere) -> a conv amplifying channel 0 by 2**12, as a BN
     that shrinks its input before an amplifying layer does. On inputs of about 100 every
     activation stays in float16's normal range; the product 0.01 * 2**-12 of a fold does not.
-    A zero-padded head takes no input-side fold (rule 3)."""
+    A zero-padded head takes no input-side fold (rule 3). ``transposed``: a ``ConvTranspose2d``,
+    whose output channels are its weight's columns; only column 0 is small, every row also holds
+    a 0.5, so the rows' largest magnitudes say nothing of channel 0's."""
     head = nn.Conv2d(4, 2, 3, padding=1) if head_pads else nn.Conv2d(4, 2, 1)
-    model = Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4), head=head).eval()
+    conv = nn.ConvTranspose2d(3, 4, 1) if transposed else nn.Conv2d(3, 4, 1)
+    model = Chain(conv=conv, bn=nn.BatchNorm2d(4), head=head).eval()
     with torch.no_grad():
-        model.conv.weight.copy_(torch.linspace(-0.01, 0.01, 12).reshape(4, 3, 1, 1))
+        if transposed:  # weight (in, out, 1, 1)
+            model.conv.weight.fill_(0.5)
+            model.conv.weight[:, 0] = torch.linspace(-0.01, 0.01, 3).reshape(3, 1, 1)
+        else:
+            model.conv.weight.copy_(torch.linspace(-0.01, 0.01, 12).reshape(4, 3, 1, 1))
         model.conv.bias.fill_(0.005)
         model.bn.running_var.fill_(1.0 - model.bn.eps)  # sqrt(var + eps) = 1
         model.bn.weight.fill_(1.0)
@@ -1108,6 +1117,16 @@ def test_fold_whose_weights_would_sink_below_float16s_normal_range_is_left():
     _, report = fused_and_checked(model, large_image().half())
     assert_left(report, "bn", because=("subnormal", "float16"))
     assert "1 output channel" in report.site("bn").reason, report
+
+
+@requires_cpu_float16
+def test_transposed_conv_fold_that_would_sink_one_output_channel_is_left():
+    """The subnormal check reads a transposed conv's output channels (its weight's columns), not
+    its rows: every row here holds a 0.5, which a conv's row-by-row bound would take for each
+    channel's largest weight, and channel 0's column of 0.01 or less times 2**-12 is subnormal."""
+    model = shrinking_chain(channels_scaled=1, transposed=True).half()
+    _, report = fused_and_checked(model, large_image().half())
+    assert_left(report, "bn", because=("subnormal", "float16"))
 
 
 @requires_cpu_float16
