@@ -52,6 +52,7 @@ from strategies.spec import (
     UNTRACEABLE,
     WRAPPER,
     Act,
+    Block,
     Chain,
     Flatten,
     Layer,
@@ -217,6 +218,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks[-1] = replace(last, boundary=TYPE_CHECK)
     elif dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
         blocks[-1] = replace(last, boundary=AUTOCAST)
+    blocks = [_with_weight_reads(draw, block) for block in blocks]
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))
     type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
@@ -249,6 +251,18 @@ def runs_float32_norms(dtype: str) -> bool:
     except RuntimeError:  # an older torch, or one without CPU kernels for the dtype
         return False
     return True
+
+
+def _with_weight_reads(draw: Callable, block: Block) -> Block:
+    """``Norm.weight_read`` on one in three affine module BNs held by the root module itself (an
+    inline chain outside any boundary, after the last block's boundary is drawn)."""
+    if not (isinstance(block, Chain) and block.packaging == INLINE and block.boundary is None):
+        return block
+    ops = []
+    for op in block.ops:
+        readable = isinstance(op, Norm) and op.style == MODULE and op.affine and op.gain is None
+        ops.append(replace(op, weight_read=True) if readable and draw(chance(1, 3)) else op)
+    return replace(block, ops=tuple(ops))
 
 
 @reused

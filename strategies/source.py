@@ -408,6 +408,7 @@ class _Renderer:
         self.classes: list[str] = []
         self.root_init: list[str] = []
         self.root_forward: list[str] = []
+        self.weight_reads: list[str] = []  # ``Norm.weight_read``: after every block
         self.setup: list[str] = []
         self.norm_classes: set[str] = set()  # BN modules other than nn.BatchNormNd and subclasses
         for index, block in enumerate(spec.blocks):
@@ -423,7 +424,8 @@ class _Renderer:
         if self.helpers & {"shrink_batch_norm", "spike_weight", "amplify_batch_norm"}:
             parts.append(f"\nGAIN = {GAIN_EXPONENT}\nSPIKE = {SPIKE!r}\n")
         parts += [*(HELPERS[name] for name in helper_order), *self.classes]
-        parts.append(self._class("Net", "The drawn network.", self.root_init, self.root_forward))
+        forward = self.root_forward + self.weight_reads
+        parts.append(self._class("Net", "The drawn network.", self.root_init, forward))
         parts.append(RANDOMIZE.replace("{other_norms}", self._other_norms()))
         parts.append(self._make_network())
         parts.append("\nmodel, inputs = make_network()\n")
@@ -578,6 +580,10 @@ class _Renderer:
             init, forward = self._chain_lines(index, chain)
             self.root_init += init
             self.root_forward += forward
+            for op, name in zip(chain.ops, chain_names(index, chain), strict=True):
+                if isinstance(op, Norm) and op.weight_read:
+                    read = f"self.{local_name(name)}.weight.mean() * 0.5"
+                    self.weight_reads.append(f"x = x + {read}  # reads the BN's weight")
         else:
             self._place(index, module)
         if chain.boundary == HOOKED:

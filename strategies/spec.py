@@ -154,6 +154,13 @@ class Norm:
     the network's values stay finite in float16, but the amplifying BN's output-side fold puts at
     least ``16 * 1.25 * 2**12 = 81920`` into the spiked layer's weight. Both are affine, with
     running statistics and no defect.
+
+    ``weight_read`` (an affine module BN the root module holds: an inline chain outside any
+    boundary): after every block the root's forward also reads the BN's weight,
+    ``x = x + self.bn.weight.mean() * 0.5``, as code reusing a BN's parameters does. A fold removes
+    the BN's call, not its weight: the fused model must still read that weight, unchanged, and
+    keep nothing else of the BN (``no_dead_state``). The read comes after the last block, so it
+    changes no site's foldability.
     """
 
     input_ndim: int
@@ -168,6 +175,7 @@ class Norm:
     torch_call: bool = False
     computed: str | None = None
     module_class: str | None = None
+    weight_read: bool = False
 
 
 @dataclass(frozen=True)

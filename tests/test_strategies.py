@@ -93,6 +93,8 @@ def features(spec: NetSpec) -> set[str]:
             kinds = [type(op).__name__ for op in block.ops]
             for first, second in itertools.pairwise(kinds):
                 found.add(f"{first} -> {second}")
+            if any(isinstance(op, Norm) and op.weight_read for op in block.ops):
+                found.add("bn weight read after every block")
             for first, second in itertools.pairwise(block.ops):
                 if isinstance(first, Norm) and isinstance(second, Layer) and second.kind == "conv":
                     padded = second.padding not in ("valid", "same") and any(second.padding)
@@ -258,6 +260,7 @@ REQUIRED = [
     "bn style functional",
     "bn module SyncBatchNorm",
     "bn module FrozenBatchNorm2d",
+    "bn weight read after every block",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",
     "bn style traced_subclass",
