@@ -8,6 +8,7 @@ three entries), and a deliberately wrong fuser must make the command fail.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -124,7 +125,24 @@ def test_input_too_small_for_the_model_exits_2_naming_the_shape(capsys):
     assert main(["alexnet", "--size", "16"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "alexnet cannot run on an input of shape 1x3x16x16" in err
-    assert "--size" in err
+    assert "(try another --size)" in err  # an image model has no frames to change
+
+
+def test_json_and_text_give_the_same_times_in_milliseconds():
+    run = fuser.cli.run_model("resnet18", size=32, repeats=1)
+    text, medians = str(run), run.to_dict()["benchmark"]["median_ms"]
+    labels = {"unfused": "unfused", "fused": "fused", "bn_free": "BN-free"}
+    for name, label in labels.items():
+        shown = re.search(rf"^  {label} +([0-9.]+) ms", text, re.MULTILINE)
+        assert shown is not None, text
+        assert float(shown.group(1)) == pytest.approx(medians[name], abs=5e-4), (name, text)
+        assert medians[name] == pytest.approx(1e3 * run.median_seconds[name]), medians
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu_exits_2_saying_so(capsys):
+    assert main(["resnet18", "--device", "cuda", *FAST]) == EXIT_USAGE
+    assert "--device cuda was asked for, but torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_list_names_models_of_every_family(capsys):
