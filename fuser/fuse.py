@@ -50,7 +50,19 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
 def fuse_with_report(
     model: nn.Module, example_inputs: tuple | None = None
 ) -> tuple[nn.Module, FusionReport]:
-    """Like ``fuse``, and also say what became of every BatchNorm call site."""
+    """Like ``fuse``, and also say what became of every BatchNorm call site.
+
+    Whatever mode the caller is in, the fused model's tensors are made outside
+    ``torch.inference_mode``: tensors made inside it can never take part in autograd, so a model
+    fused there would raise wherever the original runs with gradients enabled (``torch.jit.trace``,
+    a saliency map, fine-tuning)."""
+    with torch.inference_mode(False):
+        return _fuse_with_report(model, example_inputs)
+
+
+def _fuse_with_report(
+    model: nn.Module, example_inputs: tuple | None
+) -> tuple[nn.Module, FusionReport]:
     inputs = _check_input(model, example_inputs)
     callers = ModelParts.of(model)
     _check_initialized(model, callers)

@@ -190,6 +190,20 @@ def test_global_module_hooks_raise_a_fuser_error_naming_them(register):
     assert_equivalent(model, fuse(model), image(1, 3, 6, 6))  # once removed, it fuses
 
 
+def test_a_model_fused_inside_inference_mode_still_runs_with_gradients():
+    """A script fusing inside ``torch.inference_mode()`` (with a model and inputs made there too)
+    must not hand back inference tensors, which autograd refuses: the original runs with
+    gradients, so must the fused model (``torch.jit.trace``, saliency maps, fine-tuning)."""
+    with torch.inference_mode():
+        model, x = small_net(), image(2, 3, 6, 6)
+        fused = fuse(model, (x,))
+    assert not any(tensor.is_inference() for tensor in fused.state_dict().values())
+    fused(image(2, 3, 6, 6)).sum().backward()
+    assert all(parameter.grad is not None for parameter in fused.parameters())
+    with torch.inference_mode():
+        assert_equivalent(model, fused, x)
+
+
 def test_torchscript_module_raises_a_clear_error():
     scripted = torch.jit.script(small_net())
     with pytest.raises((TypeError, FuserError), match=r"(?i)script"):
