@@ -224,6 +224,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
     example_inputs = type_checked or not draw(chance(1, 12))  # ``NetSpec.example_inputs``
     float32_norms = runs_float32_norms(dtype) and draw(chance(1, 3))  # ``NetSpec.float32_norms``
+    fused_in_inference_mode = draw(chance(1, 8))  # ``NetSpec.fused_in_inference_mode``
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape,
@@ -234,6 +235,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         replaced_forward,
         example_inputs,
         float32_norms,
+        fused_in_inference_mode,
     )
 
 

@@ -16,6 +16,7 @@ only, ``scripts_where_the_original_does``. Completeness (folds everything the RE
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 from collections import Counter
@@ -91,6 +92,8 @@ class Trial:
         lines = [f"property {prop} violated" + (f" at BatchNorm site {sites}" if sites else "")]
         lines += [f"  {detail_line}" for detail_line in detail.splitlines()]
         given = "" if self.spec.example_inputs else ", called without example_inputs"
+        if self.spec.fused_in_inference_mode:
+            given += ", inside torch.inference_mode()"
         lines.append(f"fuser under test: {self.fuser.name}{given}")
         lines.append("oracle (README foldability definition):")
         lines += [f"  {site.describe()}" for site in self.sites] or ["  no BatchNorm call sites"]
@@ -186,9 +189,11 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
     before = snapshot(model)
     trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
     given = trial.fuser_inputs
+    mode = torch.inference_mode() if spec.fused_in_inference_mode else contextlib.nullcontext()
     try:
         fuse = fuser.fuse_with_report if with_report else fuser.fuse
-        trial.fused, trial.report = fuse(model, given)
+        with mode:
+            trial.fused, trial.report = fuse(model, given)
     except Exception as error:  # the properties decide whether raising was allowed
         trial.error = error
     trial.touched = touched_by_fusing(before, model, trial.fused)
@@ -237,9 +242,13 @@ def check_input_model_untouched(trial: Trial) -> None:
 
 def check_output_signature_preserved(trial: Trial) -> None:
     """The fused output has the original's dtype, device and shape, and every parameter the
-    fused model shares a name with keeps its dtype, device and ``requires_grad``."""
+    fused model shares a name with keeps its dtype, device and ``requires_grad``; and a model
+    fused inside ``torch.inference_mode()`` (``NetSpec.fused_in_inference_mode``) still runs with
+    gradients wherever the original does."""
     prop = "output_signature_preserved"
     _check_same_kind_of_output(trial, prop, trial.fused_output(prop))
+    if trial.spec.fused_in_inference_mode:
+        _check_runs_with_gradients(trial, prop)
     before = dict(trial.model.named_parameters())
     for name, parameter in trial.fused.named_parameters():
         if name not in before:
@@ -251,6 +260,31 @@ def check_output_signature_preserved(trial: Trial) -> None:
                     f"!= original {getattr(before[name], what)}"
                 )
                 raise trial.violation(prop, detail)
+
+
+def _check_runs_with_gradients(trial: Trial, prop: str) -> None:
+    failure = _gradient_failure(trial.fused, trial.inputs)
+    if failure is None:
+        return
+    original, inputs = build_from_source(trial.source)  # afresh: the trial's stays untouched
+    if _gradient_failure(original, inputs) is None:
+        detail = f"the original runs with gradients enabled; the fused model raised {failure}"
+        raise trial.violation(prop, detail)
+
+
+def _gradient_failure(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why a forward pass with gradients enabled, and the gradient of its output's sum with
+    respect to the parameters, fail; None when they run. ``autograd.grad`` leaves every
+    ``.grad`` as it was."""
+    try:
+        with torch.enable_grad():
+            output = module(*fresh_copies(inputs))
+            parameters = [p for p in module.parameters() if p.requires_grad]
+            if output.requires_grad and parameters:
+                torch.autograd.grad(output.sum(), parameters, allow_unused=True)
+    except Exception as error:
+        return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    return None
 
 
 def check_idempotent(trial: Trial) -> None:

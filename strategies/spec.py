@@ -313,6 +313,11 @@ class NetSpec:
     half, as mixed-precision training leaves a model. PyTorch runs such a BN on half inputs and
     returns half outputs; a fold must still give its layer weights of the layer's own dtype.
     A ``FrozenBatchNorm2d`` stays half: its arithmetic would return float32.
+
+    ``fused_in_inference_mode``: the fuser under test is called inside ``torch.inference_mode()``,
+    as inference scripts often are. Tensors made there can never take part in autograd, so a fuser
+    that makes the fused model's tensors there returns a model that raises where the original
+    runs with gradients enabled (``output_signature_preserved`` runs both with gradients).
     """
 
     input_shape: tuple[int, ...]
@@ -323,6 +328,7 @@ class NetSpec:
     replaced_forward: bool = False
     example_inputs: bool = True
     float32_norms: bool = False
+    fused_in_inference_mode: bool = False
 
 
 def literal(value: object) -> str:

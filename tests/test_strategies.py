@@ -62,6 +62,8 @@ def features(spec: NetSpec) -> set[str]:
         found.add("model forward replaced")
     if not spec.example_inputs:
         found.add("fused without example inputs")
+    if spec.fused_in_inference_mode:
+        found.add("fused inside torch.inference_mode")
     for block in spec.blocks:
         if isinstance(block, TwoCalls):
             found.add(f"layer read twice ({block.second})")
@@ -260,6 +262,7 @@ REQUIRED = [
     "bn style functional",
     "bn module SyncBatchNorm",
     "bn module FrozenBatchNorm2d",
+    "fused inside torch.inference_mode",
     "bn weight read after every block",
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",

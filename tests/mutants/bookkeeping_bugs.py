@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from fuser.copying import _copy
 from fuser.fold_pass import _FoldPass, fold_batch_norms
-from fuser.fuse import _deep_copy
+from fuser.fuse import _deep_copy, _fuse_with_report
 from fuser.patterns import BatchNormCall
 from fuser.report import OUTPUT_SIDE, SiteReport
 
@@ -25,6 +25,7 @@ __all__ = [
     "example_inputs_changed",
     "folded_constants_left_behind",
     "graph_module_fused_in_place",
+    "inference_mode_leaks_into_fused_model",
     "input_model_mutated",
     "parameters_shared_with_caller",
     "recompile_forgotten",
@@ -43,6 +44,20 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     """
     patches = {"fuser.fuse.deep_copy": lambda module: module}
     return fuse_patched(model, example_inputs, patches)
+
+
+def inference_mode_leaks_into_fused_model(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: the fuser works in whatever autograd mode its caller is in, so a model fused inside
+    ``torch.inference_mode()`` gets inference tensors (the working copy and every folded weight),
+    which autograd refuses, and which cannot be changed in place outside inference mode: the
+    fused model raises where the original runs with gradients (as torch's fuse does), or holds a
+    BatchNorm left in training mode, whose running statistics it updates in place. Needs a network
+    fused inside inference mode. Caught by: output signature preserved, or the first property that
+    runs such a fused model.
+    """
+    return _fuse_with_report(model, example_inputs)  # the real fuser, without leaving the mode
 
 
 def parameters_shared_with_caller(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
