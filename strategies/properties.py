@@ -414,14 +414,12 @@ def check_training_model_refused_or_equivalent(
     else:
         model, inputs = built.model, built.inputs
     model.train()
-    try:
-        fused, _ = fuser.fuse(model, fresh_copies(inputs) if spec.example_inputs else None)
-    except ValueError:
+    outcome = _fused_unless_refused(
+        spec, fuser, model, inputs, source, prop, "a training-mode model", training=True
+    )
+    if outcome is None:
         return  # refused: nothing to compare, so no reference is measured
-    except Exception as error:
-        detail = f"a training-mode model raised {type(error).__name__}: {error} (not a ValueError)"
-        raise _fresh_trial(spec, fuser, source, training=True).violation(prop, detail) from error
-    trial = _fresh_trial(spec, fuser, source, training=True)
+    fused, trial = outcome
     output = trial.run_fused(prop, fused)
     if output.shape != trial.original_output.shape:
         raise trial.violation(prop, f"output shape changed to {tuple(output.shape)}")
@@ -429,6 +427,29 @@ def check_training_model_refused_or_equivalent(
     if not comparison.ok:
         detail = "the model was in training mode and was fused anyway: " + comparison.describe()
         raise trial.violation(prop, detail, trial.suspects())
+
+
+def _fused_unless_refused(
+    spec: NetSpec,
+    fuser: FuserUnderTest,
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    source: str,
+    prop: str,
+    situation: str,
+    **fresh: object,
+) -> tuple[nn.Module, Trial] | None:
+    """Fuse a model the fuser may refuse: None when it raises ``ValueError``, else the fused
+    model and a fresh trial (``_fresh_trial(**fresh)``) to judge it by. Any other exception is
+    ``prop``'s violation, ``situation`` saying what was fused."""
+    try:
+        fused, _ = fuser.fuse(model, fresh_copies(inputs) if spec.example_inputs else None)
+    except ValueError:
+        return None
+    except Exception as error:
+        detail = f"{situation} raised {type(error).__name__}: {error} (not a ValueError)"
+        raise _fresh_trial(spec, fuser, source, **fresh).violation(prop, detail) from error
+    return fused, _fresh_trial(spec, fuser, source, **fresh)
 
 
 def _fresh_trial(
@@ -448,9 +469,8 @@ def _fresh_trial(
     reference = measure_reference(model, inputs, spec.seed)
     if global_hook is not None:
         source += f"\n# registered while fusing and running:{GLOBAL_HOOKS[global_hook]}"
-    trial = Trial(spec, fuser, source, model, inputs, reference, foldable_sites(spec), touched=[])
-    trial.global_hook = global_hook
-    return trial
+    sites = foldable_sites(spec)
+    return Trial(spec, fuser, source, model, inputs, reference, sites, [], global_hook=global_hook)
 
 
 def check_global_hooks_refused_or_honoured(spec: NetSpec, fuser: FuserUnderTest, hook: str) -> None:
@@ -462,15 +482,13 @@ def check_global_hooks_refused_or_honoured(spec: NetSpec, fuser: FuserUnderTest,
     source = render_source(spec)
     model, inputs = build_from_source(source)
     with registered_global_hook(hook):
-        try:
-            fused, _ = fuser.fuse(model, fresh_copies(inputs) if spec.example_inputs else None)
-        except ValueError:
+        situation = "under a global module hook the fuser"
+        outcome = _fused_unless_refused(
+            spec, fuser, model, inputs, source, prop, situation, global_hook=hook
+        )
+        if outcome is None:
             return  # refused: nothing to compare, so no reference is measured
-        except Exception as error:
-            detail = f"under a global module hook the fuser raised {type(error).__name__}: {error}"
-            trial = _fresh_trial(spec, fuser, source, global_hook=hook)
-            raise trial.violation(prop, detail + " (not a ValueError)") from error
-        trial = _fresh_trial(spec, fuser, source, global_hook=hook)
+        fused, trial = outcome
         _check_matches_original(trial, prop, trial.run_fused(prop, fused), "under the hook: ")
 
 

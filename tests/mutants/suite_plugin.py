@@ -11,8 +11,7 @@ Three jobs, configured by environment variables the runner sets:
   checks, then the pinned networks (about 4 s for all of them, where a mutant that only a later
   property or a pin catches took 50 to 90 s to reach its catch), then the global-hook property
   (about 2 s: the real fuser refuses every network under a global hook), then the rest in file
-  order. With
-  ``-x`` a mutant is caught at its first failing test, so the order changes only how long a catch
+  order. With ``-x`` a mutant is caught at its first failing test, so the order changes only how long a catch
   takes, never whether: a mutant counts as missed only when every test passed.
 - **Attribute the failure** (``CONVBN_MUTANT_VERDICT=path``): the first failing property is checked
   again, on the same network (the spec literal its message ends with), against our real, unpatched
