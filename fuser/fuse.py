@@ -126,10 +126,11 @@ def _check_input(model: object, example_inputs: object) -> tuple | None:
     hooks = global_module_hooks()
     if hooks:
         raise FuserError(
-            "global module hooks are registered (" + "; ".join(hooks) + "): they run on every "
-            "module call, and folding removes BatchNorm calls and changes what their layers "
-            "return, so under them the fused model would compute something else; remove them "
-            "(handle.remove()) before fusing, and run the fused model without them"
+            "global module hooks are registered (" + "; ".join(hooks) + "): call hooks run on "
+            "every module call, and folding removes BatchNorm calls and changes what their "
+            "layers return; registration hooks may replace the folded weights and the modules "
+            "that fusing assigns; under them the fused model would compute something else. "
+            "Remove them (handle.remove()) before fusing, and run the fused model without them"
         )
     if example_inputs is None:
         return None

@@ -178,21 +178,29 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 #: torch's process-wide module hooks (``torch.nn.modules.module``'s dicts), with the function that
-#: registers each kind: they run on every module call of every model.
+#: registers each kind. The call hooks run on every module call of every model; the registration
+#: hooks run whenever a module, parameter or buffer is assigned to a module, as fusing does to build
+#: the fused model (its folded weights are new parameters), and each may replace what is assigned.
 GLOBAL_MODULE_HOOKS = {
     "_global_forward_pre_hooks": "register_module_forward_pre_hook",
     "_global_forward_hooks": "register_module_forward_hook",
     "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
     "_global_backward_hooks": "register_module_full_backward_hook",
+    "_global_parameter_registration_hooks": "register_module_parameter_registration_hook",
+    "_global_module_registration_hooks": "register_module_module_registration_hook",
+    "_global_buffer_registration_hooks": "register_module_buffer_registration_hook",
 }
 
 
 def global_module_hooks() -> list[str]:
     """The global module hooks registered now, each as ``registrar: hook name``.
 
-    A global hook runs on every module call, so it sees (and may change) what each BatchNorm
-    module returns: folding one away removes those calls and changes what its layer returns.
-    Read at each fuse, as hooks come and go with the process (``handle.remove()``).
+    A global call hook runs on every module call, so it sees (and may change) what each BatchNorm
+    module returns: folding one away removes those calls and changes what its layer returns. A
+    registration hook sees every parameter, module and buffer the fuser assigns while it builds
+    the fused model, and may replace them: a hook that rescales new parameters, say, would rescale
+    the folded weights, which were computed from parameters it had already seen. Read at each
+    fuse, as hooks come and go with the process (``handle.remove()``).
     """
     found = []
     for dict_name, registrar in GLOBAL_MODULE_HOOKS.items():

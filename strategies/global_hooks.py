@@ -6,6 +6,11 @@ modules return (a calibration shim, an activation clamp, a debugging offset) is 
 model computes while it is registered: a fold removes BatchNorm module calls and changes what its
 layer returns, so a fuser must refuse such a model (``ValueError``) or leave it equivalent.
 
+``register_module_parameter_registration_hook`` installs one that sees every parameter assigned
+to any module, and may replace it (a cast, a move, a reparametrisation). It never runs when the
+original model is called, but it does when a fuser assigns its folded weights: they come out
+replaced, although they were computed from parameters the hook had already let through.
+
 Each hook is Python source that defines the hook and registers it as ``hook_handle``; the same
 text is appended to a failing network's program, so the report still reproduces the failure.
 Hooks are registered only while one network is fused and run, and always removed afterwards.
@@ -47,6 +52,18 @@ def halve_layer_outputs(module, args, output):
 
 
 hook_handle = torch.nn.modules.module.register_module_forward_hook(halve_layer_outputs)
+''',
+    "halve_registered_parameters": '''
+def halve_registered_parameters(module, name, parameter):
+    """Every parameter assigned to a module while it is registered, halved: the network was
+    built before, so only what a fuser assigns comes out halved."""
+    if parameter is not None:
+        return torch.nn.Parameter(parameter.detach() * 0.5, parameter.requires_grad)
+
+
+hook_handle = torch.nn.modules.module.register_module_parameter_registration_hook(
+    halve_registered_parameters
+)
 ''',
 }
 

@@ -459,13 +459,16 @@ def _fresh_trial(
     *,
     training: bool = False,
     global_hook: str | None = None,
+    built: tuple[nn.Module, tuple[torch.Tensor, ...]] | None = None,
 ) -> Trial:
     """The network built afresh (the fuser may have changed the one it was given; building is
     deterministic) and measured against its float64 reference. Measuring a training-mode model
     updates its statistics: nothing reads them afterwards. ``global_hook``: the one registered
-    now, whose source a failure report shows after the network's."""
-    model, inputs = build_from_source(source)
-    model.train(training)
+    now, whose source a failure report shows after the network's. ``built``: that fresh build,
+    made before the hook was registered (a registration hook would change the build itself)."""
+    model, inputs = build_from_source(source) if built is None else built
+    if training:
+        model.train()  # as the fused model was; otherwise as built (its drawn training BNs too)
     reference = measure_reference(model, inputs, spec.seed)
     if global_hook is not None:
         source += f"\n# registered while fusing and running:{GLOBAL_HOOKS[global_hook]}"
@@ -474,17 +477,19 @@ def _fresh_trial(
 
 
 def check_global_hooks_refused_or_honoured(spec: NetSpec, fuser: FuserUnderTest, hook: str) -> None:
-    """Under a global module hook that changes what some modules return
-    (``strategies/global_hooks.py``), the model is refused with a ``ValueError`` or fused into
-    one that computes, under the same hook, what the original computes under it."""
+    """Under a global module hook that changes what some modules return, or replaces the
+    parameters assigned to modules (``strategies/global_hooks.py``), the model is refused with a
+    ``ValueError`` or fused into one that computes, under the same hook, what the original
+    computes under it."""
     prop = "global_hooks_refused_or_honoured"
     _count_network()
     source = render_source(spec)
     model, inputs = build_from_source(source)
+    fresh = build_from_source(source)  # the one to judge by, built before the hook like the model
     with registered_global_hook(hook):
         situation = "under a global module hook the fuser"
         outcome = _fused_unless_refused(
-            spec, fuser, model, inputs, source, prop, situation, global_hook=hook
+            spec, fuser, model, inputs, source, prop, situation, global_hook=hook, built=fresh
         )
         if outcome is None:
             return  # refused: nothing to compare, so no reference is measured

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -28,8 +29,13 @@ def ignores_eps(model: nn.Module, example_inputs: tuple | None = None) -> nn.Mod
 
 def folds_nothing(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
     """Returns an untouched copy: sound, and complete only for networks with nothing to fold.
-    Caught by: no foldable BatchNorm remains."""
-    return copy.deepcopy(model)
+    Caught by: no foldable BatchNorm remains.
+
+    The copy is made outside ``torch.inference_mode``: one made inside it (the suite fuses some
+    networks there) holds inference tensors, which raise once the copy runs with gradients or
+    updates a training-mode BatchNorm's statistics, where the original runs fine."""
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
 
 
 def reports_its_layers_as_batch_norms(

@@ -159,6 +159,10 @@ def _shift_batch_norm_input(module, args):
     return (args[0] + 1.0,) if isinstance(module, nn.BatchNorm2d) else None
 
 
+def _halve_registered_parameter(module, name, parameter):
+    return None if parameter is None else nn.Parameter(parameter.detach() * 0.5)
+
+
 def _scale_gradient(module, grad_output):
     return tuple(None if grad is None else grad * 2.0 for grad in grad_output)
 
@@ -172,12 +176,31 @@ def _scale_gradient(module, grad_output):
         lambda: torch.nn.modules.module.register_module_full_backward_hook(
             lambda module, grad_input, grad_output: None
         ),
+        lambda: torch.nn.modules.module.register_module_parameter_registration_hook(
+            _halve_registered_parameter
+        ),
+        lambda: torch.nn.modules.module.register_module_module_registration_hook(
+            lambda module, name, submodule: None
+        ),
+        lambda: torch.nn.modules.module.register_module_buffer_registration_hook(
+            lambda module, name, buffer: None
+        ),
     ],
-    ids=["forward", "forward_pre", "full_backward_pre", "full_backward"],
+    ids=[
+        "forward",
+        "forward_pre",
+        "full_backward_pre",
+        "full_backward",
+        "parameter_registration",
+        "module_registration",
+        "buffer_registration",
+    ],
 )
 def test_global_module_hooks_raise_a_fuser_error_naming_them(register):
-    """A global hook runs on every module call: a folded BN's calls would be gone from under it
-    (the forward one here shifts every BN's output, which a fused model would silently drop)."""
+    """A global call hook runs on every module call: a folded BN's calls would be gone from under
+    it (the forward one here shifts every BN's output, which a fused model would silently drop).
+    A registration hook sees what fusing assigns to modules and may replace it (the parameter one
+    here would halve the folded weights: the fused model would be off by half its output)."""
     model = small_net()
     before = copy.deepcopy(model.state_dict())
     handle = register()

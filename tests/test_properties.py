@@ -255,7 +255,8 @@ def test_a_report_must_not_list_a_layer_as_a_batch_norm_call():
 @pytest.mark.parametrize("hook", GLOBAL_HOOK_KINDS)
 def test_a_fuser_that_folds_under_a_global_hook_is_caught(hook):
     """torch's fuse folds a Conv1d -> BatchNorm1d pair whatever global hooks are registered; each
-    drawn hook changes what that pair computes once folded. Ours refuses (a ``ValueError``)."""
+    drawn hook changes what that pair computes once folded (the registration hook halves the
+    folded weights as torch assigns them). Ours refuses (a ``ValueError``)."""
     spec = PINNED["conv1d_then_bn"]
     torch_fuse = FuserUnderTest.from_target("torch.fx.experimental.optimization:fuse")
     with pytest.raises(PropertyViolation, match="global_hooks_refused_or_honoured violated"):
@@ -263,6 +264,31 @@ def test_a_fuser_that_folds_under_a_global_hook_is_caught(hook):
     check_global_hooks_refused_or_honoured(spec, FuserUnderTest.from_target("fuser:fuse"), hook)
     assert not torch.nn.modules.module._global_forward_hooks, "the hook outlived the check"
     assert not torch.nn.modules.module._global_forward_pre_hooks, "the hook outlived the check"
+    registration_hooks = torch.nn.modules.module._global_parameter_registration_hooks
+    assert not registration_hooks, "the hook outlived the check"
+
+
+@pytest.mark.parametrize("hook", GLOBAL_HOOK_KINDS)
+def test_a_fuser_that_leaves_a_training_bn_alone_passes_under_a_global_hook(hook):
+    """A plain copy computes what the original does under any hook. The copy judged it by was
+    once put wholly in eval mode, undoing the network's own training-mode BatchNorm: every fuser
+    that left that BatchNorm alone failed (ours refuses under global hooks, so it never did)."""
+    spec = PINNED["torch_fuse_training_bn_submodule"]
+    copying = FuserUnderTest.from_target("tests.broken_fusers:folds_nothing")
+    check_global_hooks_refused_or_honoured(spec, copying, hook)
+
+
+def test_a_copy_made_inside_inference_mode_is_caught():
+    """A fuser called inside ``torch.inference_mode()`` that deep-copies there hands back
+    inference tensors: the copy's training-mode BatchNorm cannot update its statistics once run
+    outside it, where the original runs. ``folds_nothing`` copies outside it and passes."""
+    spec = replace(PINNED["torch_fuse_training_bn_submodule"], fused_in_inference_mode=True)
+    plain = FuserUnderTest.from_target("copy:deepcopy")
+    with pytest.raises(PropertyViolation, match="Inplace update to inference tensor"):
+        check_fused_matches_original(run_trial(spec, plain))
+    check_fused_matches_original(
+        run_trial(spec, FuserUnderTest.from_target("tests.broken_fusers:folds_nothing"))
+    )
 
 
 def test_shared_memory_finds_views_and_tensor_attributes_but_not_copies():
