@@ -209,6 +209,7 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with (
         _attributes_restored(module) as saved,
         _autocast_refused(),
+        _grad_mode_changes_refused(),
         _augmented_assignments_recorded(),
     ):
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
@@ -225,8 +226,22 @@ class AutocastInForward(Exception):
     """Raised inside a trace when the traced code enters ``torch.autocast``."""
 
 
-@contextlib.contextmanager
-def _autocast_refused() -> Iterator[None]:
+class GradModeInForward(Exception):
+    """Raised inside a trace when the traced code changes the grad mode."""
+
+
+#: How code changes the grad mode, as (class, method): ``torch.set_grad_enabled(False)`` changes it
+#: when constructed, as a plain call; the others on entering, as ``with`` blocks or decorators
+#: (a decorated function enters a fresh copy of its context manager on every call).
+GRAD_MODE_CHANGES = (
+    (torch.no_grad, "__enter__"),
+    (torch.enable_grad, "__enter__"),
+    (torch.set_grad_enabled, "__init__"),
+    (torch.inference_mode, "__enter__"),
+)
+
+
+def _autocast_refused() -> contextlib.AbstractContextManager:
     """Make code that enters ``torch.autocast`` untraceable while a trace runs.
 
     FX runs a ``with torch.autocast(...)`` block while tracing but records none of it: the
@@ -234,25 +249,61 @@ def _autocast_refused() -> Iterator[None]:
     that turns autocast off) differently again under a caller's autocast. So the module whose
     code enters it stays one opaque call that runs its own code. ``torch.autocast.__enter__``
     is what every form goes through: the ``with`` statement, the decorator, and the
-    ``torch.cuda.amp`` and ``torch.cpu.amp`` subclasses, which call it. Other threads, which
-    may be running models under autocast meanwhile, are not affected.
+    ``torch.cuda.amp`` and ``torch.cpu.amp`` subclasses, which call it.
     """
-    original = torch.autocast.__dict__["__enter__"]
+    message = (
+        "its code enters torch.autocast, which FX does not record (traced, the code would run "
+        "without it)"
+    )
+    return _refused_while_tracing(((torch.autocast, "__enter__"),), AutocastInForward, message)
+
+
+def _grad_mode_changes_refused() -> contextlib.AbstractContextManager:
+    """Make code that changes the grad mode untraceable while a trace runs.
+
+    FX runs a ``with torch.no_grad():`` block (or a ``@torch.no_grad()`` forward) while tracing
+    but records none of it: the traced graph tracks gradients where the code turned them off, so
+    the fused model's output requires grad where the original's does not, and a backward pass
+    reaches (and an optimizer step changes) the weights the code kept out of it. So the module
+    whose code changes the grad mode stays one opaque call that runs its own code; its children
+    are fused on their own, and run inside its region as they did.
+    """
+    message = (
+        "its code changes the grad mode (torch.no_grad, enable_grad, set_grad_enabled or "
+        "inference_mode), which FX does not record (traced, the code would track gradients "
+        "as its caller does)"
+    )
+    return _refused_while_tracing(GRAD_MODE_CHANGES, GradModeInForward, message)
+
+
+@contextlib.contextmanager
+def _refused_while_tracing(
+    methods: tuple[tuple[type, str], ...], error: type[Exception], message: str
+) -> Iterator[None]:
+    """Make each (class, method) raise ``error(message)`` when the tracing thread calls it, for
+    the duration of the block. Other threads, which may be running models meanwhile, are not
+    affected."""
     tracing_thread = threading.get_ident()
+    originals = [(cls, name, cls.__dict__.get(name), getattr(cls, name)) for cls, name in methods]
 
-    def refuse(self):
-        if threading.get_ident() != tracing_thread:
-            return original(self)
-        raise AutocastInForward(
-            "its code enters torch.autocast, which FX does not record (traced, the code "
-            "would run without it)"
-        )
+    def refusing(original):
+        def refuse(self, *args, **kwargs):
+            if threading.get_ident() != tracing_thread:
+                return original(self, *args, **kwargs)
+            raise error(message)
 
-    torch.autocast.__enter__ = refuse
+        return refuse
+
+    for cls, name, _, inherited in originals:
+        setattr(cls, name, refusing(inherited))
     try:
         yield
     finally:
-        torch.autocast.__enter__ = original
+        for cls, name, own, _ in originals:
+            if own is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
 
 
 #: ``x op= y`` on a traced value, and the function Python runs for it.

@@ -41,6 +41,7 @@ from strategies.spec import (
     METADATA_ATTRIBUTES,
     METADATA_METHODS,
     MODULE,
+    NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     SEQUENTIAL,
@@ -218,6 +219,8 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks[-1] = replace(last, boundary=TYPE_CHECK)
     elif dtype == "float32" and unguarded and draw(chance(1, 4)):  # returns bfloat16 (``Chain``)
         blocks[-1] = replace(last, boundary=AUTOCAST)
+    elif unguarded and draw(chance(1, 6)):  # its output never requires grad (``Chain``)
+        blocks[-1] = replace(last, boundary=NO_GRAD)
     blocks = [_with_weight_reads(draw, block) for block in blocks]
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))

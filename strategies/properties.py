@@ -241,12 +241,14 @@ def check_input_model_untouched(trial: Trial) -> None:
 
 
 def check_output_signature_preserved(trial: Trial) -> None:
-    """The fused output has the original's dtype, device and shape, and every parameter the
-    fused model shares a name with keeps its dtype, device and ``requires_grad``; and a model
-    fused inside ``torch.inference_mode()`` (``NetSpec.fused_in_inference_mode``) still runs with
-    gradients wherever the original does."""
+    """The fused output has the original's dtype, device and shape; run with gradients enabled,
+    it requires grad exactly when the original's does; every parameter the fused model shares a
+    name with keeps its dtype, device and ``requires_grad``; and a model fused inside
+    ``torch.inference_mode()`` (``NetSpec.fused_in_inference_mode``) still runs with gradients
+    wherever the original does."""
     prop = "output_signature_preserved"
     _check_same_kind_of_output(trial, prop, trial.fused_output(prop))
+    _check_tracks_gradients_as_original(trial, prop)
     if trial.spec.fused_in_inference_mode:
         _check_runs_with_gradients(trial, prop)
     before = dict(trial.model.named_parameters())
@@ -260,6 +262,47 @@ def check_output_signature_preserved(trial: Trial) -> None:
                     f"!= original {getattr(before[name], what)}"
                 )
                 raise trial.violation(prop, detail)
+
+
+def _check_tracks_gradients_as_original(trial: Trial, prop: str) -> None:
+    """Run with gradients enabled on inputs that require grad, the fused output requires grad
+    exactly when the original's does. A ``torch.no_grad()`` block a fuser traces through runs
+    with gradients once fused (FX records none of the block): a backward pass would then reach,
+    and an optimizer step change, the weights the original keeps out of it. The inputs, not
+    the parameters, are what is tracked: a fold may move a BatchNorm's trainable affine into a
+    frozen layer, whose folded parameters stay frozen."""
+    want, _ = _tracks_gradients(trial.model, trial.inputs)
+    if want is None:
+        return  # the original does not run with gradients: nothing to compare with
+    got, failure = _tracks_gradients(trial.fused, trial.inputs)
+    if got is None:
+        detail = f"the original runs with gradients enabled; the fused model raised {failure}"
+        raise trial.violation(prop, detail)
+    if got != want:
+        detail = (
+            f"run with gradients enabled, the fused output has requires_grad={got}, the "
+            f"original's requires_grad={want}"
+        )
+        raise trial.violation(prop, detail, trial.suspects())
+
+
+def _tracks_gradients(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[bool | None, str | None]:
+    """Whether ``module``'s output requires grad, run with gradients enabled on floating-point
+    inputs that require grad (None, and why, when that run raises). They are not leaves, so a
+    network may still change them in place. A module holding a training-mode BatchNorm runs as
+    a copy: the run updates its statistics, which other checks compare afterwards."""
+    if any(m.training for m in module.modules()):
+        module = copy.deepcopy(module)
+    try:
+        with torch.enable_grad():
+            tracked = tuple(
+                x.detach().requires_grad_().clone() if x.is_floating_point() else x for x in inputs
+            )
+            return module(*tracked).requires_grad, None
+    except Exception as error:
+        return None, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def _check_runs_with_gradients(trial: Trial, prop: str) -> None:

@@ -26,6 +26,7 @@ from strategies.spec import (
     HOOKED,
     INLINE,
     LOOP_INSPECTS,
+    NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     SEQUENTIAL,
@@ -569,6 +570,10 @@ class _Renderer:
                 doc = "Shifts a tensor result: FX traces x as a proxy, no Tensor, and drops that."
                 shift = "x = x * 0.5 + 0.25  # + 0.25: visible on example inputs that make x zero"
                 forward = [*forward, "if isinstance(x, torch.Tensor):", INDENT + shift]
+            elif chain.boundary == NO_GRAD:
+                name = f"NoGrad{index}"
+                doc = "Runs its chain under torch.no_grad(), which FX runs but does not record."
+                forward = ["with torch.no_grad():", *(INDENT + line for line in forward)]
             else:
                 name = f"Autocast{index}"
                 doc = "Runs its chain under torch.autocast, which FX runs but does not record."

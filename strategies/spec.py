@@ -38,10 +38,11 @@ HOOKED = "hooked"
 HOOK_READS_MODULE = "hook_reads_module"
 UNTRACEABLE = "untraceable"
 AUTOCAST = "autocast"
+NO_GRAD = "no_grad"
 TYPE_CHECK = "type_check"
 #: Boundaries whose module FX cannot trace faithfully: it holds an inline chain's ops itself,
 #: another chain as its child ``inner``, and runs its own code (see ``Chain``).
-GUARDED = (UNTRACEABLE, AUTOCAST, TYPE_CHECK)
+GUARDED = (UNTRACEABLE, AUTOCAST, NO_GRAD, TYPE_CHECK)
 
 #: How an untraceable module runs a Sequential child (``Chain.loop``): a loop calling each element
 #: of it, and one that also asks each element's type.
@@ -242,7 +243,11 @@ class Chain:
     ``autocast`` is packaged the same way, in a module that runs the chain under
     ``torch.autocast(..., dtype=torch.bfloat16)``: FX runs that block but records none of it.
     Drawn only for a float32 network's last block, so the network returns bfloat16, and a fuser
-    that traces through the block returns float32 instead. ``type_check`` is packaged the same way,
+    that traces through the block returns float32 instead. ``no_grad`` likewise runs the chain
+    under ``torch.no_grad()``, which FX runs but does not record either: drawn only for a
+    network's last block, so the network's output never requires grad, and a fuser that traces
+    through the block returns one that does (on inputs that require grad: the gradients would
+    reach every weight before it). ``type_check`` is packaged the same way,
     in a module that maps the chain's output to ``x * 0.5 + 0.25`` ``if isinstance(x, torch.Tensor)``:
     while tracing ``x`` is a proxy, so FX leaves that out of the graph, and only a fuser that
     compares the trace with the module on the example inputs can tell. Drawn only for a network's

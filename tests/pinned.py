@@ -331,6 +331,34 @@ PINNED: dict[str, NetSpec] = {
         ),
         example_inputs=False,
     ),
+    # A chain run under torch.no_grad() by its module's forward, as the network's last block: FX
+    # runs the block and records none of it, so the fused network's output requires grad (on
+    # inputs that do) where the model's does not. Our fuser did the same until it began to keep
+    # such a module as one call (fusing inside it), 2026-11-27.
+    "torch_fuse_no_grad_block": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
+                packaging="sequential",
+                boundary="no_grad",
+            ),
+        ),
+    ),
     # The model's own forward replaced on the instance: FX traces type(model).forward, so the
     # fused model drops what the replacement adds (0.25). Our fuser did the same until cf445f9.
     "torch_fuse_model_replaced_forward": NetSpec(

@@ -268,6 +268,18 @@ def test_a_fuser_that_folds_under_a_global_hook_is_caught(hook):
     assert not registration_hooks, "the hook outlived the check"
 
 
+def test_a_fuser_that_traces_through_a_no_grad_block_is_caught():
+    """torch's fuse traces through a module's ``with torch.no_grad():`` block, which FX does not
+    record: the values stay right, but the fused output requires grad where the original's does
+    not. Ours keeps that module as one call (fusing inside it)."""
+    torch_fuse = FuserUnderTest.from_target("torch.fx.experimental.optimization:fuse")
+    trial = run_trial(PINNED["torch_fuse_no_grad_block"], torch_fuse)
+    check_fused_matches_original(trial)
+    with pytest.raises(PropertyViolation, match="fused output has requires_grad=True"):
+        check_output_signature_preserved(trial)
+    check_output_signature_preserved(_pinned_trial("torch_fuse_no_grad_block", "fuser:fuse"))
+
+
 @pytest.mark.parametrize("hook", GLOBAL_HOOK_KINDS)
 def test_a_fuser_that_leaves_a_training_bn_alone_passes_under_a_global_hook(hook):
     """A plain copy computes what the original does under any hook. The copy judged it by was

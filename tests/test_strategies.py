@@ -280,6 +280,7 @@ REQUIRED = [
     "boundary hook_reads_module",
     "boundary untraceable",
     "boundary autocast",
+    "boundary no_grad",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",

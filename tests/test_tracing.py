@@ -203,6 +203,128 @@ def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
     assert remaining_batch_norms(fused) == []
 
 
+# --- code FX runs but does not record: grad mode ---------------------------------------------
+
+
+class GradModeBlock(nn.Module):
+    """Runs a conv/BN with the grad mode changed, in each way code can change it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                return self.block(x)
+        if self.how == "decorator":
+            return self.decorated(x)
+        if self.how == "inference_mode":
+            with torch.inference_mode():
+                y = self.block(x)
+            return y.clone()  # an inference tensor made normal, as code leaving the mode does
+        if self.how == "call":  # a plain call, undone by hand
+            previous = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+            y = self.block(x)
+            torch.set_grad_enabled(previous)
+            return y
+        with torch.enable_grad():  # "enable_grad": tracks gradients even under a caller's no_grad
+            return self.block(x)
+
+    @torch.no_grad()
+    def decorated(self, x):
+        return self.block(x)
+
+
+class StemThenGradMode(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.region = GradModeBlock(how)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.region(self.stem(x)))
+
+
+GRAD_MODE_CHANGES = ["no_grad", "decorator", "inference_mode", "call", "enable_grad"]
+
+
+@pytest.mark.parametrize("how", GRAD_MODE_CHANGES)
+def test_a_module_changing_the_grad_mode_stays_one_call_and_keeps_its_gradients(how):
+    # FX runs the region while tracing and records none of it: traced through, the fused model
+    # would track gradients through the region (a backward pass would reach the stem, whose
+    # weights the original keeps out of it), or, for "enable_grad", not under a caller's no_grad
+    # (which this model's head then hides: that one is checked for staying one call only).
+    # Torch's own fuse does exactly that.
+    model = prepared(StemThenGradMode(how))
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert [module.name for module in report.untraced] == ["region"], report
+    assert "grad mode" in report.untraced[0].error
+    assert isinstance(fused, torch.fx.GraphModule), "the rest of the model still traces"
+    assert {site.bn for site in report.folded} == {"stem.1", "region.block.1"}, report
+    inputs = image().requires_grad_()
+    expected, got = model(inputs), fused(inputs)
+    gradients = [
+        torch.autograd.grad(y.sum(), inputs, allow_unused=True)[0] for y in (expected, got)
+    ]
+    assert (gradients[0] is None) == (gradients[1] is None) == (how != "enable_grad")
+    assert_equivalent(model, fused, image())
+
+
+def test_a_plain_decorated_forward_keeps_its_output_out_of_autograd():
+    """``@torch.no_grad()`` on the root's own forward: nothing folds (its children are called by
+    code that runs as written), and the fused output still tracks no gradients."""
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.block(x)
+
+    model = prepared(Frozen())
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert "grad mode" in report.untraced[0].error, report
+    assert {site.bn for site in report.folded} == {"block.1"}, report
+    assert model(image()).requires_grad is fused(image()).requires_grad is False
+    assert_equivalent(model, fused, image())
+
+
+def test_grad_mode_changes_in_another_thread_are_not_refused_while_a_model_is_traced():
+    """The trace makes changing the grad mode fail in its own thread only."""
+    modes: list[bool] = []
+
+    def other_thread() -> None:
+        with torch.no_grad():
+            modes.append(torch.is_grad_enabled())
+
+    class StartsAThread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        def forward(self, x):
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            return self.block(x)
+
+    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
+    fused, report = fuse_with_report(model)
+
+    assert report.untraced == [], report
+    assert modes == [False], "the other thread's no_grad did not work during the trace"
+    assert remaining_batch_norms(fused) == []
+    assert torch.no_grad.__enter__ is torch.autograd.grad_mode.no_grad.__dict__["__enter__"]
+
+
 # --- code FX runs but does not record: a class's own __call__ -----------------------------------
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "functional_bn_not_recognised",
     "functional_training_bn_folded",
     "global_module_hooks_ignored",
+    "grad_mode_changes_traced_through",
     "input_side_into_transposed_conv",
     "input_side_through_zero_padding",
     "input_side_with_several_users",
@@ -392,6 +393,20 @@ def autocast_traced_through(model: nn.Module, example_inputs: tuple | None = Non
     output dtype, device and shape preserved.
     """
     patches = {"fuser.tracing._autocast_refused": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def grad_mode_changes_traced_through(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a module whose forward changes the grad mode (``with torch.no_grad():``) is traced
+    through like any other. FX runs the block and records none of it, so the fused model tracks
+    gradients through it; its values are the same, which no trace check on example inputs can
+    tell. Needs a no_grad block. Caught by: output dtype, device and shape preserved (the output
+    requires grad) and the report agreeing with the oracle (an inline chain's BN, which must stay
+    in the no_grad module, is folded).
+    """
+    patches = {"fuser.tracing._grad_mode_changes_refused": contextlib.nullcontext}
     return fuse_patched(model, example_inputs, patches)
 
 
