@@ -22,14 +22,46 @@ from .errors import FuserError
 
 @contextlib.contextmanager
 def state_preserved(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` for the fuser's own purposes and leave no trace of it: buffers (a
+    training-mode BatchNorm's statistics), the RNG, and every module's attributes (code that
+    counts its calls or keeps its last features, ``self.calls += 1``), as the caller's model has
+    them; the fused model starts from the same state."""
     saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    attributes = attributes_of(module)
     devices = sorted({b.device.index for b, _ in saved if b.is_cuda and b.device.index is not None})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         try:
             yield
         finally:
+            restore_attributes(attributes)
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def attributes_of(module: nn.Module) -> list[tuple]:
+    """Each module's attributes, and the contents of its parameter, buffer and module dicts, for
+    ``restore_attributes``."""
+    return [
+        (
+            m,
+            dict(m.__dict__),
+            [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None],
+        )
+        for m in module.modules()
+        if not isinstance(m, torch.jit.ScriptModule)  # compiled: its attributes are C++ state
+    ]
+
+
+def restore_attributes(saved: list) -> None:
+    for m, attributes, inner in saved:
+        m.__dict__.clear()
+        m.__dict__.update(attributes)
+        for original, contents in inner:
+            original.clear()
+            original.update(contents)
 
 
 @contextlib.contextmanager

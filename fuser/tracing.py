@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .patterns import (
     own_call_code,
 )
 from .report import UntracedModule
+from .shapes import attributes_of, restore_attributes
 
 
 def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
@@ -154,7 +156,7 @@ class _TraceCheckpoint:
             tracer.module_stack.popitem(last=True)
         del tracer.untraced[self.untraced :]
         saved = tracer.attributes_before_trace
-        _restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
+        restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
 
 
 class TracedGraphModule(fx.GraphModule):
@@ -213,7 +215,8 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         _augmented_assignments_recorded(),
     ):
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
-        graph = tracer.trace(module)
+        with _module_state_writes_refused():
+            graph = tracer.trace(module)
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
@@ -306,6 +309,47 @@ def _refused_while_tracing(
                 setattr(cls, name, own)
 
 
+class StateWriteInForward(Exception):
+    """Raised inside a trace when the traced code sets an attribute of a module."""
+
+
+#: The modules whose code may set module attributes while a trace runs: FX's own (it stores the
+#: constants it meets on the root, and builds GraphModules).
+_TRACING_MACHINERY = ("torch.fx.",)
+
+
+@contextlib.contextmanager
+def _module_state_writes_refused() -> Iterator[None]:
+    """Make code that sets a module attribute (``self.calls += 1``, ``self.features = x``)
+    untraceable while a trace runs.
+
+    FX runs such code while tracing and records none of it: the traced graph never sets the
+    attribute, so the fused model would keep whatever the trace's rollback left there, silently,
+    while the caller reads it after every call (a feature kept for later, a call counter). So
+    the module whose code sets it stays one opaque call that runs its own code. What FX itself
+    stores on the root (the tensor constants it meets) is let through. Other threads, which may
+    be running models meanwhile, are not affected.
+    """
+    original = nn.Module.__setattr__
+    tracing_thread = threading.get_ident()
+
+    def refuse_from_user_code(self: nn.Module, name: str, value: object) -> None:
+        if threading.get_ident() == tracing_thread:
+            writer = sys._getframe(1).f_globals.get("__name__", "")
+            if not writer.startswith(_TRACING_MACHINERY):
+                raise StateWriteInForward(
+                    f"its code sets {type(self).__name__}.{name} as it runs, which FX does not "
+                    "record (traced, the fused model would never set it)"
+                )
+        original(self, name, value)
+
+    nn.Module.__setattr__ = refuse_from_user_code
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original
+
+
 #: ``x op= y`` on a traced value, and the function Python runs for it.
 AUGMENTED_ASSIGNMENTS = {
     f"__i{name}__": getattr(operator, f"i{name}")
@@ -395,7 +439,6 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
             node.op, node.target = "call_method", methods[node.target]
 
 
-_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 # What FX's unpickling and deep copy rebuild fresh on a GraphModule: the flag and the hook dicts.
 _REBUILT_FRESH = ("training", *(name for name in vars(nn.Module()) if "hook" in name))
 
@@ -408,32 +451,11 @@ def _attributes_restored(module: nn.Module) -> Iterator[list]:
     stores its scales on first call, so a trace (even a failed one) leaves proxies behind that
     break the next real call. Every module's attributes are put back as they were.
     """
-    saved = _attributes_of(module)
+    saved = attributes_of(module)
     try:
         yield saved
     finally:
-        _restore_attributes(saved)
-
-
-def _attributes_of(module: nn.Module) -> list[tuple]:
-    return [
-        (
-            m,
-            dict(m.__dict__),
-            [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None],
-        )
-        for m in module.modules()
-        if not isinstance(m, torch.jit.ScriptModule)  # compiled: tracing never runs its code
-    ]
-
-
-def _restore_attributes(saved: list) -> None:
-    for m, attributes, inner in saved:
-        m.__dict__.clear()
-        m.__dict__.update(attributes)
-        for original, contents in inner:
-            original.clear()
-            original.update(contents)
+        restore_attributes(saved)
 
 
 def is_library_leaf(module: nn.Module) -> bool:

@@ -28,6 +28,7 @@ from strategies.spec import (
     COMPUTED_ARGUMENTS,
     CONV,
     CONV_TRANSPOSE,
+    COUNTS_CALLS,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FROZEN,
@@ -221,6 +222,8 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks[-1] = replace(last, boundary=AUTOCAST)
     elif unguarded and draw(chance(1, 6)):  # its output never requires grad (``Chain``)
         blocks[-1] = replace(last, boundary=NO_GRAD)
+    elif unguarded and draw(chance(1, 6)):  # counts its calls on itself (``Chain``)
+        blocks[-1] = replace(last, boundary=COUNTS_CALLS)
     blocks = [_with_weight_reads(draw, block) for block in blocks]
     seed = draw(integers(0, 2**16 - 1))
     replaced_forward = draw(chance(1, 16))

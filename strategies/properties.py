@@ -35,7 +35,7 @@ from strategies.global_hooks import GLOBAL_HOOKS, registered_global_hook
 from strategies.oracle import Site, foldable_sites
 from strategies.snapshot import named_state, snapshot, touched_by_fusing
 from strategies.source import render_source
-from strategies.spec import AUTOCAST, Chain, NetSpec, literal
+from strategies.spec import AUTOCAST, CALL_COUNTER, COUNTS_CALLS, Chain, NetSpec, literal
 from strategies.tolerance import (
     Comparison,
     OutOfRange,
@@ -79,6 +79,10 @@ class Trial:
     report: object | None = None
     error: BaseException | None = None
     global_hook: str | None = None
+    #: For each module that counts its calls (``Chain.boundary == "counts_calls"``), by path: the
+    #: original's count and the fused model's (None: it has no such module or count) right after
+    #: fusing, before the fused model ran.
+    counts_at_fuse: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     _fused_output: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -198,7 +202,31 @@ def run_trial(spec: NetSpec, fuser: FuserUnderTest, *, with_report: bool = False
         trial.error = error
     trial.touched = touched_by_fusing(before, model, trial.fused)
     trial.touched += _example_inputs_changed(inputs, given)
+    if trial.fused is not None:
+        trial.counts_at_fuse = {
+            path: (_call_count(model, path), _call_count(trial.fused, path))
+            for path in _counting_modules(spec)
+        }
     return trial
+
+
+def _counting_modules(spec: NetSpec) -> list[str]:
+    """Paths of the modules that count their calls (a guarded block is ``b{index}``)."""
+    return [
+        f"b{index}"
+        for index, block in enumerate(spec.blocks)
+        if isinstance(block, Chain) and block.boundary == COUNTS_CALLS
+    ]
+
+
+def _call_count(model: nn.Module, path: str) -> int | None:
+    """The count a module of ``model`` keeps of its calls; None when there is no such module or
+    count (a fuser that traced through it)."""
+    try:
+        count = getattr(model.get_submodule(path), CALL_COUNTER)
+    except AttributeError:
+        return None
+    return count if isinstance(count, int) else None
 
 
 def _check_same_kind_of_output(trial: Trial, prop: str, output: torch.Tensor) -> None:
@@ -227,9 +255,37 @@ def _check_matches_original(trial: Trial, prop: str, output: torch.Tensor, when:
 
 
 def check_fused_matches_original(trial: Trial) -> None:
-    """The fused model computes what the original computes, within the tolerance rule."""
+    """The fused model computes what the original computes, within the tolerance rule, and
+    keeps the state the original's code keeps on its modules (``_check_counts_calls``)."""
     prop = "fused_matches_original"
     _check_matches_original(trial, prop, trial.fused_output(prop))
+    _check_counts_calls(trial, prop)
+
+
+def _check_counts_calls(trial: Trial, prop: str) -> None:
+    """A module that counts its calls on itself (``self.calls += 1``) still has its count in the
+    fused model, the original's right after fusing (whatever the fuser ran its own copy on),
+    and counts each call of the fused model as the original counts each of its own."""
+    for path, (original, fused) in trial.counts_at_fuse.items():
+        name = f"{path}.{CALL_COUNTER}"
+        if fused is None:
+            detail = f"the fused model has no {name}, which the original's code counts its calls in"
+            raise trial.violation(prop, detail)
+        if fused != original:
+            detail = (
+                f"right after fusing, the fused model's {name} was {fused} and the original's "
+                f"{original}: the fuser's own runs of the model were counted"
+            )
+            raise trial.violation(prop, detail)
+        before = _call_count(trial.fused, path)
+        trial.run_fused(prop, trial.fused)
+        after = _call_count(trial.fused, path)
+        if before is None or after != before + 1:
+            detail = (
+                f"a call of the fused model took {name} from {before} to {after}; each call of "
+                "the original counts one"
+            )
+            raise trial.violation(prop, detail)
 
 
 def check_input_model_untouched(trial: Trial) -> None:

@@ -11,11 +11,13 @@ from strategies.naming import chain_names, local_name, two_calls_names
 from strategies.spec import (
     ADD,
     AMPLIFYING,
+    CALL_COUNTER,
     CAT,
     COMPUTED_ARGUMENTS,
     COMPUTED_FACTOR,
     CONV,
     CONV_TRANSPOSE,
+    COUNTS_CALLS,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FROZEN,
@@ -570,6 +572,11 @@ class _Renderer:
                 doc = "Shifts a tensor result: FX traces x as a proxy, no Tensor, and drops that."
                 shift = "x = x * 0.5 + 0.25  # + 0.25: visible on example inputs that make x zero"
                 forward = [*forward, "if isinstance(x, torch.Tensor):", INDENT + shift]
+            elif chain.boundary == COUNTS_CALLS:
+                name = f"Counted{index}"
+                doc = "Counts its calls on itself, a write FX runs but does not record."
+                init = [*init, f"self.{CALL_COUNTER} = 0"]
+                forward = [*forward, f"self.{CALL_COUNTER} += 1"]
             elif chain.boundary == NO_GRAD:
                 name = f"NoGrad{index}"
                 doc = "Runs its chain under torch.no_grad(), which FX runs but does not record."

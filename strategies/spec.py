@@ -39,10 +39,13 @@ HOOK_READS_MODULE = "hook_reads_module"
 UNTRACEABLE = "untraceable"
 AUTOCAST = "autocast"
 NO_GRAD = "no_grad"
+COUNTS_CALLS = "counts_calls"
 TYPE_CHECK = "type_check"
 #: Boundaries whose module FX cannot trace faithfully: it holds an inline chain's ops itself,
 #: another chain as its child ``inner``, and runs its own code (see ``Chain``).
-GUARDED = (UNTRACEABLE, AUTOCAST, NO_GRAD, TYPE_CHECK)
+GUARDED = (UNTRACEABLE, AUTOCAST, NO_GRAD, COUNTS_CALLS, TYPE_CHECK)
+#: The attribute a ``counts_calls`` module increments on every call.
+CALL_COUNTER = "calls"
 
 #: How an untraceable module runs a Sequential child (``Chain.loop``): a loop calling each element
 #: of it, and one that also asks each element's type.
@@ -247,7 +250,12 @@ class Chain:
     under ``torch.no_grad()``, which FX runs but does not record either: drawn only for a
     network's last block, so the network's output never requires grad, and a fuser that traces
     through the block returns one that does (on inputs that require grad: the gradients would
-    reach every weight before it). ``type_check`` is packaged the same way,
+    reach every weight before it). ``counts_calls`` likewise runs the chain, then counts the
+    call on the module (``self.calls += 1``), as code keeping its call count or its last features
+    for a caller does: FX runs the write and records none of it, so a fuser that traces through
+    the module returns one whose count never moves (and a fuser that runs its copy of the model
+    must not leave that run's count behind). Drawn for a network's last block only, like the
+    two before it. ``type_check`` is packaged the same way,
     in a module that maps the chain's output to ``x * 0.5 + 0.25`` ``if isinstance(x, torch.Tensor)``:
     while tracing ``x`` is a proxy, so FX leaves that out of the graph, and only a fuser that
     compares the trace with the module on the example inputs can tell. Drawn only for a network's

@@ -282,10 +282,10 @@ def test_a_hooked_container_is_fused_on_its_own():
     assert verdicts(*outside_then_inside) == [("b1.bn0", 0, None), ("b1.bn2", 0, "output")]
 
 
-@pytest.mark.parametrize("boundary", ["untraceable", "autocast", "no_grad"])
+@pytest.mark.parametrize("boundary", ["untraceable", "autocast", "no_grad", "counts_calls"])
 def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boundary):
-    # A module entering torch.autocast, or changing the grad mode, is one FX must not trace
-    # through (README).
+    # A module entering torch.autocast, changing the grad mode or setting its own attributes is
+    # one FX must not trace through (README).
     inline = Chain((conv(), bn()), boundary=boundary)
     assert verdicts(inline) == [("b0.bn1", 0, None)]
     sequential = Chain((conv(), bn()), "sequential", boundary=boundary)

@@ -280,6 +280,17 @@ def test_a_fuser_that_traces_through_a_no_grad_block_is_caught():
     check_output_signature_preserved(_pinned_trial("torch_fuse_no_grad_block", "fuser:fuse"))
 
 
+def test_a_fuser_that_traces_through_a_module_counting_its_calls_is_caught():
+    """torch's fuse traces through a module's ``self.calls += 1``, which FX does not record: the
+    fused model's output is right, but its module (and count) is gone. Ours keeps that module as
+    one call (fusing inside it) and leaves no count of its own runs behind."""
+    torch_fuse = FuserUnderTest.from_target("torch.fx.experimental.optimization:fuse")
+    trial = run_trial(PINNED["torch_fuse_counting_block"], torch_fuse)
+    with pytest.raises(PropertyViolation, match=r"the fused model has no b0\.calls"):
+        check_fused_matches_original(trial)
+    check_fused_matches_original(_pinned_trial("torch_fuse_counting_block", "fuser:fuse"))
+
+
 @pytest.mark.parametrize("hook", GLOBAL_HOOK_KINDS)
 def test_a_fuser_that_leaves_a_training_bn_alone_passes_under_a_global_hook(hook):
     """A plain copy computes what the original does under any hook. The copy judged it by was

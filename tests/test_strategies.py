@@ -281,6 +281,7 @@ REQUIRED = [
     "boundary untraceable",
     "boundary autocast",
     "boundary no_grad",
+    "boundary counts_calls",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",

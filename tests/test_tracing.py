@@ -325,6 +325,91 @@ def test_grad_mode_changes_in_another_thread_are_not_refused_while_a_model_is_tr
     assert torch.no_grad.__enter__ is torch.autograd.grad_mode.no_grad.__dict__["__enter__"]
 
 
+# --- code FX runs but does not record: module attributes set as the code runs ------------------
+
+
+class KeepsItsFeatures(nn.Module):
+    """Stores what it computes and counts its calls, for a caller to read after each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.features = None
+        self.calls = 0
+
+    def forward(self, x):
+        x = self.block(x)
+        self.features = x
+        self.calls += 1
+        return x * 0.5
+
+
+def test_a_module_setting_its_attributes_stays_one_call_and_keeps_setting_them():
+    # FX runs `self.features = x` while tracing and records none of it: traced through, the
+    # fused model would keep stale features (those of the fuser's own run) and never count a
+    # call. Torch's own fuse does exactly that.
+    model = prepared(nn.Sequential(conv_bn(4), KeepsItsFeatures()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert [module.name for module in report.untraced] == ["1"], report
+    assert "sets KeepsItsFeatures.features as it runs" in report.untraced[0].error
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert kept.calls == original.calls == 0, "the fuser's own runs left their count behind"
+    assert kept.features is original.features is None
+    for sign in (1, -1):
+        x = sign * image()
+        assert_equivalent(model, fused, x)
+        torch.testing.assert_close(kept.features, original.features)
+        assert kept.calls == original.calls
+
+
+def test_the_constants_fx_stores_on_the_root_still_trace():
+    """FX sets its own attributes on the root while tracing (a tensor made in ``forward`` becomes
+    ``_tensor_constant0``): that is no write of the model's code."""
+
+    class AddsAConstant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        def forward(self, x):
+            return self.block(x) + torch.tensor(0.25)
+
+    model = prepared(AddsAConstant())
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert report.untraced == [], report
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, image())
+
+
+def test_attribute_writes_in_another_thread_are_not_refused_while_a_model_is_traced():
+    """The trace makes setting a module attribute fail in its own thread only."""
+    elsewhere = nn.Identity()
+
+    def other_thread() -> None:
+        elsewhere.seen = True
+
+    class StartsAThread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        def forward(self, x):
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            return self.block(x)
+
+    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
+    fused, report = fuse_with_report(model)
+
+    assert report.untraced == [], report
+    assert elsewhere.seen, "the other thread's write failed during the trace"
+    assert remaining_batch_norms(fused) == []
+
+
 # --- code FX runs but does not record: a class's own __call__ -----------------------------------
 
 

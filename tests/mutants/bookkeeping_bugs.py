@@ -24,6 +24,7 @@ __all__ = [
     "dead_batch_norm_left_in_graph",
     "example_inputs_changed",
     "folded_constants_left_behind",
+    "fuser_runs_counted_in_module_state",
     "graph_module_fused_in_place",
     "inference_mode_leaks_into_fused_model",
     "input_model_mutated",
@@ -43,6 +44,20 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     untouched.
     """
     patches = {"fuser.fuse.deep_copy": lambda module: module}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def fuser_runs_counted_in_module_state(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: the fuser's own runs of its working copy on the example inputs (recording what each
+    submodule is called with, shape propagation, the trace check) put back buffers and the RNG
+    but not the modules' attributes, so a module counting its calls (or keeping its last
+    features) starts the fused model with the fuser's runs counted. Needs a counting block and
+    example inputs. Caught by: the fused model matches the original (its count right after
+    fusing).
+    """
+    patches = {"fuser.shapes.restore_attributes": lambda saved: None}
     return fuse_patched(model, example_inputs, patches)
 
 

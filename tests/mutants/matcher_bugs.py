@@ -57,6 +57,7 @@ __all__ = [
     "metadata_users_block_folds",
     "missing_running_stats_taken_as_identity",
     "module_hook_reading_it_ignored",
+    "module_state_writes_traced_through",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
     "sync_batch_norm_taken_for_a_subclass",
@@ -407,6 +408,18 @@ def grad_mode_changes_traced_through(
     in the no_grad module, is folded).
     """
     patches = {"fuser.tracing._grad_mode_changes_refused": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def module_state_writes_traced_through(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a module whose forward sets its own attributes (``self.calls += 1``) is traced
+    through like any other. FX runs the write and records none of it, so the fused model never
+    counts a call; its output is the same, which no trace check on example inputs can tell.
+    Needs a counting block. Caught by: the fused model matches the original (its count).
+    """
+    patches = {"fuser.tracing._module_state_writes_refused": contextlib.nullcontext}
     return fuse_patched(model, example_inputs, patches)
 
 
