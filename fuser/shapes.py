@@ -39,29 +39,79 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+#: Containers a module may keep as plain attributes and fill as it runs (``self.outputs.append``).
+_CONTAINERS = (list, dict, set)
 
 
 def attributes_of(module: nn.Module) -> list[tuple]:
-    """Each module's attributes, and the contents of its parameter, buffer and module dicts, for
-    ``restore_attributes``."""
-    return [
-        (
-            m,
-            dict(m.__dict__),
-            [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None],
-        )
-        for m in module.modules()
-        if not isinstance(m, torch.jit.ScriptModule)  # compiled: its attributes are C++ state
-    ]
+    """Each module's attributes, the contents of its parameter, buffer and module dicts, and
+    the contents of every list, dict or set it keeps as an attribute, for ``restore_attributes``
+    and ``changed_containers``."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
+            continue
+        inner = [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None]
+        containers = [
+            (name, value, _copy_of(value))
+            for name, value in m.__dict__.items()
+            if isinstance(value, _CONTAINERS) and name not in _MODULE_DICTS
+        ]
+        saved.append((m, dict(m.__dict__), inner, containers))
+    return saved
+
+
+def _copy_of(container: list | dict | set) -> list | dict | set:
+    """A container's contents, as the plain container its class extends (a ``defaultdict``'s
+    constructor would want its factory first)."""
+    for kind in _CONTAINERS:
+        if isinstance(container, kind):
+            return kind(container)
+    raise TypeError(type(container).__name__)
 
 
 def restore_attributes(saved: list) -> None:
-    for m, attributes, inner in saved:
+    for m, attributes, inner, containers in saved:
         m.__dict__.clear()
         m.__dict__.update(attributes)
         for original, contents in inner:
             original.clear()
             original.update(contents)
+        for _, container, contents in containers:
+            if not _same_contents(container, contents):
+                _refill(container, contents)
+
+
+def changed_containers(saved: list) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, container type) of each list, dict or set a module keeps whose
+    contents changed since ``attributes_of`` took ``saved``."""
+    return [
+        (m, name, type(container).__name__)
+        for m, _, _, containers in saved
+        for name, container, contents in containers
+        if not _same_contents(container, contents)
+    ]
+
+
+def _same_contents(container: list | dict | set, contents: list | dict | set) -> bool:
+    """The same objects, compared by identity (a proxy compares by building a graph node)."""
+    if isinstance(container, dict):
+        return container.keys() == contents.keys() and all(
+            container[key] is value for key, value in contents.items()
+        )
+    if isinstance(container, set):
+        return {id(item) for item in container} == {id(item) for item in contents}
+    return len(container) == len(contents) and all(
+        a is b for a, b in zip(container, contents, strict=True)
+    )
+
+
+def _refill(container: list | dict | set, contents: list | dict | set) -> None:
+    if isinstance(container, list):
+        container[:] = contents
+    else:
+        container.clear()
+        container.update(contents)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from .patterns import (
     own_call_code,
 )
 from .report import UntracedModule
-from .shapes import attributes_of, restore_attributes
+from .shapes import attributes_of, changed_containers, restore_attributes
 
 
 def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
@@ -217,12 +217,41 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
         with _module_state_writes_refused():
             graph = tracer.trace(module)
+        _refuse_filled_containers(tracer, module, changed_containers(saved))
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
         graph._tracer_cls = None
         # Made before the restore: it copies the constants tracing stored on the root.
         return TracedGraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _refuse_filled_containers(
+    tracer: FoldTracer, root: nn.Module, changed: list[tuple[nn.Module, str, str]]
+) -> None:
+    """A list, dict or set a module keeps that the traced code filled (``self.outputs.append(x)``)
+    would never be filled by the traced graph: FX runs the code and records none of it. The
+    modules keeping them are made opaque (their code, which usually fills them, then runs as
+    written) and the trace starts again. If one is the module traced, or one is opaque already
+    (so code outside it fills it), the whole module stays untraced."""
+    if not changed:
+        return
+    owners = {id(m): m for m, _, _ in changed}
+    first, name, kind = changed[0]
+    if id(root) in owners or any(key in tracer.opaque for key in owners):
+        raise StateWriteInForward(
+            f"its code changes {type(first).__name__}.{name} (a {kind}) as it runs, which FX "
+            "does not record (traced, the fused model would never change it)"
+        )
+    for m, name, kind in changed:
+        if id(m) not in tracer.opaque:
+            tracer.opaque.add(id(m))
+            why = (
+                f"StateWriteInForward: its {name} (a {kind}) is changed as it runs, which FX "
+                "does not record (traced, the fused model would never change it)"
+            )
+            tracer.untraced.append((tracer.path_of_module(m), why))
+    raise _RetraceNeeded
 
 
 class AutocastInForward(Exception):

@@ -220,12 +220,14 @@ def _counting_modules(spec: NetSpec) -> list[str]:
 
 
 def _call_count(model: nn.Module, path: str) -> int | None:
-    """The count a module of ``model`` keeps of its calls; None when there is no such module or
-    count (a fuser that traced through it)."""
+    """The count a module of ``model`` keeps of its calls (an int, or the length of the list it
+    appends to); None when there is no such module or count (a fuser that traced through it)."""
     try:
         count = getattr(model.get_submodule(path), CALL_COUNTER)
     except AttributeError:
         return None
+    if isinstance(count, list):
+        return len(count)
     return count if isinstance(count, int) else None
 
 

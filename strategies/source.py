@@ -575,8 +575,12 @@ class _Renderer:
             elif chain.boundary == COUNTS_CALLS:
                 name = f"Counted{index}"
                 doc = "Counts its calls on itself, a write FX runs but does not record."
-                init = [*init, f"self.{CALL_COUNTER} = 0"]
-                forward = [*forward, f"self.{CALL_COUNTER} += 1"]
+                if chain.packaging == INLINE:  # an int it sets again
+                    init = [*init, f"self.{CALL_COUNTER} = 0"]
+                    forward = [*forward, f"self.{CALL_COUNTER} += 1"]
+                else:  # a list it appends to (each call's output shape), its count the length
+                    init = [*init, f"self.{CALL_COUNTER} = []"]
+                    forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]
             elif chain.boundary == NO_GRAD:
                 name = f"NoGrad{index}"
                 doc = "Runs its chain under torch.no_grad(), which FX runs but does not record."

@@ -359,8 +359,9 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
-    # A chain whose module counts its calls on itself (self.calls += 1), as the network's last
-    # block: FX runs the write and records none of it, so the fused network's count never moves.
+    # A chain whose module counts its calls on itself (a Sequential's in a list it appends to), as
+    # the network's last block: FX runs the append and records none of it, so the fused
+    # network's count never moves.
     # Our fuser did the same until it began to keep such a module as one call (fusing inside it),
     # 2026-11-27; its own runs of the copy on example inputs were counted too.
     "torch_fuse_counting_block": NetSpec(
@@ -383,6 +384,31 @@ PINNED: dict[str, NetSpec] = {
                     Norm(input_ndim=3, num_features=1, eps=1.0),
                 ),
                 packaging="sequential",
+                boundary="counts_calls",
+            ),
+        ),
+    ),
+    # The same with an inline chain, whose module counts in an int (self.calls += 1) where the
+    # Sequential's counts in a list: a module attribute set as the code runs.
+    "counting_block_setting_an_int": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
                 boundary="counts_calls",
             ),
         ),

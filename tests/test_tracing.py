@@ -364,6 +364,67 @@ def test_a_module_setting_its_attributes_stays_one_call_and_keeps_setting_them()
         assert kept.calls == original.calls
 
 
+class KeepsItsOutputs(nn.Module):
+    """Appends what it computes to a list, and keeps the last one in a dict, for its caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.outputs: list[torch.Tensor] = []
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        x = self.block(x)
+        self.outputs.append(x.detach())  # kept tensors with autograd history cannot be copied
+        self.last["features"] = x.detach()
+        return x * 0.5
+
+
+def test_a_module_filling_its_containers_stays_one_call_and_keeps_filling_them():
+    # Traced through, the list would hold the trace's proxy and the fuser's own run, and no call
+    # of the fused model would append anything.
+    model = prepared(nn.Sequential(conv_bn(4), KeepsItsOutputs()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert [module.name for module in report.untraced] == ["1"], report
+    assert "its outputs (a list) is changed as it runs" in report.untraced[0].error
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert kept.outputs == [] and kept.last == {}, "the trace or the fuser's runs left entries"
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * image())
+    assert len(kept.outputs) == len(original.outputs) > 0
+    for got, want in zip(kept.outputs, original.outputs, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(kept.last["features"], original.last["features"])
+
+
+def test_a_container_filled_by_code_outside_its_module_leaves_that_code_untraced():
+    """The parent's code appends to its child's list: keeping the child as a call does not stop
+    that, so the parent (here the model) runs as written, its children fused on their own."""
+
+    class FillsItsChildsList(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = conv_bn(4)
+            self.keeper = KeepsItsOutputs()
+
+        def forward(self, x):
+            x = self.stem(x)
+            self.keeper.outputs.append(x.detach())
+            return self.keeper(x)
+
+    model = prepared(FillsItsChildsList())
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "KeepsItsOutputs.outputs (a list)" in untraced["<model>"], report
+    fused(image())
+    model(image())
+    assert len(fused.keeper.outputs) == len(model.keeper.outputs) == 2
+    assert_equivalent(model, fused, image())
+
+
 def test_the_constants_fx_stores_on_the_root_still_trace():
     """FX sets its own attributes on the root while tracing (a tensor made in ``forward`` becomes
     ``_tensor_constant0``): that is no write of the model's code."""

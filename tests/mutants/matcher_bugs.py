@@ -42,6 +42,7 @@ __all__ = [
     "bn_subclass_matched_by_isinstance",
     "computed_bn_affine_taken_as_absent",
     "computed_layer_bias_taken_as_absent",
+    "container_writes_traced_through",
     "frozen_batch_norm_not_recognised",
     "frozen_batch_norm_refused_in_training_mode",
     "functional_bn_not_recognised",
@@ -408,6 +409,17 @@ def grad_mode_changes_traced_through(
     in the no_grad module, is folded).
     """
     patches = {"fuser.tracing._grad_mode_changes_refused": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def container_writes_traced_through(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a list, dict or set a module keeps that its code fills as it runs
+    (``self.calls.append(...)``) is not looked at after a trace, so the module is traced through:
+    FX runs the append and records none of it, and the fused model's list never grows. Needs a
+    counting block whose chain is a Sequential or wrapper child. Caught by: the fused model
+    matches the original (its count).
+    """
+    patches = {"fuser.tracing._refuse_filled_containers": lambda tracer, root, changed: None}
     return fuse_patched(model, example_inputs, patches)
 
 
