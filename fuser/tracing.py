@@ -236,9 +236,9 @@ def _refuse_filled_containers(
     (so code outside it fills it), the whole module stays untraced."""
     if not changed:
         return
-    owners = {id(m): m for m, _, _ in changed}
+    owners = {id(m) for m, _, _ in changed}
     first, name, kind = changed[0]
-    if id(root) in owners or any(key in tracer.opaque for key in owners):
+    if id(root) in owners or owners & tracer.opaque:
         raise StateWriteInForward(
             f"its code changes {type(first).__name__}.{name} (a {kind}) as it runs, which FX "
             "does not record (traced, the fused model would never change it)"
