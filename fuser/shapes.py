@@ -41,6 +41,9 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 #: Containers a module may keep as plain attributes and fill as it runs (``self.outputs.append``).
 _CONTAINERS = (list, dict, set)
+#: What ``nn.Module`` itself keeps in every instance (its parameter, buffer and module dicts, its
+#: hook dicts): torch's bookkeeping, not state a model's code fills as it runs.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def attributes_of(module: nn.Module) -> list[tuple]:
@@ -55,7 +58,7 @@ def attributes_of(module: nn.Module) -> list[tuple]:
         containers = [
             (name, value, _copy_of(value))
             for name, value in m.__dict__.items()
-            if isinstance(value, _CONTAINERS) and name not in _MODULE_DICTS
+            if isinstance(value, _CONTAINERS) and name not in _MODULE_INTERNALS
         ]
         saved.append((m, dict(m.__dict__), inner, containers))
     return saved
