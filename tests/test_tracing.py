@@ -175,6 +175,31 @@ def test_a_module_entering_autocast_stays_one_call_and_keeps_its_dtypes(how):
     assert_equivalent(model, fused, image())
 
 
+class StartsAThread(nn.Module):
+    """Runs ``work`` in another thread, and waits for it, every time it is called."""
+
+    def __init__(self, work) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.work = work
+
+    def forward(self, x):
+        thread = threading.Thread(target=self.work)
+        thread.start()
+        thread.join()
+        return self.block(x)
+
+
+def fuse_while_another_thread_works(work) -> None:
+    """Fuse a model whose trace runs ``work`` in another thread: the model traces and folds whole
+    (what a trace refuses, it refuses in its own thread only)."""
+    model = prepared(nn.Sequential(StartsAThread(work), conv_bn(4)))
+    fused, report = fuse_with_report(model)
+
+    assert report.untraced == [], report
+    assert remaining_batch_norms(fused) == []
+
+
 def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
     """The trace makes entering autocast fail in its own thread only."""
     dtypes: list[torch.dtype] = []
@@ -183,24 +208,10 @@ def test_autocast_in_another_thread_is_not_refused_while_a_model_is_traced():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             dtypes.append((torch.ones(2, 2) @ torch.ones(2, 2)).dtype)
 
-    class StartsAThread(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = conv_bn(4)
+    fuse_while_another_thread_works(other_thread)
 
-        def forward(self, x):
-            thread = threading.Thread(target=other_thread)
-            thread.start()
-            thread.join()
-            return self.block(x)
-
-    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
-    fused, report = fuse_with_report(model)
-
-    assert report.untraced == [], report
     assert dtypes, "the other thread ran during the trace"
     assert set(dtypes) == {torch.bfloat16}, "the other thread's autocast worked during the trace"
-    assert remaining_batch_norms(fused) == []
 
 
 # --- code FX runs but does not record: grad mode ---------------------------------------------
@@ -305,23 +316,9 @@ def test_grad_mode_changes_in_another_thread_are_not_refused_while_a_model_is_tr
         with torch.no_grad():
             modes.append(torch.is_grad_enabled())
 
-    class StartsAThread(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = conv_bn(4)
+    fuse_while_another_thread_works(other_thread)
 
-        def forward(self, x):
-            thread = threading.Thread(target=other_thread)
-            thread.start()
-            thread.join()
-            return self.block(x)
-
-    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
-    fused, report = fuse_with_report(model)
-
-    assert report.untraced == [], report
     assert modes == [False], "the other thread's no_grad did not work during the trace"
-    assert remaining_batch_norms(fused) == []
     assert torch.no_grad.__enter__ is torch.autograd.grad_mode.no_grad.__dict__["__enter__"]
 
 
@@ -452,23 +449,9 @@ def test_attribute_writes_in_another_thread_are_not_refused_while_a_model_is_tra
     def other_thread() -> None:
         elsewhere.seen = True
 
-    class StartsAThread(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = conv_bn(4)
+    fuse_while_another_thread_works(other_thread)
 
-        def forward(self, x):
-            thread = threading.Thread(target=other_thread)
-            thread.start()
-            thread.join()
-            return self.block(x)
-
-    model = prepared(nn.Sequential(StartsAThread(), conv_bn(4)))
-    fused, report = fuse_with_report(model)
-
-    assert report.untraced == [], report
     assert elsewhere.seen, "the other thread's write failed during the trace"
-    assert remaining_batch_norms(fused) == []
 
 
 # --- code FX runs but does not record: a class's own __call__ -----------------------------------
