@@ -360,7 +360,7 @@ def _tracks_gradients(
             )
             return module(*tracked).requires_grad, None
     except Exception as error:
-        return None, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        return None, _one_line(error)
 
 
 def _check_runs_with_gradients(trial: Trial, prop: str) -> None:
@@ -384,8 +384,13 @@ def _gradient_failure(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> st
             if output.requires_grad and parameters:
                 torch.autograd.grad(output.sum(), parameters, allow_unused=True)
     except Exception as error:
-        return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        return _one_line(error)
     return None
+
+
+def _one_line(error: Exception) -> str:
+    """An exception as one short line, for a violation's detail."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def check_idempotent(trial: Trial) -> None:
