@@ -81,8 +81,7 @@ def restore_attributes(saved: list) -> None:
             original.clear()
             original.update(contents)
         for _, container, contents in containers:
-            if not _same_contents(container, contents):
-                _refill(container, contents)
+            _refill(container, contents)
 
 
 def changed_containers(saved: list) -> list[tuple[nn.Module, str, str]]:
