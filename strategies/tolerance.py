@@ -43,16 +43,21 @@ Why:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 UNFUSED_MULTIPLE = 4.0
 FLOOR_ULPS = 4.0
 MIN_STEP = 2.0**-24  # smallest perturbation float64 resolves to first order, about 6e-8
+NOISE_SAMPLES = 3  # independent draws of ref~; err_rounding is the largest (see measure_reference)
 
 
 class OutOfRange(Exception):
@@ -133,8 +138,11 @@ def measure_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: 
         float32_output = evaluate(float32_copy, tuple(x.float() for x in inputs))[0]
         ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
         err_unfused = _largest(_errors(float32_output, output)) * ratio
-    noisy_output = rounding_noise_output(reference, reference_inputs, dtype, seed)
-    err_rounding = _largest(_errors(noisy_output, output))
+    noisy_outputs = [
+        rounding_noise_output(reference, reference_inputs, dtype, seed + 2 * sample)
+        for sample in range(NOISE_SAMPLES)
+    ]
+    err_rounding = max(_largest(_errors(noisy, output)) for noisy in noisy_outputs)
     err_rounding *= torch.finfo(dtype).eps / perturbation_step(dtype)
     return Reference(original_output, output, err_unfused, err_rounding, inputs_after)
 
@@ -180,15 +188,24 @@ def perturbation_step(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).eps, MIN_STEP)
 
 
-def perturb_constants(module: nn.Module, dtype: torch.dtype, seed: int) -> None:
-    """Multiply every floating parameter and buffer of ``module`` (in place, float64) by
-    ``1 + step * u``, ``u`` uniform in [-1, 1] (see ``perturbation_step``)."""
+@contextlib.contextmanager
+def perturbed_constants(module: nn.Module, dtype: torch.dtype, seed: int) -> Iterator[None]:
+    """While active, every floating parameter and buffer of ``module`` (float64) is multiplied
+    in place by ``1 + step * u``, ``u`` uniform in [-1, 1] (see ``perturbation_step``); on exit
+    they are put back as they were, so the next sample starts from the same constants."""
     step = perturbation_step(dtype)
     generator = torch.Generator().manual_seed(seed)
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    originals = [t.detach().clone() for t in tensors]
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_floating_point():
-                tensor.mul_(_noise(tensor, step, generator))
+        for tensor in tensors:
+            tensor.mul_(_noise(tensor, step, generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in zip(tensors, originals, strict=True):
+                tensor.copy_(original)
 
 
 def _noise(like: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
@@ -198,7 +215,14 @@ def _noise(like: torch.Tensor, step: float, generator: torch.Generator) -> torch
 
 class RoundingNoise(TorchFunctionMode):
     """While active, multiplies the floating result of every torch operation by ``1 + step * u``:
-    each operation's result rounded once, as in the standard floating-point error model."""
+    each operation's result rounded once, as in the standard floating-point error model.
+
+    One operation is more than one rounding: a batch norm on batch statistics computes the batch
+    mean and subtracts it inside one call, and when the values are far from zero compared with
+    their spread (``x`` about -1.47, spread 0.02) the rounding of that mean moves every output by
+    ``eps * |x| / std``, dozens of roundings of the output, while the rounding of its inputs moves
+    them all alike and cancels. Such calls are evaluated step by step, each step rounded
+    (``_batch_norm_in_steps``)."""
 
     def __init__(self, dtype: torch.dtype, seed: int) -> None:
         super().__init__()
@@ -206,18 +230,66 @@ class RoundingNoise(TorchFunctionMode):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))  # also what the call does besides its result
+        batch_norm = _batch_statistics_call(func, args, kwargs or {})
+        if batch_norm is not None:
+            return self._batch_norm_in_steps(*batch_norm)
+        return self.rounded(result)
+
+    def rounded(self, result):
         if isinstance(result, torch.Tensor) and result.is_floating_point():
             result = result * _noise(result, self.step, self.generator)
         return result
+
+    def _batch_norm_in_steps(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """Batch norm on batch statistics with each of its steps rounded: the batch mean, the
+        centred values, the (biased) variance, its inverse square root, the scaling and the
+        affine transform."""
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [-1 if d == 1 else 1 for d in range(x.dim())]
+        centred = self.rounded(x - self.rounded(x.mean(dims, keepdim=True)))
+        variance = self.rounded(self.rounded(centred * centred).mean(dims, keepdim=True))
+        result = self.rounded(centred * self.rounded(self.rounded(variance + eps).rsqrt()))
+        if weight is not None:
+            result = self.rounded(result * weight.reshape(shape))
+        if bias is not None:
+            result = self.rounded(result + bias.reshape(shape))
+        return result
+
+
+_F_BATCH_NORM = inspect.signature(F.batch_norm)
+
+
+def _batch_statistics_call(func, args: tuple, kwargs: dict) -> tuple | None:
+    """``(input, weight, bias, eps)`` if ``func(*args, **kwargs)`` is a batch norm normalizing
+    with the batch's own statistics (``F.batch_norm`` or ``torch.batch_norm`` with ``training``
+    true, as BatchNorm modules call it in training mode or without running statistics)."""
+    if func is F.batch_norm:
+        bound = _F_BATCH_NORM.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return (a["input"], a["weight"], a["bias"], a["eps"]) if a["training"] else None
+    if func is torch.batch_norm and len(args) >= 8:  # input, weight, bias, mean, var, training,
+        x, weight, bias, _, _, training, _, eps = args[:8]  # momentum, eps, cudnn_enabled
+        return (x, weight, bias, eps) if training else None
+    return None
 
 
 def rounding_noise_output(
     reference: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, seed: int
 ) -> torch.Tensor:
-    """``ref~(x)``: the float64 ``reference`` (perturbed in place) evaluated with rounding noise
-    of ``dtype`` on every constant and every operation's result."""
-    perturb_constants(reference, dtype, seed)
+    """``ref~(x)``: the float64 ``reference`` evaluated with rounding noise of ``dtype`` on every
+    constant and every operation's result (one sample of it, drawn from ``seed``)."""
     copies = fresh_copies(inputs)  # outside the mode: copying adds no rounding
-    with torch.no_grad(), RoundingNoise(dtype, seed + 1):
+    with (
+        perturbed_constants(reference, dtype, seed),
+        torch.no_grad(),
+        RoundingNoise(dtype, seed + 1),
+    ):
         return reference(*copies).detach().double().cpu()
