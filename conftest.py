@@ -17,6 +17,10 @@ Example database (``dev`` and ``thorough``): ``CONVBN_HYPOTHESIS_DB=/shared/dir`
 ``CONVBN_HYPOTHESIS_REDIS=redis://host:6379/0`` uses Hypothesis's Redis database (install
 ``hypothesis[redis]``), combined with the local or shared directory when both are set. Unset, Hypothesis
 uses ``.hypothesis/examples`` in the working directory.
+
+Short leases (a GPU lent for minutes): ``CONVBN_NO_SHRINK=1`` reports a failing example at once
+instead of shrinking it first, and ``CONVBN_FAILURE_LOG=path`` appends each failure to ``path`` when it
+happens, not when the whole run ends (``.ci/gpu`` sets both for its ``thorough-cuda`` stage).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ DEV_EXAMPLES = 100
 CI_EXAMPLES = 300  # x 7 property tests: 2,100 random networks per CI run
 DATABASE_DIRECTORY_ENV = "CONVBN_HYPOTHESIS_DB"
 DATABASE_REDIS_ENV = "CONVBN_HYPOTHESIS_REDIS"
+NO_SHRINK_ENV = "CONVBN_NO_SHRINK"  # set: the loaded profile without its shrink phase
+FAILURE_LOG_ENV = "CONVBN_FAILURE_LOG"  # a path: failures appended as they happen
 
 # The networks are tiny: with several threads per process, OpenMP's spinning threads of two xdist
 # workers (and anyone else's jobs) fight over the cores and every kernel gets ~100x slower.
@@ -83,7 +89,14 @@ def _register_profiles() -> None:
         phases=[Phase.explicit, Phase.generate],
         **common,
     )
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+    if os.environ.get(NO_SHRINK_ENV):
+        no_shrink = [Phase.explicit, Phase.reuse, Phase.generate]
+        settings.register_profile(
+            f"{profile}-no-shrink", settings.get_profile(profile), phases=no_shrink
+        )
+        profile = f"{profile}-no-shrink"
+    settings.load_profile(profile)
 
 
 _register_profiles()
@@ -133,6 +146,17 @@ def pytest_testnodedown(node, error) -> None:
     node.config._convbn_networks_checked = (
         getattr(node.config, "_convbn_networks_checked", 0) + count
     )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``CONVBN_FAILURE_LOG=path``, each failure is appended to ``path`` as soon as it is
+    reported. Under ``pytest -n`` the failures are printed only once every worker has finished its
+    test, minutes later in the ``thorough`` profile: on a short GPU lease that may never come."""
+    path = os.environ.get(FAILURE_LOG_ENV)
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # xdist workers' reports reach the controller, which writes them once
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
