@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -116,6 +117,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Using padding='same'")  # drawn on purpose
     threads = fix_threads(args.threads)
     tolerance.NOISE_SAMPLES = args.noise_samples
     if args.batch_norm_as_one_op:
