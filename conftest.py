@@ -20,7 +20,9 @@ uses ``.hypothesis/examples`` in the working directory.
 
 Short leases (a GPU lent for minutes): ``CONVBN_NO_SHRINK=1`` reports a failing example at once
 instead of shrinking it first, and ``CONVBN_FAILURE_LOG=path`` appends each failure to ``path`` when it
-happens, not when the whole run ends (``.ci/gpu`` sets both for its ``thorough-cuda`` stage).
+happens, not when the whole run ends. ``CONVBN_LAST_NETWORK_DIR=dir`` has each process write the network
+it is about to build to ``dir`` first, so that a torch kernel crashing a worker leaves the network
+behind; the failure log then shows it (``.ci/gpu`` sets all three for its ``thorough-cuda`` stage).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from hypothesis.database import (
 )
 
 from strategies import properties
-from strategies.build import freeze_startup_objects
+from strategies.build import LAST_NETWORK_DIR_ENV, freeze_startup_objects
 from strategies.fuser_under_test import FuserUnderTest
 
 DEFAULT_FUSER = "fuser:fuse"
@@ -157,6 +159,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return  # xdist workers' reports reach the controller, which writes them once
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        log.write(_network_a_crashed_worker_left(report))
+
+
+def _network_a_crashed_worker_left(report: pytest.TestReport) -> str:
+    """For the report of an xdist worker that crashed (a segfault in a torch kernel), the network
+    it was building or running, if ``CONVBN_LAST_NETWORK_DIR`` had it written down."""
+    directory = os.environ.get(LAST_NETWORK_DIR_ENV)
+    worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+    if not directory or worker is None or report.when != "???":  # xdist's mark of a crash
+        return ""
+    path = os.path.join(directory, f"{worker}.py")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as network:
+        return (
+            f"---- the network worker {worker} was on when it crashed ({path}):\n{network.read()}\n"
+        )
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

@@ -15,6 +15,7 @@ import gc
 import hashlib
 import importlib
 import linecache
+import os
 import sys
 import types
 from collections import deque
@@ -26,6 +27,8 @@ from strategies.source import render_source
 from strategies.spec import NetSpec
 
 MODULE_PREFIX = "convbn_network_"
+LAST_NETWORK_DIR_ENV = "CONVBN_LAST_NETWORK_DIR"
+
 #: Programs kept importable (their classes' source readable, their classes picklable): a trial
 #: uses one network at a time, and the training-mode property a second; older ones are dropped.
 #: Few, because every live class is a subclass of ``nn.Module``, and each trace walks them all:
@@ -46,6 +49,7 @@ def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     """Run a rendered program as module ``convbn_network_<hash>`` and return its ``model`` and
     ``inputs``."""
     name = MODULE_PREFIX + hashlib.sha1(source.encode()).hexdigest()[:16]
+    leave_behind_for_crashes(source)
     filename = f"<{name}>"
     module = types.ModuleType(name)
     module.__file__ = filename
@@ -56,6 +60,21 @@ def build_from_source(source: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     # Handed over, not kept: the module stays importable for its classes' source, and a network
     # it held would stay alive (and be walked by every full garbage collection) until evicted.
     return module.__dict__.pop("model"), module.__dict__.pop("inputs")
+
+
+def leave_behind_for_crashes(source: str) -> None:
+    """With ``CONVBN_LAST_NETWORK_DIR`` set, write the network about to be built to
+    ``<dir>/<xdist worker or "main">.py`` and flush it to disk: a torch kernel that crashes the
+    process (a segfault, which no ``except`` sees) leaves behind the program that crashed it. The
+    suite has seen such crashes twice, in the original network's own forward, unreproduced."""
+    directory = os.environ.get(LAST_NETWORK_DIR_ENV)
+    if not directory:
+        return
+    path = os.path.join(directory, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.py")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(source)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 @functools.lru_cache(maxsize=LIVE_MODULES)

@@ -9,6 +9,8 @@ suite against it. The broader mutant corpus (one bug inside the fuser's internal
 from __future__ import annotations
 
 import copy
+import os
+import signal
 
 import torch
 from torch import nn
@@ -53,3 +55,11 @@ def reports_its_layers_as_batch_norms(
             reason = f"{type(module).__name__} overrides forward"
             report.sites.append(SiteReport(name, 0, folded=False, reason=reason))
     return fused, report
+
+
+def crashes(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
+    """Kills its own process with SIGSEGV, as a fuser's native kernel that segfaults would: no
+    exception, no report from the process. Caught by: pytest-xdist reporting the crashed worker,
+    and ``CONVBN_FAILURE_LOG`` naming the network (``CONVBN_LAST_NETWORK_DIR``)."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+    raise AssertionError("unreachable: SIGSEGV ends the process")

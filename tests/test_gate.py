@@ -54,3 +54,29 @@ def test_a_fuser_that_folds_nothing_is_sound_but_incomplete():
     assert sound_code == 0, sound_out[-3000:]
     assert complete_code == 1, complete_out[-3000:]
     assert "property no_foldable_batchnorm_remains violated" in complete_out
+
+
+def test_a_fuser_that_crashes_its_process_is_reported_with_the_network(tmp_path: Path):
+    """A segfault in a fuser's (or torch's) native code kills the pytest-xdist worker before any
+    report: with ``CONVBN_FAILURE_LOG`` and ``CONVBN_LAST_NETWORK_DIR`` the failure log still
+    shows the crash and the network the worker was on, as a runnable program."""
+    log = tmp_path / "failures.log"
+    command = [
+        sys.executable, "-m", "pytest", "tests/test_properties.py",
+        "--fuser=tests.broken_fusers:crashes", "-k", "test_fused_matches_original and cpu",
+        "-n", "1", "--maxfail=1", "--max-worker-restart=0", "-p", "no:cacheprovider", "-q",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        HYPOTHESIS_PROFILE="smoke",
+        CONVBN_FAILURE_LOG=str(log),
+        CONVBN_LAST_NETWORK_DIR=str(tmp_path),
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout[-3000:]
+    failures = log.read_text()
+    assert "worker 'gw0' crashed while running" in failures, failures[-3000:]
+    assert "the network worker gw0 was on when it crashed" in failures
+    network = (tmp_path / "gw0.py").read_text()
+    assert "class Net(nn.Module)" in network and network in failures
