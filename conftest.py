@@ -150,12 +150,22 @@ def pytest_testnodedown(node, error) -> None:
     )
 
 
+_in_an_xdist_worker = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # From the config, not from PYTEST_XDIST_WORKER: a pytest run started by a test inside a
+    # worker inherits that variable, and its own controller would take itself for a worker.
+    global _in_an_xdist_worker
+    _in_an_xdist_worker = hasattr(config, "workerinput")
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """With ``CONVBN_FAILURE_LOG=path``, each failure is appended to ``path`` as soon as it is
     reported. Under ``pytest -n`` the failures are printed only once every worker has finished its
     test, minutes later in the ``thorough`` profile: on a short GPU lease that may never come."""
     path = os.environ.get(FAILURE_LOG_ENV)
-    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or not report.failed or _in_an_xdist_worker:
         return  # xdist workers' reports reach the controller, which writes them once
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")

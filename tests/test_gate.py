@@ -66,12 +66,12 @@ def test_a_fuser_that_crashes_its_process_is_reported_with_the_network(tmp_path:
         "--fuser=tests.broken_fusers:crashes", "-k", "test_fused_matches_original and cpu",
         "-n", "1", "--maxfail=1", "--max-worker-restart=0", "-p", "no:cacheprovider", "-q",
     ]  # fmt: skip
-    env = dict(
-        os.environ,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env.update(
         HYPOTHESIS_PROFILE="smoke",
         CONVBN_FAILURE_LOG=str(log),
         CONVBN_LAST_NETWORK_DIR=str(tmp_path),
-    )
+    )  # and not this worker's xdist variables, when the suite itself runs under pytest -n
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout[-3000:]
