@@ -214,8 +214,10 @@ def perturbed_constants(module: nn.Module, dtype: torch.dtype, seed: int) -> Ite
 
 
 def _noise(like: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
-    uniform = torch.rand(like.shape, generator=generator, dtype=torch.float64)
-    return (1 + step * (2 * uniform - 1)).to(like.device, like.dtype)
+    """``1 + step * u`` for ``u`` uniform in [-1, 1], shaped like ``like``; drawn on the CPU (the
+    generator's device, so a seed gives the same noise on every device), in one operation."""
+    noise = torch.empty(like.shape, dtype=torch.float64)
+    return noise.uniform_(1 - step, 1 + step, generator=generator).to(like.device, like.dtype)
 
 
 class RoundingNoise(TorchFunctionMode):
