@@ -86,7 +86,7 @@ class Tally:
             return
         estimate = reference.err_unfused + reference.err_rounding
         self.ratios.append(comparison.err_fused / estimate if estimate else float("inf"))
-        share = comparison.err_fused / reference.allowed
+        share = comparison.err_fused / reference.allowed if reference.allowed else float("inf")
         self.shares.append(share)
         self.worst = max(self.worst, (share, spec.seed))
 
