@@ -24,9 +24,18 @@ def start_suite(fuser: str, marker: str, test: str) -> subprocess.Popen:
         sys.executable, "-m", "pytest", "tests/test_properties.py", f"--fuser={fuser}",
         "-m", marker, "-k", selection, "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
     ]  # fmt: skip
-    env = dict(os.environ, HYPOTHESIS_PROFILE="smoke")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = suite_environment()
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def suite_environment(**variables: str) -> dict[str, str]:
+    """The suite's environment for a subprocess: the ``smoke`` profile, this checkout first on the
+    path, ``variables``, and none of this process's pytest-xdist variables (under ``pytest -n``
+    they would make the subprocess's controller take itself for a worker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env.update(HYPOTHESIS_PROFILE="smoke", **variables)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def finish(run: subprocess.Popen) -> tuple[int, str]:
@@ -66,13 +75,7 @@ def test_a_fuser_that_crashes_its_process_is_reported_with_the_network(tmp_path:
         "--fuser=tests.broken_fusers:crashes", "-k", "test_fused_matches_original and cpu",
         "-n", "1", "--maxfail=1", "--max-worker-restart=0", "-p", "no:cacheprovider", "-q",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
-    env.update(
-        HYPOTHESIS_PROFILE="smoke",
-        CONVBN_FAILURE_LOG=str(log),
-        CONVBN_LAST_NETWORK_DIR=str(tmp_path),
-    )  # and not this worker's xdist variables, when the suite itself runs under pytest -n
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = suite_environment(CONVBN_FAILURE_LOG=str(log), CONVBN_LAST_NETWORK_DIR=str(tmp_path))
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout[-3000:]
     failures = log.read_text()
