@@ -38,6 +38,7 @@ from strategies.spec import NetSpec
 from strategies.tolerance import OutOfRange, evaluate
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+OUR_FUSER = FuserUnderTest.from_target("fuser:fuse")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ class Tally:
 
     def add(self, spec: NetSpec) -> None:
         try:
-            trial = run_trial(spec, FuserUnderTest.from_target("fuser:fuse"))
+            trial = run_trial(spec, OUR_FUSER)
         except OutOfRange:
             return
         if trial.fused is None:  # refused (a float16 fold that would overflow): nothing to compare
