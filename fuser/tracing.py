@@ -237,19 +237,16 @@ def _refuse_filled_containers(
     if not changed:
         return
     owners = {id(m) for m, _, _ in changed}
+    unrecorded = "which FX does not record (traced, the fused model would never change it)"
     first, name, kind = changed[0]
     if id(root) in owners or owners & tracer.opaque:
         raise StateWriteInForward(
-            f"its code changes {type(first).__name__}.{name} (a {kind}) as it runs, which FX "
-            "does not record (traced, the fused model would never change it)"
+            f"its code changes {type(first).__name__}.{name} (a {kind}) as it runs, {unrecorded}"
         )
     for m, name, kind in changed:
         if id(m) not in tracer.opaque:
             tracer.opaque.add(id(m))
-            why = (
-                f"StateWriteInForward: its {name} (a {kind}) is changed as it runs, which FX "
-                "does not record (traced, the fused model would never change it)"
-            )
+            why = f"StateWriteInForward: its {name} (a {kind}) is changed as it runs, {unrecorded}"
             tracer.untraced.append((tracer.path_of_module(m), why))
     raise _RetraceNeeded
 
