@@ -50,6 +50,7 @@ from strategies.spec import (
     SYNC,
     TRACED_SUBCLASS,
     TRAINING,
+    TWIN,
     TYPE_CHECK,
     UNTRACEABLE,
     WRAPPER,
@@ -459,11 +460,16 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
 @st.composite
 def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     """A layer module read twice on the same input (called again, half the time through a second
-    attribute holding it, or its weight read by a functional call; a third of those read it
-    functionally twice), each branch followed by norms, the branches added."""
+    attribute holding it; or its weight read by a functional call, a third of those reading it
+    functionally twice; or its weight Parameter held by a twin module),
+    each branch followed by norms, the branches added."""
     packaging = draw(one_of_values((INLINE, WRAPPER)))
     second = draw(one_of_values((MODULE, FUNCTIONAL)))
+    if second == MODULE and draw(chance(1, 3)):  # another module holding the same weight
+        second = TWIN
     layer, out = draw(layers(shape, allow_functional=False))
+    if second == TWIN:  # a weight a parametrization computes cannot be tied
+        layer = replace(layer, parametrized=False)
     if second == FUNCTIONAL and layer.padding_mode != "zeros":
         layer = replace(layer, padding_mode="zeros")
     if second == FUNCTIONAL and draw(chance(1, 3)):  # one weight read by two functional calls

@@ -23,6 +23,7 @@ from strategies.spec import (
     INLINE,
     SEQUENTIAL,
     TRACED_SUBCLASS,
+    TWIN,
     Act,
     Chain,
     Layer,
@@ -97,6 +98,7 @@ class TwoCallsNames:
     layer: str
     first_norms: list[str]
     second_norms: list[str]
+    second_layer: str  # the layer module the second call runs: ``layer``, or its twin
 
 
 def two_calls_names(block_index: int, block: TwoCalls) -> TwoCallsNames:
@@ -107,7 +109,9 @@ def two_calls_names(block_index: int, block: TwoCalls) -> TwoCallsNames:
         second = first
     else:
         second = [prefix + f"bn_b{k}" for k in range(len(block.second_norms))]
-    return TwoCallsNames(prefix + role(block.layer), first, second)
+    layer = prefix + role(block.layer)
+    second_layer = f"{layer}_twin" if block.second == TWIN else layer
+    return TwoCallsNames(layer, first, second, second_layer)
 
 
 def local_name(qualname: str) -> str:

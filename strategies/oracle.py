@@ -46,12 +46,14 @@ from strategies.spec import (
     SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
+    TWIN,
     Chain,
     Layer,
     NetSpec,
     Norm,
     Op,
     TwoCalls,
+    twin_of,
 )
 
 OUTPUT_SIDE = "output"
@@ -292,7 +294,9 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
         second_layer = replace(
             block.layer, functional=True, hooked=False, replaced_forward=False, call_override=False
         )
-    second = graph.layer(second_layer, names.layer, value)
+    if block.second == TWIN:  # a module of its own; sharing its weight does not stop a fold
+        second_layer = twin_of(block.layer)
+    second = graph.layer(second_layer, names.second_layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
     for norm, name in zip(second_norms, names.second_norms, strict=True):
         second = graph.norm(norm, name, second)

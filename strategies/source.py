@@ -37,6 +37,7 @@ from strategies.spec import (
     SYNC,
     TRACED_SUBCLASS,
     TRAINING,
+    TWIN,
     TYPE_CHECK,
     UNTRACEABLE,
     WRAPPER,
@@ -48,6 +49,7 @@ from strategies.spec import (
     Norm,
     Op,
     TwoCalls,
+    twin_of,
 )
 
 INDENT = "    "
@@ -650,6 +652,13 @@ class _Renderer:
         self._norm_lines(index, block, block.first_norms, names.first_norms, "a", init, forward)
         if block.second == FUNCTIONAL:
             forward.append(f"b = {_functional_layer_call(block.layer, 'x', layer)}")
+        elif block.second == TWIN:
+            twin = twin_of(block.layer)
+            twin_attribute = local_name(names.second_layer)
+            init.append(f"self.{twin_attribute} = {_constructor(twin)}")
+            self._note_helpers(twin, names.second_layer)
+            init.append(f"self.{twin_attribute}.weight = {layer}.weight  # tied weights")
+            forward.append(f"b = {_call(twin, 'x', 'self.' + twin_attribute)}")
         else:
             forward.append(f"b = {layer}{'_alias' if block.alias else ''}(x)")
         if block.second_norms is None:

@@ -9,7 +9,7 @@ disagree about it.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 
 CONV = "conv"
 CONV_TRANSPOSE = "conv_transpose"
@@ -54,6 +54,9 @@ LOOP_INSPECTS = "inspects"
 
 SYNC = "SyncBatchNorm"  # ``Norm.module_class``: torch.nn.SyncBatchNorm, any rank
 FROZEN = "FrozenBatchNorm2d"  # torchvision.ops.misc.FrozenBatchNorm2d, 4-D inputs
+
+#: ``TwoCalls.second``: a second layer module holding the first one's weight Parameter.
+TWIN = "twin"
 
 ADD = "add"
 CAT = "cat"
@@ -294,6 +297,16 @@ class TwoCalls:
     ``alias`` (with ``second="module"``): the second call goes through another attribute holding
     the same module (``self.conv_alias = self.conv``, registered after it), so the module is held
     at two places in the module tree, as weight-sharing code holds it.
+
+    ``second="twin"``: the second call is of another module of the same configuration, its twin
+    (``self.conv0_twin``, a plain module: no hooks, no replaced ``forward``, no parametrization),
+    with a bias of its own and the first layer's weight ``Parameter`` itself
+    (``twin.weight = layer.weight``, as code tying two layers' weights writes it). Each module is
+    called once and no functional call reads the weight, so a fuser that asks only that before
+    scaling a weight where it lies changes the other layer's too: ``copy.deepcopy`` keeps one
+    ``Parameter`` held by two modules one object. (Two ``Parameter`` objects on one storage come
+    out of it on two: ``Parameter.__deepcopy__`` clones, so no fold on a copy can reach the
+    other's memory, and such ties are not drawn.)
     """
 
     layer: Layer
@@ -343,6 +356,20 @@ class NetSpec:
     example_inputs: bool = True
     float32_norms: bool = False
     fused_in_inference_mode: bool = False
+
+
+def twin_of(layer: Layer) -> Layer:
+    """A ``TwoCalls`` twin's configuration: the first layer's, as a plain module."""
+    return replace(
+        layer,
+        functional=False,
+        hooked=False,
+        replaced_forward=False,
+        call_override=False,
+        parametrized=False,
+        bias_omitted=False,
+        computed=None,
+    )
 
 
 def literal(value: object) -> str:

@@ -234,6 +234,7 @@ REQUIRED = [
     "layer read twice (module)",
     "layer read twice (functional)",
     "layer held under two names",
+    "layer read twice (twin)",
     "bn called at two sites",
     *(f"extra user {kind}" for kind in ("add", "cat", "ndim", "shape", "size", "dim", "numel")),
     "tapped tensor changed in place",

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from fuser.fold_pass import _FoldPass, _Left
+from fuser.graph_edit import fetch_attr, submodule
 from fuser.patterns import BatchNormCall, LayerCall, describe_layer
 
 from ._patching import Fused, fuse_patched
@@ -31,6 +32,7 @@ __all__ = [
     "range_refusals_retried_once",
     "requires_grad_dropped",
     "shared_module_folded_in_place",
+    "shared_parameter_scaled_in_place",
     "stale_parameter_table",
     "tied_weight_replaced_in_place",
 ]
@@ -47,6 +49,40 @@ def shared_module_folded_in_place(model: nn.Module, example_inputs: tuple | None
         return self.gm.get_submodule(node.target)
 
     patches = {"fuser.fold_pass._FoldPass._exclusive_module": module_of}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def shared_parameter_scaled_in_place(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a layer's weight is scaled where it lies whenever its module is called at this site
+    only and no functional call reads the weight, without asking whether another module holds
+    the same Parameter (``twin.weight = layer.weight``). ``copy.deepcopy`` keeps that Parameter
+    one object, so the other layer runs with this site's BN folded into its weight. Needs two
+    layer modules tied by their weight (``TwoCalls`` with ``second="twin"``). Caught by: fused
+    output matches the original.
+    """
+    may_scale_in_place = _FoldPass._may_scale_in_place
+
+    def asks_only_calls_and_reads(self: _FoldPass, layer: LayerCall, folded) -> bool:
+        if layer.module_target is not None:
+            module = submodule(self.gm, layer.module_target)
+            calls = [
+                node
+                for node in self.graph.nodes
+                if node.op == "call_module" and submodule(self.gm, node.target) is module
+            ]
+            reads = [
+                node
+                for node in self.graph.nodes
+                if node.op == "get_attr" and fetch_attr(self.gm, node.target) is layer.weight
+            ]
+            if len(calls) == 1 and not reads:  # then every other condition, as the real one
+                with mock.patch.object(self.usage, "only_this_call_reads", return_value=True):
+                    return may_scale_in_place(self, layer, folded)
+        return may_scale_in_place(self, layer, folded)
+
+    patches = {"fuser.fold_pass._FoldPass._may_scale_in_place": asks_only_calls_and_reads}
     return fuse_patched(model, example_inputs, patches)
 
 
