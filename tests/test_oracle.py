@@ -269,6 +269,24 @@ def test_shared_and_tied_layers_fold_at_every_call_site():
     ]
 
 
+@pytest.mark.parametrize("packaging", ["inline", "wrapper"])
+def test_twin_layers_tied_by_their_weight_fold_into_copies_at_both_sites(packaging):
+    """Two modules holding one weight Parameter: each site folds, into a weight of its own."""
+    twins = TwoCalls(conv(), "twin", (bn(),), (bn(),), packaging=packaging)
+    prefix = "b0_" if packaging == "inline" else "b0."
+    sites = foldable_sites(NetSpec(input_shape=MAP, blocks=(twins,)))
+    assert [(site.bn, site.into) for site in sites] == [
+        (prefix + "bn_a0", prefix + "conv"),
+        (prefix + "bn_b0", prefix + "conv_twin"),
+    ]
+    model, inputs = build(NetSpec(input_shape=MAP, blocks=(twins,)))
+    layer, twin = model.get_submodule(prefix + "conv"), model.get_submodule(prefix + "conv_twin")
+    assert twin.weight is layer.weight and twin.bias is not layer.bias
+    fused, report = fuse_with_report(model, inputs)
+    assert [site.folded for site in report.sites] == [True, True], report
+    assert_equivalent(model, fused, *inputs)
+
+
 def test_sequential_staircase_names():
     chain = Chain((conv(), bn(), bn()), packaging="sequential", depth=3)
     assert verdicts(chain) == [("b0.1.0", 0, "output"), ("b0.1.1.0", 0, "output")]
