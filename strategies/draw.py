@@ -460,9 +460,9 @@ def taps(draw, ops: list[Op], shapes: list[Shape]) -> Tap:
 @st.composite
 def two_calls(draw, shape: Shape) -> tuple[TwoCalls, Shape]:
     """A layer module read twice on the same input, each branch followed by norms, the branches
-    added. The second read: the module called again (half the time through a second attribute
-    holding it), a twin module holding its weight Parameter (a third as often), or a functional
-    call on its weight (a third of those reading it functionally twice)."""
+    added. The second read: the module called again (a third of the blocks; half of those through
+    a second attribute holding it), a twin module holding its weight Parameter (a sixth), or a
+    functional call on its weight (half; a third of those reading it functionally twice)."""
     packaging = draw(one_of_values((INLINE, WRAPPER)))
     second = draw(one_of_values((MODULE, FUNCTIONAL)))
     if second == MODULE and draw(chance(1, 3)):  # another module holding the same weight
