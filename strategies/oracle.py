@@ -294,7 +294,7 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
         second_layer = replace(
             block.layer, functional=True, hooked=False, replaced_forward=False, call_override=False
         )
-    if block.second == TWIN:  # a module of its own; sharing its weight does not stop a fold
+    elif block.second == TWIN:  # a module of its own; sharing its weight does not stop a fold
         second_layer = twin_of(block.layer)
     second = graph.layer(second_layer, names.second_layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
