@@ -147,10 +147,13 @@ def fold_into_input(
     return FoldedLayer(weight, per_output_channel(scale), new_bias)
 
 
-#: Elements of the weight scaled per step of ``round_scaled``: a 2 MiB float64 buffer, which stays
-#: in cache and is reused, where a float64 copy of a large weight would be fresh memory the kernel
-#: must fault in page by page.
-ROUNDING_BLOCK = 1 << 18
+#: Elements of the weight scaled per step of ``round_scaled`` and ``scale_in_place``: a 512 KiB
+#: float64 buffer, reused, where a float64 copy of a large weight would be fresh memory the kernel
+#: must fault in page by page. The size is what keeps each block's three passes (widen into the
+#: buffer, multiply, round back) in a core's L2 cache with the weight rows they read and write: 2 MiB
+#: blocks (``1 << 18``) ran 1.5x slower on the 2 MiB-per-core L2 of the machine measured
+#: (docs/benchmarks.md, section 2).
+ROUNDING_BLOCK = 1 << 16
 
 
 def round_scaled(
