@@ -49,7 +49,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 def attributes_of(module: nn.Module) -> list[tuple]:
     """Each module's attributes, the contents of its parameter, buffer and module dicts, and
     the contents of every list, dict or set it keeps as an attribute, for ``restore_attributes``
-    and ``changed_containers``."""
+    and ``changed_state``."""
     saved = []
     for m in module.modules():
         if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
@@ -84,15 +84,36 @@ def restore_attributes(saved: list) -> None:
             _refill(container, contents)
 
 
-def changed_containers(saved: list) -> list[tuple[nn.Module, str, str]]:
-    """(module, attribute, container type) of each list, dict or set a module keeps whose
-    contents changed since ``attributes_of`` took ``saved``."""
-    return [
-        (m, name, type(container).__name__)
-        for m, _, _, containers in saved
-        for name, container, contents in containers
-        if not _same_contents(container, contents)
-    ]
+def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, what it is) of each change to a module's state since ``attributes_of``
+    took ``saved``: a list, dict or set it keeps whose contents changed (``"a list"``), and an
+    attribute set, added or deleted in its ``__dict__`` or its parameter, buffer or module dict
+    directly (``"an attribute"``), the writes ``nn.Module.__setattr__`` never sees:
+    ``object.__setattr__(self, "calls", n)``, ``self.__dict__["calls"] = n``,
+    ``self._buffers["last"] = x``. Compared by identity."""
+    changed = []
+    for m, attributes, inner, containers in saved:
+        changed += [(m, name, "an attribute") for name in _rebound(m.__dict__, attributes)]
+        for original, contents in inner:
+            changed += [(m, name, "an attribute") for name in _rebound(original, contents)]
+        changed += [
+            (m, name, _a(type(container).__name__))
+            for name, container, contents in containers
+            if not _same_contents(container, contents)
+        ]
+    return changed
+
+
+def _rebound(now: dict, then: dict) -> list[str]:
+    """The keys of ``now`` set, added or deleted since it held ``then``, by identity."""
+    if now.keys() == then.keys() and all(now[key] is value for key, value in then.items()):
+        return []  # the common case, without building lists
+    added_or_set = [key for key, value in now.items() if key not in then or then[key] is not value]
+    return added_or_set + [key for key in then if key not in now]
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _same_contents(container: list | dict | set, contents: list | dict | set) -> bool:

@@ -28,7 +28,7 @@ from .patterns import (
     own_call_code,
 )
 from .report import UntracedModule
-from .shapes import attributes_of, changed_containers, restore_attributes
+from .shapes import attributes_of, changed_state, restore_attributes
 
 
 def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
@@ -215,9 +215,10 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         _augmented_assignments_recorded(),
     ):
         tracer.attributes_before_trace = {id(entry[0]): entry for entry in saved}
-        with _module_state_writes_refused():
+        with _module_state_writes_refused() as machinery_writes:
             graph = tracer.trace(module)
-        _refuse_filled_containers(tracer, module, changed_containers(saved))
+        changed = [c for c in changed_state(saved) if (id(c[0]), c[1]) not in machinery_writes]
+        _refuse_unrecorded_state_changes(tracer, module, changed)
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
@@ -226,14 +227,17 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         return TracedGraphModule(tracer.root, graph, type(module).__name__)
 
 
-def _refuse_filled_containers(
+def _refuse_unrecorded_state_changes(
     tracer: FoldTracer, root: nn.Module, changed: list[tuple[nn.Module, str, str]]
 ) -> None:
-    """A list, dict or set a module keeps that the traced code filled (``self.outputs.append(x)``)
-    would never be filled by the traced graph: FX runs the code and records none of it. The
-    modules keeping them are made opaque (their code, which usually fills them, then runs as
-    written) and the trace starts again. If one is the module traced, or one is opaque already
-    (so code outside it fills it), the whole module stays untraced."""
+    """State the traced code changed where ``nn.Module.__setattr__`` (refused while tracing)
+    does not see it would never change in the traced graph: FX runs the code and records none of
+    it. That is a list, dict or set a module keeps being filled (``self.outputs.append(x)``), and
+    an attribute set around ``__setattr__`` (``object.__setattr__(self, "calls", n)``,
+    ``self.__dict__[...]``, ``self._buffers[...]``). The modules whose state changed are made
+    opaque (their code, which usually changes it, then runs as written) and the trace starts
+    again. If one is the module traced, or one is opaque already (so code outside it changes
+    it), the whole module stays untraced."""
     if not changed:
         return
     owners = {id(m) for m, _, _ in changed}
@@ -241,12 +245,12 @@ def _refuse_filled_containers(
     first, name, kind = changed[0]
     if id(root) in owners or owners & tracer.opaque:
         raise StateWriteInForward(
-            f"its code changes {type(first).__name__}.{name} (a {kind}) as it runs, {unrecorded}"
+            f"its code changes {type(first).__name__}.{name} ({kind}) as it runs, {unrecorded}"
         )
     for m, name, kind in changed:
         if id(m) not in tracer.opaque:
             tracer.opaque.add(id(m))
-            why = f"StateWriteInForward: its {name} (a {kind}) is changed as it runs, {unrecorded}"
+            why = f"StateWriteInForward: its {name} ({kind}) is changed as it runs, {unrecorded}"
             tracer.untraced.append((tracer.path_of_module(m), why))
     raise _RetraceNeeded
 
@@ -345,7 +349,7 @@ _TRACING_MACHINERY = ("torch.fx.",)
 
 
 @contextlib.contextmanager
-def _module_state_writes_refused() -> Iterator[None]:
+def _module_state_writes_refused() -> Iterator[set[tuple[int, str]]]:
     """Make code that sets a module attribute (``self.calls += 1``, ``self.features = x``)
     untraceable while a trace runs.
 
@@ -355,9 +359,13 @@ def _module_state_writes_refused() -> Iterator[None]:
     the module whose code sets it stays one opaque call that runs its own code. What FX itself
     stores on the root (the tensor constants it meets) is let through. Other threads, which may
     be running models meanwhile, are not affected.
+
+    Yields the (module id, attribute) pairs FX's writes set, which ``changed_state`` then sees
+    as changes: they are FX's, not the model's.
     """
     original = nn.Module.__setattr__
     tracing_thread = threading.get_ident()
+    machinery_writes: set[tuple[int, str]] = set()
 
     def refuse_from_user_code(self: nn.Module, name: str, value: object) -> None:
         if threading.get_ident() == tracing_thread:
@@ -367,11 +375,12 @@ def _module_state_writes_refused() -> Iterator[None]:
                     f"its code sets {type(self).__name__}.{name} as it runs, which FX does not "
                     "record (traced, the fused model would never set it)"
                 )
+            machinery_writes.add((id(self), name))
         original(self, name, value)
 
     nn.Module.__setattr__ = refuse_from_user_code
     try:
-        yield
+        yield machinery_writes
     finally:
         nn.Module.__setattr__ = original
 

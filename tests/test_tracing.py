@@ -396,6 +396,87 @@ def test_a_module_filling_its_containers_stays_one_call_and_keeps_filling_them()
     torch.testing.assert_close(kept.last["features"], original.last["features"])
 
 
+class CountsAroundSetattr(nn.Module):
+    """Keeps its state without ``nn.Module.__setattr__``, which the fuser's trace refuses: each
+    subclass writes straight into one of the module's dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.calls = 0
+        self.register_buffer("last", torch.zeros(()))
+
+
+class CountsByObjectSetattr(CountsAroundSetattr):
+    def forward(self, x):
+        x = self.block(x)
+        object.__setattr__(self, "calls", self.calls + 1)
+        return x * 0.5
+
+
+class CountsInItsDict(CountsAroundSetattr):
+    def forward(self, x):
+        x = self.block(x)
+        self.__dict__["calls"] = self.calls + 1
+        return x * 0.5
+
+
+class KeepsItsLastSumInItsBufferDict(CountsAroundSetattr):
+    def forward(self, x):
+        x = self.block(x)
+        self._buffers["last"] = x.detach().sum()  # register_buffer would refuse the trace's proxy
+        return x * 0.5
+
+
+@pytest.mark.parametrize(
+    "keeper", [CountsByObjectSetattr, CountsInItsDict, KeepsItsLastSumInItsBufferDict]
+)
+def test_a_module_setting_its_state_around_setattr_stays_one_call_and_keeps_setting_it(keeper):
+    # FX runs these writes while tracing, and nn.Module.__setattr__ never sees them: traced
+    # through, the fused model would never count a call (or keep its last sum). The trace
+    # compares every module's dicts with their state before it instead.
+    model = prepared(nn.Sequential(conv_bn(4), keeper()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    changed = "last" if keeper is KeepsItsLastSumInItsBufferDict else "calls"
+    untraced = {module.name: module.error for module in report.untraced}
+    assert f"its {changed} (an attribute) is changed as it runs" in untraced.pop("1"), report
+    # Its code hands `self` to a function or reads one of its dicts, which could reach its
+    # child: the child stays as it is too (child_usage), and the first block still folds.
+    assert untraced == {"1.block": "not fused: 1's code uses it other than by calling it"}
+    assert {site.bn for site in report.folded} == {"0.1"}, report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert kept.calls == original.calls == 0, "the trace or the fuser's runs left a count"
+    assert float(kept.last) == float(original.last) == 0.0
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * image())
+        assert kept.calls == original.calls
+        torch.testing.assert_close(kept.last, original.last)
+    assert kept.calls > 0 or float(kept.last) != 0.0, "the model's own calls changed nothing"
+
+
+def test_state_set_around_setattr_on_the_model_itself_leaves_it_untraced():
+    class CountsItsCalls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+            self.calls = 0
+
+        def forward(self, x):
+            object.__setattr__(self, "calls", self.calls + 1)
+            return self.block(x)
+
+    model = prepared(CountsItsCalls())
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "CountsItsCalls.calls (an attribute)" in untraced["<model>"], report
+    assert not report.folded, report  # `self` handed to a function: its child stays too
+    assert fused.calls == model.calls == 0
+    assert_equivalent(model, fused, image())
+    assert fused.calls == model.calls == 1
+
+
 def test_a_container_filled_by_code_outside_its_module_leaves_that_code_untraced():
     """The parent's code appends to its child's list: keeping the child as a call does not stop
     that, so the parent (here the model) runs as written, its children fused on their own."""

@@ -32,6 +32,7 @@ from fuser.patterns import (
     normalized_args,
     value_users,
 )
+from fuser.shapes import changed_state
 
 from ._patching import Fused, fuse_patched
 
@@ -61,6 +62,7 @@ __all__ = [
     "module_state_writes_traced_through",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
+    "state_set_around_setattr_ignored",
     "sync_batch_norm_taken_for_a_subclass",
     "torch_batch_norm_not_recognised",
     "trace_fidelity_unchecked",
@@ -412,26 +414,56 @@ def grad_mode_changes_traced_through(
     return fuse_patched(model, example_inputs, patches)
 
 
+ATTRIBUTE_CHANGE = "an attribute"  # ``fuser.shapes.changed_state``'s kind for a set attribute
+
+
+def _state_changes_seen(keep: Callable[[str], bool]):
+    """A ``changed_state`` that reports only the changes whose kind ``keep`` accepts."""
+
+    def changed(saved: list) -> list[tuple[nn.Module, str, str]]:
+        return [change for change in changed_state(saved) if keep(change[2])]
+
+    return changed
+
+
 def container_writes_traced_through(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
     """Bug: a list, dict or set a module keeps that its code fills as it runs
     (``self.calls.append(...)``) is not looked at after a trace, so the module is traced through:
     FX runs the append and records none of it, and the fused model's list never grows. Needs a
-    counting block whose chain is a Sequential or wrapper child. Caught by: the fused model
-    matches the original (its count).
+    counting block whose chain is a Sequential child. Caught by: the fused model matches the
+    original (its count).
     """
-    patches = {"fuser.tracing._refuse_filled_containers": lambda tracer, root, changed: None}
-    return fuse_patched(model, example_inputs, patches)
+    seen = _state_changes_seen(lambda kind: kind == ATTRIBUTE_CHANGE)
+    return fuse_patched(model, example_inputs, {"fuser.tracing.changed_state": seen})
+
+
+def state_set_around_setattr_ignored(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: after a trace only containers are compared with their contents before it, not the
+    modules' own dicts, so a module whose code sets its state without ``nn.Module.__setattr__``
+    (``object.__setattr__(self, "calls", n)``, ``self.__dict__[...]``) is traced through: FX runs
+    the write and records none of it. Needs a counting block whose chain is a wrapper child.
+    Caught by: the fused model matches the original (its count).
+    """
+    seen = _state_changes_seen(lambda kind: kind != ATTRIBUTE_CHANGE)
+    return fuse_patched(model, example_inputs, {"fuser.tracing.changed_state": seen})
 
 
 def module_state_writes_traced_through(
     model: nn.Module, example_inputs: tuple | None = None
 ) -> Fused:
     """Bug: a module whose forward sets its own attributes (``self.calls += 1``) is traced
-    through like any other. FX runs the write and records none of it, so the fused model never
-    counts a call; its output is the same, which no trace check on example inputs can tell.
-    Needs a counting block. Caught by: the fused model matches the original (its count).
+    through like any other: ``nn.Module.__setattr__`` is not refused while tracing, and the
+    modules' dicts are not compared after it (which would see that write too). FX runs the write
+    and records none of it, so the fused model never counts a call; its output is the same,
+    which no trace check on example inputs can tell. Needs a counting block. Caught by: the
+    fused model matches the original (its count).
     """
-    patches = {"fuser.tracing._module_state_writes_refused": contextlib.nullcontext}
+    patches = {
+        "fuser.tracing._module_state_writes_refused": lambda: contextlib.nullcontext(set()),
+        "fuser.tracing.changed_state": _state_changes_seen(lambda kind: kind != ATTRIBUTE_CHANGE),
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
