@@ -30,6 +30,7 @@ from strategies.spec import (
     AUTOCAST,
     CAT,
     CONV,
+    COUNTS_CALLS,
     FORWARD_HOOK,
     FORWARD_PRE_HOOK,
     FROZEN,
@@ -47,6 +48,7 @@ from strategies.spec import (
     TRACED_SUBCLASS,
     TRAINING,
     TWIN,
+    WRAPPER,
     Chain,
     Layer,
     NetSpec,
@@ -228,6 +230,9 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
         opaque = "called from the forward of a module FX cannot trace"
     if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
         opaque = "inside a module whose hook reads it"
+    if chain.boundary == COUNTS_CALLS and chain.packaging == WRAPPER:
+        # object.__setattr__(self, ...): code handed `self` may reach the wrapper it holds.
+        opaque = "inside a module whose code hands itself to a function"
     start = len(graph.nodes)
     inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
     if chain.boundary == AUTOCAST:  # what the chain lowered to runs inside it

@@ -580,6 +580,10 @@ class _Renderer:
                 if chain.packaging == INLINE:  # an int it sets again
                     init = [*init, f"self.{CALL_COUNTER} = 0"]
                     forward = [*forward, f"self.{CALL_COUNTER} += 1"]
+                elif chain.packaging == WRAPPER:  # an int set around nn.Module.__setattr__
+                    init = [*init, f"self.{CALL_COUNTER} = 0"]
+                    count = f"self.{CALL_COUNTER} + 1"
+                    forward = [*forward, f'object.__setattr__(self, "{CALL_COUNTER}", {count})']
                 else:  # a list it appends to (each call's output shape), its count the length
                     init = [*init, f"self.{CALL_COUNTER} = []"]
                     forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]

@@ -256,10 +256,12 @@ class Chain:
     reach every weight before it). ``counts_calls`` likewise runs the chain, then counts the
     call on the module, as code keeping its call count or its last features for a caller does:
     ``self.calls += 1`` for an inline chain, ``self.calls.append(x.shape)`` (a list, the count its
-    length) for a Sequential or wrapper child. FX runs either write and records none of it, so a
-    fuser that traces through the module returns one whose count never moves (and a fuser that
-    runs its copy of the model must not leave that run's count behind). Drawn for a network's last block only, like the
-    two before it. ``type_check`` is packaged the same way,
+    length) for a Sequential child, ``object.__setattr__(self, "calls", self.calls + 1)`` for a
+    wrapper child (a write ``nn.Module.__setattr__`` never sees; handing ``self`` to a function
+    also keeps the wrapper it holds whole, README). FX runs each write and records none of it, so
+    a fuser that traces through the module returns one whose count never moves (and a fuser that
+    runs its copy of the model must not leave that run's count behind). Drawn for a network's
+    last block only, like the two before it. ``type_check`` is packaged the same way,
     in a module that maps the chain's output to ``x * 0.5 + 0.25`` ``if isinstance(x, torch.Tensor)``:
     while tracing ``x`` is a proxy, so FX leaves that out of the graph, and only a fuser that
     compares the trace with the module on the example inputs can tell. Drawn only for a network's

@@ -413,6 +413,29 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # The same with a wrapper, whose module counts with object.__setattr__(self, "calls", n):
+    # nn.Module.__setattr__, which the trace refuses, never sees that write. Our fuser traced
+    # through it until 2026-11-27 (the trace now compares each module's dicts before and after).
+    "counting_block_setting_around_setattr": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0),
+                ),
+                packaging="wrapper",
+                boundary="counts_calls",
+            ),
+        ),
+    ),
     # The model's own forward replaced on the instance: FX traces type(model).forward, so the
     # fused model drops what the replacement adds (0.25). Our fuser did the same until cf445f9.
     "torch_fuse_model_replaced_forward": NetSpec(

@@ -309,7 +309,10 @@ def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boun
     sequential = Chain((conv(), bn()), "sequential", boundary=boundary)
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
     wrapper = Chain((conv(), bn()), "wrapper", boundary=boundary)
-    assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
+    # A wrapper's counting module counts with object.__setattr__(self, ...): code handed `self`
+    # could reach its child, which stays as it is (README, children of untraced modules).
+    inside = None if boundary == "counts_calls" else "output"
+    assert verdicts(wrapper) == [("b0.inner.bn1", 0, inside)]
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,8 @@ def features(spec: NetSpec) -> set[str]:
             found.add(f"packaging {block.packaging}")
             if block.boundary is not None:
                 found.add(f"boundary {block.boundary}")
+            if block.boundary == "counts_calls" and block.packaging == "wrapper":
+                found.add("counts calls with object.__setattr__")
             if block.loop is not None:
                 found.add(f"untraceable parent loops over a Sequential ({block.loop})")
             if block.packaging == "sequential" and block.depth >= 3:
@@ -283,6 +285,7 @@ REQUIRED = [
     "boundary autocast",
     "boundary no_grad",
     "boundary counts_calls",
+    "counts calls with object.__setattr__",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",
