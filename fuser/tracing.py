@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .errors import FuserError
 from .patterns import (
     batch_norm_module_behaves_as_base,
     call_overridden,
@@ -210,6 +211,7 @@ class TracedGraphModule(fx.GraphModule):
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with (
         _attributes_restored(module) as saved,
+        _tensors_restored(module) as tensors_changed,
         _autocast_refused(),
         _grad_mode_changes_refused(),
         _augmented_assignments_recorded(),
@@ -218,7 +220,7 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         with _module_state_writes_refused() as machinery_writes:
             graph = tracer.trace(module)
         changed = [c for c in changed_state(saved) if (id(c[0]), c[1]) not in machinery_writes]
-        _refuse_unrecorded_state_changes(tracer, module, changed)
+        _refuse_unrecorded_state_changes(tracer, module, changed + tensors_changed())
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
@@ -493,6 +495,96 @@ def _attributes_restored(module: nn.Module) -> Iterator[list]:
         restore_attributes(saved)
 
 
+BUFFER_CHANGED = "a buffer changed in place"
+
+
+@contextlib.contextmanager
+def _tensors_restored(module: nn.Module) -> Iterator:
+    """Undo what running ``forward`` on proxies did to the modules' tensors, and say what it did.
+
+    FX hands traced code a proxy for a parameter read as an attribute, but the tensor itself for
+    a buffer (and for a parameter reached otherwise: ``self.parameters()``, ``self._parameters``),
+    so ``self.count.add_(1)`` or ``self.bn.running_mean.mul_(0.5)`` changes the working copy
+    while tracing and is recorded nowhere: traced, the fused model would never make the change,
+    and a BatchNorm would be folded with statistics the caller's model does not have. Yields a
+    function listing ``(owner module, buffer name, BUFFER_CHANGED)`` for each buffer changed
+    (its version counter moved, or its values differ), which ``_refuse_unrecorded_state_changes``
+    treats as any other unrecorded state change; every buffer is put back on the way out. A
+    parameter cannot be put back (copying every weight before each trace would cost more than
+    the trace), so a parameter changed in place makes the fuse fail with a ``FuserError``.
+    ``.data`` has a version counter of its own, so a change through it is seen only by its
+    values: for buffers, which are copied, not for parameters.
+    """
+    buffers: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    parameters: dict[int, tuple[torch.Tensor, int | None]] = {}
+    for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # compiled: its tensors are C++ state
+            continue
+        for name, tensor in m._buffers.items():
+            if tensor is not None:
+                owners.setdefault(id(tensor), []).append((m, name))
+                if id(tensor) not in buffers:
+                    buffers[id(tensor)] = (tensor, _version(tensor), tensor.detach().clone())
+        for name, parameter in m._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append((m, name))
+                parameters.setdefault(id(parameter), (parameter, _version(parameter)))
+
+    def changed() -> list[tuple[nn.Module, str, str]]:
+        found = [
+            (m, name, BUFFER_CHANGED)
+            for key, (tensor, version, before) in buffers.items()
+            if _version(tensor) != version or not _same_values(tensor, before)
+            for m, name in owners[key]
+        ]
+        moved = [
+            f"{type(m).__name__}.{name}"
+            for key, (parameter, version) in parameters.items()
+            if _version(parameter) != version
+            for m, name in owners[key]
+        ]
+        if moved:
+            raise FuserError(
+                f"the model's code changes parameter {', '.join(moved)} in place as it runs "
+                "(reached as a tensor, not as a module attribute): tracing ran that change on "
+                "the fuser's copy, and FX records none of it. Move the change out of forward "
+                "(apply it to the weights once, before fusing)"
+            )
+        return found
+
+    try:
+        yield changed
+    finally:
+        with torch.no_grad():
+            for tensor, version, before in buffers.values():
+                if _version(tensor) != version or not _same_values(tensor, before):
+                    tensor.copy_(before)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter, which every in-place change moves (None for an inference
+    tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _same_values(tensor: torch.Tensor, before: torch.Tensor) -> bool:
+    """The same values, NaN where NaN was (``torch.equal`` calls two NaNs different). A tensor
+    with no values to compare (the meta device, a layout ``torch.equal`` does not take) counts as
+    the same: its version counter still tells."""
+    if tensor.device.type == "meta" or tensor.layout is not torch.strided:
+        return True
+    if torch.equal(tensor, before):
+        return True
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return False
+    same_nans = torch.equal(tensor.isnan(), before.isnan())
+    return same_nans and torch.equal(tensor.nan_to_num(0.0), before.nan_to_num(0.0))
+
+
 def is_library_leaf(module: nn.Module) -> bool:
     """torch.nn's own modules (and containers), which FX keeps as calls and never looks inside."""
     return fx.Tracer().is_leaf_module(module, "")
@@ -538,6 +630,8 @@ def trace_with_opaque_submodules(
             outcome.graph_module = _trace_with(tracer, module)
         except _RetraceNeeded:
             continue
+        except FuserError:  # the copy was changed in a way no fallback can undo
+            raise
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
             outcome.error = _describe(error)
             if isinstance(error, AutocastInForward):

@@ -17,7 +17,7 @@ import torch
 from helpers import assert_equivalent, randomise_bn_stats, remaining_batch_norms
 from torch import nn
 
-from fuser import fuse_with_report
+from fuser import FuserError, fuse_with_report
 from fuser.fidelity import ForwardReference
 from fuser.shapes import deterministic_kernels
 from fuser.tracing import AUGMENTED_ASSIGNMENTS, tensor_augmented_assignments_as_methods
@@ -475,6 +475,95 @@ def test_state_set_around_setattr_on_the_model_itself_leaves_it_untraced():
     assert fused.calls == model.calls == 0
     assert_equivalent(model, fused, image())
     assert fused.calls == model.calls == 1
+
+
+class CountsInABuffer(nn.Module):
+    """Counts its calls in a buffer (saved with its state dict), changing it in place."""
+
+    def __init__(self, through_data: bool) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.through_data = through_data
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        x = self.block(x)
+        counter = self.calls.data if self.through_data else self.calls
+        counter.add_(1)
+        return x * 0.5
+
+
+@pytest.mark.parametrize("through_data", [False, True], ids=["add_", "data.add_"])
+def test_a_module_counting_in_a_buffer_stays_one_call_and_keeps_counting(through_data):
+    # FX hands traced code the buffer itself, not a proxy: the trace runs `add_` on the
+    # fuser's copy and records nothing. Traced through, the fused model would never count, and
+    # would start one call ahead of the caller's.
+    model = prepared(nn.Sequential(conv_bn(4), CountsInABuffer(through_data)))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "its calls (a buffer changed in place) is changed as it runs" in untraced.pop("1")
+    assert not untraced, report
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert int(kept.calls) == int(original.calls) == 0, "the trace's run left its count"
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * image())
+        assert int(kept.calls) == int(original.calls) > 0
+
+
+def test_batch_norm_statistics_changed_in_place_by_the_model_are_not_folded():
+    """Statistics drifting with every call (the model halves a running mean after using it):
+    a fold would freeze them, and the trace would fold them already halved once."""
+
+    class DriftingStatistics(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            self.bn.running_mean.mul_(0.5)
+            return y
+
+    model = prepared(DriftingStatistics())
+    before = model.bn.running_mean.clone()
+    fused, report = fuse_with_report(model)
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "BatchNorm2d.running_mean (a buffer changed in place)" in untraced["<model>"], report
+    assert not report.folded, report
+    assert torch.equal(fused.bn.running_mean, before)
+    assert torch.equal(model.bn.running_mean, before)
+    for _ in range(3):
+        assert_equivalent(model, fused, image())
+        torch.testing.assert_close(fused.bn.running_mean, model.bn.running_mean)
+
+
+def test_a_parameter_changed_in_place_while_tracing_is_refused_with_a_clear_error():
+    """A parameter reached as a tensor (not as a module attribute, which FX makes a proxy) and
+    changed in place: the trace changes the fuser's copy, and copying every weight before each
+    trace to undo that would cost more than the trace."""
+
+    class ClampsItsWeights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+            self.block.requires_grad_(False)
+
+        def forward(self, x):
+            for parameter in self.block[0].parameters():
+                parameter.clamp_(-0.1, 0.1)
+            return self.block(x)
+
+    model = prepared(ClampsItsWeights())
+    weight = model.block[0].weight.clone()
+    assert weight.abs().max() > 0.1, "the clamp would change nothing"
+    with pytest.raises(
+        FuserError, match=r"changes parameter Conv2d\.weight, Conv2d\.bias in place"
+    ):
+        fuse_with_report(model)
+    assert torch.equal(model.block[0].weight, weight), "the caller's model was changed"
 
 
 def test_a_container_filled_by_code_outside_its_module_leaves_that_code_untraced():
