@@ -36,6 +36,7 @@ from .graph_edit import (
     underflow_reason,
     unique_path,
 )
+from .in_place import tensors_changed_in_place
 from .patterns import (
     BatchNormCall,
     LayerCall,
@@ -105,6 +106,7 @@ class _FoldPass:
         self.graph = gm.graph
         self.path = path
         self.usage = UsageCounts(gm, shared)
+        self.changed_in_place = tensors_changed_in_place(gm)  # read before any fold edits
         self.private_storages = private
         self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
 
@@ -266,9 +268,24 @@ class _FoldPass:
         others = [v for name, v in args.items() if name != "input"]
         return args.get("input") is value and value not in others
 
-    @staticmethod
-    def _check_values(layer: LayerCall, call: BatchNormCall) -> None:
-        """The fold computes with the tensors' values: they must have some, on one device."""
+    def _check_values(self, layer: LayerCall, call: BatchNormCall) -> None:
+        """The fold computes with the tensors' values once: the model's code must not change
+        them as it runs (``in_place``), and they must have values, on one device."""
+        named = {
+            "the layer's weight": layer.weight,
+            "the layer's bias": layer.bias,
+            "the BN's running mean": call.running_mean,
+            "the BN's running variance": call.running_var,
+            "the BN's weight": call.weight,
+            "the BN's bias": call.bias,
+        }
+        for what, tensor in named.items():
+            change = self.changed_in_place.get(id(tensor)) if tensor is not None else None
+            if change is not None:
+                raise _Left(
+                    f"the model's code changes {what} in place as it runs ({change}); a fold "
+                    "would compute with its value at fusing time on every call"
+                )
         tensors = (layer.weight, layer.bias, call.running_mean, call.running_var, call.weight)
         devices = {t.device for t in (*tensors, call.bias) if t is not None}
         if any(device.type == "meta" for device in devices):
@@ -397,6 +414,8 @@ class _FoldPass:
         old_target, node.target = node.target, new_target
         if self.usage.read_by_no_node(module):  # copied only because it is held elsewhere too
             delete_attr(self.gm, old_target)
+        else:  # its tensors still read (``self.conv.weight`` elsewhere in ``forward``)
+            self._keep_only_what_is_read(old_target, module)
         return duplicate
 
     def _replace_constant(self, layer: LayerCall, name: str, old_node, value: torch.Tensor) -> None:
@@ -441,11 +460,12 @@ class _FoldPass:
                 self._erase_constant(constant)
 
     def _keep_only_what_is_read(self, target: str, module: nn.Module) -> None:
-        """A folded BN module no node calls any more, whose tensors the code still reads
-        (``self.bn.weight`` elsewhere in ``forward``), is swapped for a plain module holding just
-        those tensors under the same names: its other statistics would stay behind unused. One a
-        node still calls, or a module a node calls still holds, has more references than its
-        attribute readers, and stays whole."""
+        """A folded BN module no node calls any more, or a layer module whose call now runs a
+        folded copy, whose tensors the code still reads (``self.bn.weight`` elsewhere in
+        ``forward``), is swapped for a plain module holding just those tensors under the same
+        names: its other tensors would stay behind unused. One a node still calls, or a module a
+        node calls still holds, has more references than its attribute readers, and stays
+        whole."""
         prefix = f"{target}."
         readers = [
             n for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)

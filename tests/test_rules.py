@@ -558,6 +558,54 @@ def test_conv_output_read_only_for_its_metadata_still_folds():
     assert remaining_batch_norms(fused) == []
 
 
+# --- rule 2 and 3: tensors the model's code changes in place -----------------------------------
+
+
+class ChangesItsTensors(nn.Module):
+    """conv -> bn, or bn -> conv (unpadded), whose forward changes one of the fold's tensors in
+    place (or only reads it) after or before using it."""
+
+    def __init__(self, input_side: bool, change) -> None:
+        super().__init__()
+        self.input_side = input_side
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.bn.requires_grad_(False)  # a frozen BN, whose affine may change in place
+        self.change = change
+
+    def forward(self, x):
+        y = self.conv(self.bn(x)) if self.input_side else self.bn(self.conv(x))
+        return y + self.change(self)
+
+
+CHANGES = {
+    "layer bias, .data.add_": lambda m: m.conv.bias.data.add_(0.5).sum() * 0,
+    "layer weight, a row through .data[0]": lambda m: m.conv.weight.data[0].mul_(0.5).sum() * 0,
+    "bn weight, mul_": lambda m: m.bn.weight.mul_(0.9).sum() * 0,
+    "bn bias, +=": lambda m: m.bn.bias.__iadd__(0.25).sum() * 0,
+}
+
+
+@pytest.mark.parametrize("input_side", [False, True], ids=["output side", "input side"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_fold_whose_tensors_the_model_changes_in_place_is_left(input_side, change):
+    # Folded, the layer would compute with the values at fusing time on every later call,
+    # where the original computes with the changed ones.
+    model = prepared(ChangesItsTensors(input_side, CHANGES[change]))
+    fused, report = fuse_with_report(model)
+    assert_left(report, "bn", because=("in place",))
+    for _ in range(3):
+        assert_equivalent(model, fused, image(2, 3, 4, 4))
+
+
+def test_a_fold_whose_tensors_the_model_only_reads_still_folds():
+    # The fold goes into a copy of the conv; the original stays for the read, holding only the
+    # weight it reads (its bias would be dead state).
+    model = prepared(ChangesItsTensors(False, lambda m: m.conv.weight.data.mean() * 0))
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert dict(fused.conv.named_parameters()).keys() == {"weight"}
+
+
 # --- rule 2: Linear needs proven 2-D outputs ------------------------------------------------------
 
 

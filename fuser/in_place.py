@@ -1,0 +1,119 @@
+"""Which of a graph's constant tensors its code changes in place.
+
+A fold reads a layer's weight and bias and a BatchNorm's statistics and affine once, when fusing.
+If the model's code changes one of them in place as it runs (``self.conv.bias.data.add_(1)``,
+``self.bn.weight.mul_(0.9)`` on a frozen parameter), the original computes with the new values on
+every later call, and a folded layer never would: the fold is left. FX records such a change as
+a ``get_attr`` of the tensor, maybe a view of it (``.data``, ``.view``, indexing), then an in-place
+operation on that. (A buffer is not a proxy while tracing, so a change to one runs during the
+trace instead, and ``tracing`` keeps its module untraced.)
+
+The analysis errs on the side of "changed": an operation whose name ends in ``_`` counts, and so
+does every way of taking a view that it does not know to copy.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from .patterns import fetch_attr
+
+#: Methods and attributes that may return the tensor itself or a view sharing its memory.
+_ALIASING_METHODS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "t", "transpose",
+        "permute", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "detach",
+        "as_strided", "unfold", "diagonal", "split", "chunk", "unbind", "tensor_split", "movedim",
+        "moveaxis", "swapaxes", "swapdims", "contiguous", "to", "type", "type_as", "float",
+        "double", "half", "bfloat16", "cpu", "cuda", "__getitem__", "view_as_real",
+    }
+)  # fmt: skip
+_ALIASING_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
+_ALIASING_FUNCTIONS = frozenset(
+    getattr(torch, name) for name in _ALIASING_METHODS if hasattr(torch, name)
+) | {operator.getitem}
+#: ``x op= y`` recorded as the operator (``tracing._augmented_assignments_recorded``).
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, f"i{name}")
+    for name in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+        "lshift", "rshift", "and", "or", "xor",
+    )
+) | {operator.setitem}  # fmt: skip
+
+
+def tensors_changed_in_place(gm: fx.GraphModule) -> dict[int, str]:
+    """``id`` of each tensor a ``get_attr`` of ``gm`` reads that the graph may change in place,
+    with the node that changes it (for the reason a fold is left)."""
+    changed: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        change = _first_change(node)
+        if change is None:
+            continue
+        try:
+            value = fetch_attr(gm, node.target)
+        except AttributeError:
+            continue
+        if isinstance(value, torch.Tensor):
+            changed.setdefault(id(value), change)
+    return changed
+
+
+def _first_change(node: fx.Node) -> str | None:
+    """The name of a node that may change ``node``'s tensor in place, following its views."""
+    seen = {node}
+    pending = [node]
+    while pending:
+        value = pending.pop()
+        for user in value.users:
+            if _changes_first_argument(user) and _first_argument(user) is value:
+                return user.name
+            if _writes_to(user, value):
+                return user.name
+            if user not in seen and _may_alias(user, value):
+                seen.add(user)
+                pending.append(user)
+    return None
+
+
+def _first_argument(node: fx.Node) -> Any:
+    return node.args[0] if node.args else None
+
+
+def _changes_first_argument(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``torch.relu_(x)``, ``nn.init.zeros_(x)``, ``x[i] = y``, ``x += y``,
+    ``F.relu(x, inplace=True)``: operations that change their first argument."""
+    if node.op == "call_method":
+        return _in_place_name(node.target) or node.target == "__setitem__"
+    if node.op == "call_function":
+        if node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return True
+        return _in_place_name(getattr(node.target, "__name__", ""))
+    return False
+
+
+def _in_place_name(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("__")
+
+
+def _writes_to(node: fx.Node, value: fx.Node) -> bool:
+    """An ``out=`` argument is written whatever the operation."""
+    return node.op in ("call_function", "call_method") and node.kwargs.get("out") is value
+
+
+def _may_alias(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node``'s result may share ``value``'s memory (a tuple of views included)."""
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS and _first_argument(node) is value
+    if node.op != "call_function" or _first_argument(node) is not value:
+        return False
+    if node.target is builtins.getattr:
+        return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRIBUTES
+    return node.target in _ALIASING_FUNCTIONS
