@@ -9,6 +9,7 @@ would draw random numbers, so buffers and the RNG state are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,8 +107,8 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
 
 def _rebound(now: dict, then: dict) -> list[str]:
     """The keys of ``now`` set, added or deleted since it held ``then``, by identity."""
-    if now.keys() == then.keys() and all(now[key] is value for key, value in then.items()):
-        return []  # the common case, without building lists
+    if now.keys() == then.keys() and all(map(operator.is_, now.values(), then.values())):
+        return []  # the common case: same keys, same objects in the same order (C loops)
     added_or_set = [key for key, value in now.items() if key not in then or then[key] is not value]
     return added_or_set + [key for key in then if key not in now]
 
