@@ -158,6 +158,9 @@ class _TraceCheckpoint:
         del tracer.untraced[self.untraced :]
         saved = tracer.attributes_before_trace
         restore_attributes([saved[id(m)] for m in self.module.modules() if id(m) in saved])
+        # Buffers the failed call changed in place are not put back here: whether the change
+        # came from the call or from code before it cannot be told without a copy per call, so
+        # it counts at the trace's end like any other (``_TensorSnapshot``).
 
 
 class TracedGraphModule(fx.GraphModule):
@@ -211,7 +214,7 @@ class TracedGraphModule(fx.GraphModule):
 def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with (
         _attributes_restored(module) as saved,
-        _tensors_restored(module) as tensors_changed,
+        _tensors_restored(module) as tensors,
         _autocast_refused(),
         _grad_mode_changes_refused(),
         _augmented_assignments_recorded(),
@@ -220,7 +223,7 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         with _module_state_writes_refused() as machinery_writes:
             graph = tracer.trace(module)
         changed = [c for c in changed_state(saved) if (id(c[0]), c[1]) not in machinery_writes]
-        _refuse_unrecorded_state_changes(tracer, module, changed + tensors_changed())
+        _refuse_unrecorded_state_changes(tracer, module, changed + tensors.changed())
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
@@ -498,51 +501,62 @@ def _attributes_restored(module: nn.Module) -> Iterator[list]:
 BUFFER_CHANGED = "a buffer changed in place"
 
 
-@contextlib.contextmanager
-def _tensors_restored(module: nn.Module) -> Iterator:
-    """Undo what running ``forward`` on proxies did to the modules' tensors, and say what it did.
+class _TensorSnapshot:
+    """The modules' buffers (a copy of each, and its version counter) and the version counters
+    of their parameters, taken before a trace, to see and undo what running ``forward`` on
+    proxies did to them.
 
     FX hands traced code a proxy for a parameter read as an attribute, but the tensor itself for
     a buffer (and for a parameter reached otherwise: ``self.parameters()``, ``self._parameters``),
     so ``self.count.add_(1)`` or ``self.bn.running_mean.mul_(0.5)`` changes the working copy
     while tracing and is recorded nowhere: traced, the fused model would never make the change,
-    and a BatchNorm would be folded with statistics the caller's model does not have. Yields a
-    function listing ``(owner module, buffer name, BUFFER_CHANGED)`` for each buffer changed
-    (its version counter moved, or its values differ), which ``_refuse_unrecorded_state_changes``
-    treats as any other unrecorded state change; every buffer is put back on the way out. A
-    parameter cannot be put back (copying every weight before each trace would cost more than
-    the trace), so a parameter changed in place makes the fuse fail with a ``FuserError``.
-    ``.data`` has a version counter of its own, so a change through it is seen only by its
-    values: for buffers, which are copied, not for parameters.
+    and a BatchNorm would be folded with statistics the caller's model does not have. A buffer
+    has changed when its version counter moved or its values differ (``.data`` has a counter of
+    its own). A parameter cannot be put back (copying every weight before each trace would cost
+    more than the trace), so one whose counter moved makes the fuse fail with a ``FuserError``.
     """
-    buffers: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    parameters: dict[int, tuple[torch.Tensor, int | None]] = {}
-    for m in module.modules():
-        if isinstance(m, torch.jit.ScriptModule):  # compiled: its tensors are C++ state
-            continue
-        for name, tensor in m._buffers.items():
-            if tensor is not None:
-                owners.setdefault(id(tensor), []).append((m, name))
-                if id(tensor) not in buffers:
-                    buffers[id(tensor)] = (tensor, _version(tensor), tensor.detach().clone())
-        for name, parameter in m._parameters.items():
-            if parameter is not None:
-                owners.setdefault(id(parameter), []).append((m, name))
-                parameters.setdefault(id(parameter), (parameter, _version(parameter)))
 
-    def changed() -> list[tuple[nn.Module, str, str]]:
-        found = [
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}  # copy last
+        self.parameters: dict[int, tuple[torch.Tensor, int | None]] = {}
+        self.owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for m in module.modules():
+            if isinstance(m, torch.jit.ScriptModule):  # compiled: its tensors are C++ state
+                continue
+            for name, tensor in m._buffers.items():
+                if tensor is not None:
+                    self.owners.setdefault(id(tensor), []).append((m, name))
+                    if id(tensor) not in self.buffers:
+                        before = tensor.detach().clone()
+                        self.buffers[id(tensor)] = (tensor, _version(tensor), before)
+            for name, parameter in m._parameters.items():
+                if parameter is not None:
+                    self.owners.setdefault(id(parameter), []).append((m, name))
+                    self.parameters.setdefault(id(parameter), (parameter, _version(parameter)))
+
+    def changed(self) -> list[tuple[nn.Module, str, str]]:
+        """``(owner module, buffer name, BUFFER_CHANGED)`` of each buffer changed since the
+        snapshot, for ``_refuse_unrecorded_state_changes``."""
+        return [
             (m, name, BUFFER_CHANGED)
-            for key, (tensor, version, before) in buffers.items()
-            if _version(tensor) != version or not _same_values(tensor, before)
-            for m, name in owners[key]
+            for key, entry in self.buffers.items()
+            if _changed(entry)
+            for m, name in self.owners[key]
         ]
+
+    def restore(self) -> None:
+        """Put back every changed buffer."""
+        with torch.no_grad():
+            for entry in self.buffers.values():
+                if _changed(entry):
+                    entry[0].copy_(entry[2])
+
+    def refuse_changed_parameters(self) -> None:
         moved = [
             f"{type(m).__name__}.{name}"
-            for key, (parameter, version) in parameters.items()
+            for key, (parameter, version) in self.parameters.items()
             if _version(parameter) != version
-            for m, name in owners[key]
+            for m, name in self.owners[key]
         ]
         if moved:
             raise FuserError(
@@ -551,15 +565,24 @@ def _tensors_restored(module: nn.Module) -> Iterator:
                 "the fuser's copy, and FX records none of it. Move the change out of forward "
                 "(apply it to the weights once, before fusing)"
             )
-        return found
 
+
+def _changed(entry: tuple[torch.Tensor, int | None, torch.Tensor]) -> bool:
+    tensor, version, before = entry
+    return _version(tensor) != version or not _same_values(tensor, before)
+
+
+@contextlib.contextmanager
+def _tensors_restored(module: nn.Module) -> Iterator[_TensorSnapshot]:
+    """A ``_TensorSnapshot`` of ``module``'s tensors for the duration of a trace: on the way out
+    every buffer is put back, and a parameter changed in place raises ``FuserError`` (whether
+    the trace succeeded or not: the copy would otherwise keep the change)."""
+    snapshot = _TensorSnapshot(module)
     try:
-        yield changed
+        yield snapshot
     finally:
-        with torch.no_grad():
-            for tensor, version, before in buffers.values():
-                if _version(tensor) != version or not _same_values(tensor, before):
-                    tensor.copy_(before)
+        snapshot.restore()
+        snapshot.refuse_changed_parameters()
 
 
 def _version(tensor: torch.Tensor) -> int | None:

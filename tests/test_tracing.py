@@ -512,6 +512,30 @@ def test_a_module_counting_in_a_buffer_stays_one_call_and_keeps_counting(through
         assert int(kept.calls) == int(original.calls) > 0
 
 
+class CountsThenBranches(CountsInABuffer):
+    """Counts in its buffer, then branches on its data: FX cannot trace it at all."""
+
+    def forward(self, x):
+        self.calls.add_(1)
+        x = self.block(x)
+        return x * 2 if bool(x.sum() > 0) else x
+
+
+def test_a_buffer_changed_by_a_call_that_then_fails_to_trace_is_put_back():
+    # The failed call ran its `add_` before FX gave up on it; whether the change came from it
+    # or from code before it is not told apart, so the model's own code runs as written too.
+    model = prepared(nn.Sequential(conv_bn(4), CountsThenBranches(through_data=False)))
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert {module.name for module in report.untraced} >= {"<model>", "1"}, report
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert int(kept.calls) == int(original.calls) == 0, "the trace's run left its count"
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * image())
+        assert int(kept.calls) == int(original.calls) > 0
+
+
 def test_batch_norm_statistics_changed_in_place_by_the_model_are_not_folded():
     """Statistics drifting with every call (the model halves a running mean after using it):
     a fold would freeze them, and the trace would fold them already halved once."""
