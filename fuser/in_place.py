@@ -8,8 +8,10 @@ a ``get_attr`` of the tensor, maybe a view of it (``.data``, ``.view``, indexing
 operation on that. (A buffer is not a proxy while tracing, so a change to one runs during the
 trace instead, and ``tracing`` keeps its module untraced.)
 
-The analysis errs on the side of "changed": an operation whose name ends in ``_`` counts, and so
-does every way of taking a view that it does not know to copy.
+An operation whose name ends in ``_`` counts as a change (``requires_grad_`` too: erring towards
+leaving a fold), and so do ``x[i] = y``, ``x op= y``, ``out=`` and ``inplace=True``. The ways of
+taking a view listed below are followed, with the methods that may return the tensor itself
+(``.to()``, ``.contiguous()``); a result of any other operation is a new tensor.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import fx
 
 from .patterns import fetch_attr
+from .tracing import AUGMENTED_ASSIGNMENTS
 
 #: Methods and attributes that may return the tensor itself or a view sharing its memory.
 _ALIASING_METHODS = frozenset(
@@ -35,16 +38,13 @@ _ALIASING_METHODS = frozenset(
 )  # fmt: skip
 _ALIASING_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
 _ALIASING_FUNCTIONS = frozenset(
-    getattr(torch, name) for name in _ALIASING_METHODS if hasattr(torch, name)
+    function
+    for function in (getattr(torch, name, None) for name in _ALIASING_METHODS)
+    if callable(function) and not isinstance(function, torch.dtype)
 ) | {operator.getitem}
-#: ``x op= y`` recorded as the operator (``tracing._augmented_assignments_recorded``).
-_IN_PLACE_OPERATORS = frozenset(
-    getattr(operator, f"i{name}")
-    for name in (
-        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
-        "lshift", "rshift", "and", "or", "xor",
-    )
-) | {operator.setitem}  # fmt: skip
+#: ``x op= y`` recorded as the operator (``tracing._augmented_assignments_recorded``), and
+#: ``x[i] = y``.
+_IN_PLACE_OPERATORS = frozenset(AUGMENTED_ASSIGNMENTS.values()) | {operator.setitem}
 
 
 def tensors_changed_in_place(gm: fx.GraphModule) -> dict[int, str]:
