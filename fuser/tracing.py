@@ -538,7 +538,9 @@ class _TensorSnapshot:
         self.versions = {key: _version(tensor) for key, tensor in self.buffers.items()}
         groups: dict[tuple, list[torch.Tensor]] = {}
         for tensor in self.buffers.values():
-            if tensor.layout is torch.strided and not tensor.is_meta:  # it has values
+            # Values to compare: not on the meta device, nor quantized (whose ``cat`` may
+            # requantize); those are judged by their version counter alone.
+            if tensor.layout is torch.strided and not (tensor.is_meta or tensor.is_quantized):
                 groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
         self.copies = [_FlatCopy(group) for group in groups.values()]
         self._changed: list[torch.Tensor] | None = None
