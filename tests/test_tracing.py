@@ -536,6 +536,29 @@ def test_a_buffer_changed_by_a_call_that_then_fails_to_trace_is_put_back():
         assert int(kept.calls) == int(original.calls) > 0
 
 
+def test_buffers_holding_nan_that_nothing_changes_leave_the_trace_alone():
+    """NaN is not equal to itself: the snapshot's comparison must not take an unchanged NaN for a
+    change (that would keep the module untraced and its BatchNorms unfolded)."""
+
+    class SkipsMissingValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+            self.register_buffer("offset", torch.tensor([float("nan"), 0.5, 0.25, 0.0]))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            return self.block(x) + self.offset.nan_to_num().view(1, 4, 1, 1)
+
+    model = prepared(SkipsMissingValues())
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert not report.untraced, report
+    assert {site.bn for site in report.folded} == {"block.1"}, report
+    assert model.offset.isnan().tolist() == [True, False, False, False]
+    assert_equivalent(model, fused, image())
+
+
 def test_batch_norm_statistics_changed_in_place_by_the_model_are_not_folded():
     """Statistics drifting with every call (the model halves a running mean after using it):
     a fold would freeze them, and the trace would fold them already halved once."""
