@@ -286,8 +286,7 @@ class _FoldPass:
                     f"the model's code changes {what} in place as it runs ({change}); a fold "
                     "would compute with its value at fusing time on every call"
                 )
-        tensors = (layer.weight, layer.bias, call.running_mean, call.running_var, call.weight)
-        devices = {t.device for t in (*tensors, call.bias) if t is not None}
+        devices = {t.device for t in named.values() if t is not None}
         if any(device.type == "meta" for device in devices):
             raise _Left(
                 "its tensors are on the meta device, which holds no values: the folded weights "

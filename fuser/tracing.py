@@ -239,7 +239,8 @@ def _refuse_unrecorded_state_changes(
     does not see it would never change in the traced graph: FX runs the code and records none of
     it. That is a list, dict or set a module keeps being filled (``self.outputs.append(x)``), and
     an attribute set around ``__setattr__`` (``object.__setattr__(self, "calls", n)``,
-    ``self.__dict__[...]``, ``self._buffers[...]``). The modules whose state changed are made
+    ``self.__dict__[...]``, ``self._buffers[...]``), and a buffer changed in place
+    (``_TensorSnapshot``). The modules whose state changed are made
     opaque (their code, which usually changes it, then runs as written) and the trace starts
     again. If one is the module traced, or one is opaque already (so code outside it changes
     it), the whole module stays untraced."""
@@ -640,11 +641,8 @@ def _version(tensor: torch.Tensor) -> int | None:
 
 
 def _same_values(tensor: torch.Tensor, before: torch.Tensor) -> bool:
-    """The same values, NaN where NaN was (``torch.equal`` calls two NaNs different). A tensor
-    with no values to compare (the meta device, a layout ``torch.equal`` does not take) counts as
-    the same: its version counter still tells."""
-    if tensor.device.type == "meta" or tensor.layout is not torch.strided:
-        return True
+    """The same values, NaN where NaN was (``torch.equal`` calls two NaNs different). Only
+    tensors with values to compare come here (``_TensorSnapshot`` leaves out the others)."""
     if torch.equal(tensor, before):
         return True
     if not (tensor.is_floating_point() or tensor.is_complex()):

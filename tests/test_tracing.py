@@ -493,6 +493,16 @@ class CountsInABuffer(nn.Module):
         return x * 0.5
 
 
+def assert_counts_as_the_original(model: nn.Module, fused: nn.Module) -> None:
+    """Child ``1`` of the fused model starts from the original's count (none of the fuser's own
+    runs left in it) and counts each call as the original does."""
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert int(kept.calls) == int(original.calls) == 0, "the trace's run left its count"
+    for sign in (1, -1):
+        assert_equivalent(model, fused, sign * image())
+        assert int(kept.calls) == int(original.calls) > 0
+
+
 @pytest.mark.parametrize("through_data", [False, True], ids=["add_", "data.add_"])
 def test_a_module_counting_in_a_buffer_stays_one_call_and_keeps_counting(through_data):
     # FX hands traced code the buffer itself, not a proxy: the trace runs `add_` on the
@@ -505,11 +515,7 @@ def test_a_module_counting_in_a_buffer_stays_one_call_and_keeps_counting(through
     assert "its calls (a buffer changed in place) is changed as it runs" in untraced.pop("1")
     assert not untraced, report
     assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
-    kept, original = fused.get_submodule("1"), model.get_submodule("1")
-    assert int(kept.calls) == int(original.calls) == 0, "the trace's run left its count"
-    for sign in (1, -1):
-        assert_equivalent(model, fused, sign * image())
-        assert int(kept.calls) == int(original.calls) > 0
+    assert_counts_as_the_original(model, fused)
 
 
 class CountsThenBranches(CountsInABuffer):
@@ -529,11 +535,7 @@ def test_a_buffer_changed_by_a_call_that_then_fails_to_trace_is_put_back():
 
     assert {module.name for module in report.untraced} >= {"<model>", "1"}, report
     assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
-    kept, original = fused.get_submodule("1"), model.get_submodule("1")
-    assert int(kept.calls) == int(original.calls) == 0, "the trace's run left its count"
-    for sign in (1, -1):
-        assert_equivalent(model, fused, sign * image())
-        assert int(kept.calls) == int(original.calls) > 0
+    assert_counts_as_the_original(model, fused)
 
 
 def test_buffers_holding_nan_that_nothing_changes_leave_the_trace_alone():
