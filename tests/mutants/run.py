@@ -1,4 +1,4 @@
-"""Run the property suite against mutants, one subprocess each, and say which caught what.
+"""Run the property suite against mutants, one fresh process each, and say which caught what.
 
 A mutant counts as caught only when a property of the suite failed against it *and* our real
 fuser passes that property on the very network that failed (``suite_plugin`` checks it in the same
@@ -18,10 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from pathlib import Path
 
 from . import Mutant
 from .suite_plugin import SHRINK_ENV, VERDICT_ENV
+from .warm_interpreter import WarmInterpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "tests/test_properties.py"
@@ -71,13 +69,10 @@ class MutantRun:
         return f"{self.verdict:12s} {times}  {self.mutant.name}  {detail}"
 
 
-def suite_command(target: str, extra_args: Iterable[str] = ()) -> list[str]:
-    """The pytest command line that runs the suite against ``target`` and stops at the first
-    failing test (``-x``); the plugin stops Hypothesis at its first failing example."""
+def suite_arguments(target: str, extra_args: Iterable[str] = ()) -> list[str]:
+    """The pytest arguments that run the suite against ``target`` and stop at the first failing
+    test (``-x``); the plugin stops Hypothesis at its first failing example."""
     return [
-        sys.executable,
-        "-m",
-        "pytest",
         SUITE,
         f"--fuser={target}",
         "-x",
@@ -110,7 +105,7 @@ def run_mutant(
     shrink: bool = False,
     extra_args: Iterable[str] = (),
 ) -> MutantRun:
-    """Run the suite against one mutant in a fresh interpreter (patches never leak between runs)."""
+    """Run the suite against one mutant in a process of its own (patches never leak between runs)."""
     try:
         mutant.load()
     except Exception as error:  # a mutant that does not import is a broken corpus, not a catch
@@ -118,7 +113,7 @@ def run_mutant(
     with tempfile.TemporaryDirectory(prefix="convbn-mutant-") as scratch:
         verdict_path = Path(scratch) / "verdict.json"
         env = suite_environment(profile, shrink, verdict_path, mutant.python_path)
-        finished = _run_timed(suite_command(mutant.target, extra_args), env, timeout_s, scratch)
+        finished = _run_timed(suite_arguments(mutant.target, extra_args), env, timeout_s, scratch)
         failure = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
     returncode, output, seconds, cpu_seconds = finished
     if returncode is None:
@@ -142,34 +137,21 @@ def run_mutant(
 
 
 def _run_timed(
-    command: list[str], env: dict[str, str], timeout_s: float, scratch: str
+    arguments: list[str], env: dict[str, str], timeout_s: float, scratch: str
 ) -> tuple[int | None, str, float, float]:
-    """Run ``command``; return its exit status (None on timeout), output, wall and CPU seconds.
+    """Run pytest with ``arguments`` in a fork of this thread's warm interpreter; return
+    its exit status (None on timeout), output, wall and CPU seconds.
 
-    CPU seconds (user + system of the child) are what a mutant costs whatever else the machine is
-    doing; wall seconds on a shared machine mostly measure the neighbours.
+    CPU seconds (user + system of the run's process, start-up imports excluded: the warm
+    interpreter did them once) are what a mutant costs whatever else the machine is doing; wall
+    seconds on a shared machine mostly measure the neighbours.
     """
     log_path = Path(scratch) / "output.txt"
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-        )
-        status = usage = None
-        while status is None:
-            pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                status = os.waitstatus_to_exitcode(wait_status)
-            elif time.perf_counter() - start > timeout_s:
-                process.kill()
-                _, _, usage = os.wait4(process.pid, 0)
-                break
-            else:
-                time.sleep(0.1)
-        process.returncode = status if status is not None else -9  # reaped here, not by Popen
-    seconds = time.perf_counter() - start
-    cpu_seconds = usage.ru_utime + usage.ru_stime
-    return status, log_path.read_text(errors="replace"), seconds, cpu_seconds
+    status, seconds, cpu_seconds = WarmInterpreter.for_this_thread().run(
+        arguments, env, log_path, timeout_s
+    )
+    output = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return status, output, seconds, cpu_seconds
 
 
 def run_mutants(
