@@ -7,7 +7,8 @@ Two tiers:
   patches still exists in ``fuser/`` (``mock.patch`` raises otherwise) and that nothing but its
   one bug differs from our fuser. A stale mutant would otherwise crash the suite and be "caught".
 - ``pytest -m mutants -n 2 tests/test_mutants.py`` (``tox -e mutants``): for each mutant, run
-  ``pytest tests/test_properties.py --fuser=<mutant> -x`` in a subprocess with the ``ci`` Hypothesis
+  ``pytest tests/test_properties.py --fuser=<mutant> -x`` in a process of its own (a fork of a warm
+  interpreter, ``tests/mutants/warm_interpreter.py``) with the ``ci`` Hypothesis
   profile (derandomized, so the time to catch is reproducible) and assert that a property failed on
   a network our real fuser passes (see ``tests/mutants/run.py``). Each is a suite run, too slow for
   the default ``pytest`` run. ``-rP`` prints each time to catch; ``python -m tests.mutants -j 2``
