@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,21 +49,52 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def attributes_of(module: nn.Module) -> list[tuple]:
-    """Each module's attributes, the contents of its parameter, buffer and module dicts, and
-    the contents of every list, dict or set it keeps as an attribute, for ``restore_attributes``
-    and ``changed_state``."""
+    """Each module's attributes, the contents of its parameter, buffer and module dicts, the
+    contents of every list, dict or set it keeps as an attribute, and the attributes (and their
+    lists, dicts and sets) of every plain object it holds, for ``restore_attributes`` and
+    ``changed_state``."""
     saved = []
     for m in module.modules():
         if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
             continue
         inner = [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None]
-        containers = [
-            (name, value, _copy_of(value))
-            for name, value in m.__dict__.items()
-            if isinstance(value, _CONTAINERS) and name not in _MODULE_INTERNALS
+        own = {name: value for name, value in m.__dict__.items() if name not in _MODULE_INTERNALS}
+        held = [
+            (name, value, dict(value.__dict__), _containers_of(value.__dict__))
+            for name, value in own.items()
+            if _is_plain_object(value)
         ]
-        saved.append((m, dict(m.__dict__), inner, containers))
+        saved.append((m, dict(m.__dict__), inner, _containers_of(own), held))
     return saved
+
+
+#: Objects with a ``__dict__`` that are not state a module holds: modules (each saved on its own),
+#: tensors (``_TensorSnapshot`` and the buffer copies see those), classes, Python modules, and a
+#: GraphModule's graph (FX's own: running the module never changes it).
+_NOT_HELD_STATE = (nn.Module, torch.Tensor, type, types.ModuleType, fx.Graph)
+#: The most common attribute values, none with a ``__dict__``: skipped without looking for one.
+_ATOMS = frozenset(
+    {bool, int, float, str, type(None), tuple, torch.dtype, torch.device, torch.Size}
+)
+
+
+def _is_plain_object(value: object) -> bool:
+    """An object keeping its state in a ``__dict__`` (``self.stats = Stats()``, a namespace, a
+    function with attributes), whose attributes code may set as it runs: ``self.stats.calls += 1``
+    goes through no module at all."""
+    if type(value) in _ATOMS:
+        return False
+    return isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
+        value, _NOT_HELD_STATE
+    )
+
+
+def _containers_of(attributes: dict) -> list[tuple]:
+    return [
+        (name, value, _copy_of(value))
+        for name, value in attributes.items()
+        if isinstance(value, _CONTAINERS)
+    ]
 
 
 def _copy_of(container: list | dict | set) -> list | dict | set:
@@ -75,14 +107,21 @@ def _copy_of(container: list | dict | set) -> list | dict | set:
 
 
 def restore_attributes(saved: list) -> None:
-    for m, attributes, inner, containers in saved:
-        m.__dict__.clear()
-        m.__dict__.update(attributes)
+    for m, attributes, inner, containers, held in saved:
+        _restore_dict(m.__dict__, attributes)
         for original, contents in inner:
-            original.clear()
-            original.update(contents)
+            _restore_dict(original, contents)
         for _, container, contents in containers:
             _refill(container, contents)
+        for _, value, value_attributes, value_containers in held:
+            _restore_dict(value.__dict__, value_attributes)
+            for _, container, contents in value_containers:
+                _refill(container, contents)
+
+
+def _restore_dict(now: dict, then: dict) -> None:
+    now.clear()
+    now.update(then)
 
 
 def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
@@ -91,18 +130,35 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
     attribute set, added or deleted in its ``__dict__`` or its parameter, buffer or module dict
     directly (``"an attribute"``), the writes ``nn.Module.__setattr__`` never sees:
     ``object.__setattr__(self, "calls", n)``, ``self.__dict__["calls"] = n``,
-    ``self._buffers["last"] = x``. Compared by identity."""
+    ``self._buffers["last"] = x``; and the same one level down, in a plain object the module
+    holds (``self.stats.calls += 1``, ``self.stats.history.append(x)``: ``"stats.calls"``,
+    ``"an attribute of the Stats it holds"``). Compared by identity."""
     changed = []
-    for m, attributes, inner, containers in saved:
+    for m, attributes, inner, containers, held in saved:
         changed += [(m, name, "an attribute") for name in _rebound(m.__dict__, attributes)]
         for original, contents in inner:
             changed += [(m, name, "an attribute") for name in _rebound(original, contents)]
-        changed += [
-            (m, name, _a(type(container).__name__))
-            for name, container, contents in containers
-            if not _same_contents(container, contents)
-        ]
+        changed += [(m, name, kind) for name, kind in _refilled(containers)]
+        for name, value, value_attributes, value_containers in held:
+            holder = f"of the {type(value).__name__} it holds"
+            changed += [
+                (m, f"{name}.{attribute}", f"an attribute {holder}")
+                for attribute in _rebound(value.__dict__, value_attributes)
+            ]
+            changed += [
+                (m, f"{name}.{attribute}", f"{kind} {holder}")
+                for attribute, kind in _refilled(value_containers)
+            ]
     return changed
+
+
+def _refilled(containers: list[tuple]) -> list[tuple[str, str]]:
+    """(name, what it is) of each list, dict or set whose contents changed."""
+    return [
+        (name, _a(type(container).__name__))
+        for name, container, contents in containers
+        if not _same_contents(container, contents)
+    ]
 
 
 def _rebound(now: dict, then: dict) -> list[str]:

@@ -477,6 +477,79 @@ def test_state_set_around_setattr_on_the_model_itself_leaves_it_untraced():
     assert fused.calls == model.calls == 1
 
 
+class CallStats:
+    """A plain object (no module) a module keeps its running state in."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sums: list[float] = []
+
+
+class KeepsStatsInAPlainObject(nn.Module):
+    """Counts its calls (or keeps its sums) in a plain object it holds, scaling by the count: no
+    module attribute is ever set, so neither ``__setattr__`` nor the module dicts see it."""
+
+    def __init__(self, keeps: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.stats, self.keeps = CallStats(), keeps
+
+    def forward(self, x):
+        if self.keeps == "calls":
+            self.stats.calls += 1
+            scale = self.stats.calls
+        else:
+            self.stats.sums.append(1.0)
+            scale = len(self.stats.sums)
+        return self.bn(self.conv(x)) * scale
+
+
+@pytest.mark.parametrize(
+    "keeps, change",
+    [("calls", "stats.calls (an attribute of the CallStats it holds)"),
+     ("sums", "stats.sums (a list of the CallStats it holds)")],
+)  # fmt: skip
+def test_a_module_keeping_state_in_a_plain_object_it_holds_stays_one_call(keeps, change):
+    # Traced through, the count is the constant 1 of the trace's own run: the fused model would
+    # be right on its first call and off by a factor on every later one.
+    model = prepared(nn.Sequential(conv_bn(4), KeepsStatsInAPlainObject(keeps)))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert f"its {change} is changed as it runs" in untraced.pop("1"), report
+    assert not untraced, report
+    assert {site.bn for site in report.folded} == {"0.1"}, report
+    kept, original = fused.get_submodule("1").stats, model.get_submodule("1").stats
+    assert (kept.calls, kept.sums) == (original.calls, original.sums) == (0, []), (
+        "the trace or the fuser's runs left their mark on the held object"
+    )
+    for call in range(1, 4):
+        assert_equivalent(model, fused, image(call))
+        assert (kept.calls, kept.sums) == (original.calls, original.sums)
+    assert max(original.calls, len(original.sums)) == 3
+
+
+class ReadsAPlainObject(nn.Module):
+    """Holds a plain object (a configuration) and only reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.config = CallStats()
+        self.config.sums.append(2.0)
+
+    def forward(self, x):
+        return self.block(x) * self.config.sums[0] + self.config.calls
+
+
+def test_a_plain_object_the_code_only_reads_leaves_the_trace_alone():
+    model = prepared(ReadsAPlainObject())
+    fused, report = fuse_with_report(model, (image(),))
+    assert not report.untraced, report
+    assert {site.bn for site in report.folded} == {"block.1"}, report
+    assert_equivalent(model, fused, image())
+
+
 class CountsInABuffer(nn.Module):
     """Counts its calls in a buffer (saved with its state dict), changing it in place."""
 
