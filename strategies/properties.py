@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -220,14 +221,17 @@ def _counting_modules(spec: NetSpec) -> list[str]:
 
 
 def _call_count(model: nn.Module, path: str) -> int | None:
-    """The count a module of ``model`` keeps of its calls (an int, or the length of the list it
-    appends to); None when there is no such module or count (a fuser that traced through it)."""
+    """The count a module of ``model`` keeps of its calls (an int, the length of the list it
+    appends to, or the int in the namespace it holds); None when there is no such module or count
+    (a fuser that traced through it)."""
     try:
         count = getattr(model.get_submodule(path), CALL_COUNTER)
     except AttributeError:
         return None
     if isinstance(count, list):
         return len(count)
+    if isinstance(count, types.SimpleNamespace):
+        count = getattr(count, "count", None)
     return count if isinstance(count, int) else None
 
 

@@ -577,7 +577,10 @@ class _Renderer:
             elif chain.boundary == COUNTS_CALLS:
                 name = f"Counted{index}"
                 doc = "Counts its calls on itself, a write FX runs but does not record."
-                if chain.packaging == INLINE:  # an int it sets again
+                if chain.counts_in_held_object:  # an int in a plain object it holds
+                    init = [*init, f"self.{CALL_COUNTER} = types.SimpleNamespace(count=0)"]
+                    forward = [*forward, f"self.{CALL_COUNTER}.count += 1"]
+                elif chain.packaging == INLINE:  # an int it sets again
                     init = [*init, f"self.{CALL_COUNTER} = 0"]
                     forward = [*forward, f"self.{CALL_COUNTER} += 1"]
                 elif chain.packaging == WRAPPER:  # an int set around nn.Module.__setattr__

@@ -389,8 +389,37 @@ PINNED: dict[str, NetSpec] = {
         ),
     ),
     # The same with an inline chain, whose module counts in an int (self.calls += 1) where the
-    # Sequential's counts in a list: a module attribute set as the code runs.
+    # Sequential's counts in a list: a module attribute set as the code runs. Three ops (the ReLU
+    # since 2026-11-27): an inline chain of an even number of ops counts in a namespace it holds
+    # instead (Chain.counts_in_held_object), pinned below.
     "counting_block_setting_an_int": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                    Act(kind="relu"),
+                ),
+                boundary="counts_calls",
+            ),
+        ),
+    ),
+    # The same counting in a plain object the module holds (self.calls.count += 1, a namespace):
+    # no module attribute is set at all. Our fuser traced through it until 4ad36e4 (the trace
+    # now compares the plain objects modules hold, one level down); found by the ci profile.
+    "counting_block_in_a_held_object": NetSpec(
         input_shape=(2, 1, 3),
         blocks=(
             Chain(

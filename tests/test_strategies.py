@@ -77,6 +77,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add(f"boundary {block.boundary}")
             if block.boundary == "counts_calls" and block.packaging == "wrapper":
                 found.add("counts calls with object.__setattr__")
+            if block.counts_in_held_object:
+                found.add("counts calls in a plain object it holds")
             if block.loop is not None:
                 found.add(f"untraceable parent loops over a Sequential ({block.loop})")
             if block.packaging == "sequential" and block.depth >= 3:
@@ -286,6 +288,7 @@ REQUIRED = [
     "boundary no_grad",
     "boundary counts_calls",
     "counts calls with object.__setattr__",
+    "counts calls in a plain object it holds",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",

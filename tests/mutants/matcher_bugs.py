@@ -50,6 +50,7 @@ __all__ = [
     "functional_training_bn_folded",
     "global_module_hooks_ignored",
     "grad_mode_changes_traced_through",
+    "held_object_writes_ignored",
     "input_side_into_transposed_conv",
     "input_side_through_zero_padding",
     "input_side_with_several_users",
@@ -448,6 +449,18 @@ def state_set_around_setattr_ignored(
     """
     seen = _state_changes_seen(lambda kind: kind != ATTRIBUTE_CHANGE)
     return fuse_patched(model, example_inputs, {"fuser.tracing.changed_state": seen})
+
+
+def held_object_writes_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: only modules' own dicts and containers are compared after a trace, not the plain
+    objects they hold, so a module counting its calls in one (``self.calls.count += 1``, a
+    namespace it holds) is traced through: FX runs the write and records none of it, and the
+    fuser's own runs of its copy leave their count in the fused model. Our fuser did this until
+    4ad36e4. Needs an inline counting block of an even number of ops. Caught by: the fused model
+    matches the original (its count).
+    """
+    patches = {"fuser.shapes._is_plain_object": lambda value: False}
+    return fuse_patched(model, example_inputs, patches)
 
 
 def module_state_writes_traced_through(
