@@ -58,13 +58,16 @@ def attributes_of(module: nn.Module) -> list[tuple]:
         if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
             continue
         inner = [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None]
-        own = {name: value for name, value in m.__dict__.items() if name not in _MODULE_INTERNALS}
-        held = [
-            (name, value, dict(value.__dict__), _containers_of(value.__dict__))
-            for name, value in own.items()
-            if _is_plain_object(value)
-        ]
-        saved.append((m, dict(m.__dict__), inner, _containers_of(own), held))
+        containers, held = [], []
+        for name, value in m.__dict__.items():
+            if type(value) in _ATOMS or name in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, _CONTAINERS):
+                containers.append((name, value, _copy_of(value)))
+            elif _is_plain_object(value):
+                state = value.__dict__
+                held.append((name, value, dict(state), _containers_of(state)))
+        saved.append((m, dict(m.__dict__), inner, containers, held))
     return saved
 
 
@@ -138,7 +141,8 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
         changed += [(m, name, "an attribute") for name in _rebound(m.__dict__, attributes)]
         for original, contents in inner:
             changed += [(m, name, "an attribute") for name in _rebound(original, contents)]
-        changed += [(m, name, kind) for name, kind in _refilled(containers)]
+        if containers:  # most modules keep none: no call
+            changed += [(m, name, kind) for name, kind in _refilled(containers)]
         for name, value, value_attributes, value_containers in held:
             holder = f"of the {type(value).__name__} it holds"
             changed += [
