@@ -255,10 +255,11 @@ class Chain:
     through the block returns one that does (on inputs that require grad: the gradients would
     reach every weight before it). ``counts_calls`` likewise runs the chain, then counts the
     call on the module, as code keeping its call count or its last features for a caller does:
-    ``self.calls += 1`` for an inline chain (``self.calls.count += 1`` in a namespace it holds
-    for one of an even number of ops: ``counts_in_held_object``), ``self.calls.append(x.shape)`` (a list, the count its
-    length) for a Sequential child, ``object.__setattr__(self, "calls", self.calls + 1)`` for a
-    wrapper child (a write ``nn.Module.__setattr__`` never sees; handing ``self`` to a function
+    ``self.calls += 1`` for an inline chain (``self.calls.count += 1`` in a namespace it
+    holds for one of an even number of ops: ``counts_in_held_object``),
+    ``self.calls.append(x.shape)`` (a list, the count its length) for a Sequential child,
+    ``object.__setattr__(self, "calls", self.calls + 1)`` for a wrapper child (a write
+    ``nn.Module.__setattr__`` never sees; handing ``self`` to a function
     also keeps the wrapper it holds whole, README). FX runs each write and records none of it, so
     a fuser that traces through the module returns one whose count never moves (and a fuser that
     runs its copy of the model must not leave that run's count behind). Drawn for a network's
@@ -291,8 +292,8 @@ class Chain:
     def counts_in_held_object(self) -> bool:
         """An inline ``counts_calls`` chain of an even number of ops counts in a plain object
         it holds, ``self.calls.count += 1`` (``self.calls`` a ``types.SimpleNamespace``): a write
-        that goes through no module. Derived, not drawn, so that the networks drawn before this
-        form existed stay the same."""
+        that goes through no module. Derived from the chain rather than drawn: no extra choice
+        in the draw, and shrinking (which removes ops) reaches both forms."""
         return self.boundary == COUNTS_CALLS and self.packaging == INLINE and not len(self.ops) % 2
 
 
