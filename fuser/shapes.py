@@ -64,11 +64,35 @@ def attributes_of(module: nn.Module) -> list[tuple]:
                 continue
             if isinstance(value, _CONTAINERS):
                 containers.append((name, value, _copy_of(value)))
+            elif isinstance(value, types.MethodType):  # a plain object's method: that object
+                if _is_plain_object(value.__self__):
+                    held.append(_held_state(name, value.__self__))
             elif _is_plain_object(value):
-                state = value.__dict__
-                held.append((name, value, dict(state), _containers_of(state)))
+                held.append(_held_state(name, value))
         saved.append((m, dict(m.__dict__), inner, containers, held))
     return saved
+
+
+def _held_state(name: str, value: object) -> tuple:
+    """A held object's attributes, its lists, dicts and sets, and (a function's) the variables
+    of its closure, which a counter made by a factory function keeps (``nonlocal n; n += 1``)."""
+    state = value.__dict__
+    cells = []
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        variables = zip(value.__code__.co_freevars, value.__closure__, strict=True)
+        cells = [(variable, cell, _cell_contents(cell)) for variable, cell in variables]
+    return name, value, dict(state), _containers_of(state), cells
+
+
+#: What an empty closure cell holds, as far as the comparison goes (its contents raise).
+_EMPTY_CELL = object()
+
+
+def _cell_contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _EMPTY_CELL
 
 
 #: Objects with a ``__dict__`` that are not state a module holds: modules (each saved on its own),
@@ -116,10 +140,15 @@ def restore_attributes(saved: list) -> None:
             _restore_dict(original, contents)
         for _, container, contents in containers:
             _refill(container, contents)
-        for _, value, value_attributes, value_containers in held:
+        for _, value, value_attributes, value_containers, cells in held:
             _restore_dict(value.__dict__, value_attributes)
             for _, container, contents in value_containers:
                 _refill(container, contents)
+            for _, cell, contents in cells:
+                if contents is not _EMPTY_CELL:
+                    cell.cell_contents = contents
+                elif _cell_contents(cell) is not _EMPTY_CELL:
+                    del cell.cell_contents
 
 
 def _restore_dict(now: dict, then: dict) -> None:
@@ -135,7 +164,8 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
     ``object.__setattr__(self, "calls", n)``, ``self.__dict__["calls"] = n``,
     ``self._buffers["last"] = x``; and the same one level down, in a plain object the module
     holds (``self.stats.calls += 1``, ``self.stats.history.append(x)``: ``"stats.calls"``,
-    ``"an attribute of the Stats it holds"``). Compared by identity."""
+    ``"an attribute of the Stats it holds"``), in the object whose method it holds, and in the
+    closure of a function it holds (a counter's ``nonlocal n``). Compared by identity."""
     changed = []
     for m, attributes, inner, containers, held in saved:
         changed += [(m, name, "an attribute") for name in _rebound(m.__dict__, attributes)]
@@ -143,7 +173,7 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
             changed += [(m, name, "an attribute") for name in _rebound(original, contents)]
         if containers:  # most modules keep none: no call
             changed += [(m, name, kind) for name, kind in _refilled(containers)]
-        for name, value, value_attributes, value_containers in held:
+        for name, value, value_attributes, value_containers, cells in held:
             holder = f"of the {type(value).__name__} it holds"
             changed += [
                 (m, f"{name}.{attribute}", f"an attribute {holder}")
@@ -152,6 +182,11 @@ def changed_state(saved: list) -> list[tuple[nn.Module, str, str]]:
             changed += [
                 (m, f"{name}.{attribute}", f"{kind} {holder}")
                 for attribute, kind in _refilled(value_containers)
+            ]
+            changed += [
+                (m, f"{name}.{variable}", "a variable of the closure of the function it holds")
+                for variable, cell, contents in cells
+                if _cell_contents(cell) is not contents
             ]
     return changed
 

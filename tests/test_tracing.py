@@ -485,6 +485,17 @@ class CallStats:
         self.sums: list[float] = []
 
 
+class CallCounter:
+    """A plain object whose method counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def count(self) -> int:
+        self.calls += 1
+        return self.calls
+
+
 class KeepsStatsInAPlainObject(nn.Module):
     """Counts its calls (or keeps its sums) in a plain object it holds, scaling by the count: no
     module attribute is ever set, so neither ``__setattr__`` nor the module dicts see it."""
@@ -548,6 +559,60 @@ def test_a_plain_object_the_code_only_reads_leaves_the_trace_alone():
     assert not report.untraced, report
     assert {site.bn for site in report.folded} == {"block.1"}, report
     assert_equivalent(model, fused, image())
+
+
+def counter_function():
+    """A call counter kept in a closure: ``nonlocal calls`` changes no object's attribute."""
+    calls = 0
+
+    def count() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    return count
+
+
+class ScalesByACount(nn.Module):
+    """Scales its conv/BN output by a count it gets from a function it holds: a closure
+    (``counter_function``) or a plain object's method."""
+
+    def __init__(self, count) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.count = count
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.count()
+
+
+def test_a_module_counting_with_a_method_of_a_plain_object_stays_one_call():
+    model = prepared(nn.Sequential(conv_bn(4), ScalesByACount(CallCounter().count)))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "its count.calls (an attribute of the CallCounter it holds)" in untraced.pop("1")
+    assert not untraced and {site.bn for site in report.folded} == {"0.1"}, report
+    for call in range(1, 4):  # the copy's counter is its own (deepcopy copies a bound object)
+        assert_equivalent(model, fused, image(call))
+    assert model[1].count.__self__.calls == fused.get_submodule("1").count.__self__.calls == 3
+
+
+def test_a_module_counting_in_a_closure_stays_one_call():
+    # copy.deepcopy does not copy functions: the fused model's counter is the original's, so
+    # each model's calls count for both. What the fuser owes: no count of its own runs, and a
+    # fused model that counts (traced through, it would scale by the constant 1 forever).
+    model = prepared(nn.Sequential(conv_bn(4), ScalesByACount(counter_function())))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    change = "its count.calls (a variable of the closure of the function it holds)"
+    assert change in untraced.pop("1"), report
+    assert not untraced and {site.bn for site in report.folded} == {"0.1"}, report
+    with torch.no_grad():
+        unscaled = model[1].bn(model[1].conv(model[0](image())))
+        for call in range(1, 4):
+            torch.testing.assert_close(fused(image()), unscaled * call)
 
 
 class CountsInABuffer(nn.Module):
