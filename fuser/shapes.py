@@ -108,9 +108,7 @@ _ATOMS = frozenset(
 def _is_plain_object(value: object) -> bool:
     """An object keeping its state in a ``__dict__`` (``self.stats = Stats()``, a namespace, a
     function with attributes), whose attributes code may set as it runs: ``self.stats.calls += 1``
-    goes through no module at all."""
-    if type(value) in _ATOMS:
-        return False
+    goes through no module at all. (``attributes_of`` skips ``_ATOMS`` before asking.)"""
     return isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
         value, _NOT_HELD_STATE
     )

@@ -17,6 +17,7 @@ from tests.mutants.warm_interpreter import ROOT, WarmInterpreter
 PROBE = """
 import os
 import sys
+import time
 
 import fuser
 import torch
@@ -60,7 +61,7 @@ def _probe_environment(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 def _probe(tmp_path: Path) -> str:
     path = tmp_path / "test_probe.py"
-    path.write_text("import time\n" + PROBE)
+    path.write_text(PROBE)
     return str(path)
 
 
