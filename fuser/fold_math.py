@@ -40,13 +40,15 @@ def bn_scale_shift(
 
     ``weight``/``bias`` are None for a BN without affine parameters (gamma = 1, beta = 0).
     """
-    mean = running_mean.detach().double()
-    scale = torch.rsqrt(running_var.detach().double() + eps)
+    # Formed in place in fresh float64 copies: the values of the textbook formula
+    # (rsqrt(var + eps) * gamma, -mean * scale + beta), bit for bit, in half the operations a
+    # small BN's time is made of. The narrower operands widen exactly as they are read.
+    scale = running_var.detach().to(torch.float64, copy=True).add_(eps).rsqrt_()
     if weight is not None:
-        scale = scale * weight.detach().double()
-    shift = -mean * scale
+        scale.mul_(weight.detach())
+    shift = running_mean.detach().to(torch.float64, copy=True).mul_(scale).neg_()
     if bias is not None:
-        shift = shift + bias.detach().double()
+        shift.add_(bias.detach())
     return scale, shift
 
 
@@ -93,13 +95,11 @@ def fold_into_output(
     """The layer computing ``BN(layer(x))``: the BN scales each output channel."""
     w = weight.detach()
     if layer in ("conv", "linear"):
-        out_channels = w.shape[0]
         factor = _channel_view(scale, w.ndim, 0)
     elif layer == "conv_transpose":
         # Output channel (g, j) lives at weight[g * in_per_group : (g + 1) * in_per_group, j]:
         # each row (input channel) of group g is scaled by that group's slice of ``scale``.
         in_channels, out_per_group = w.shape[0], w.shape[1]
-        out_channels = out_per_group * groups
         factor = (
             scale.reshape(groups, 1, out_per_group)
             .expand(groups, in_channels // groups, out_per_group)
@@ -107,8 +107,9 @@ def fold_into_output(
         )
     else:
         raise ValueError(f"no output-side fold for layer kind {layer!r}")
-    b = _zero_bias_if_missing(bias, out_channels, w)
-    return FoldedLayer(weight, factor, b * scale + shift)
+    if bias is None:  # 0 * scale + shift, when the scale is finite (else the fold is refused)
+        return FoldedLayer(weight, factor, shift)
+    return FoldedLayer(weight, factor, bias.detach().double() * scale + shift)
 
 
 def fold_into_input(
@@ -207,6 +208,30 @@ def product_fits(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> bool:
     return bool((row_smallest[scaled] >= torch.finfo(dtype).tiny).all())
 
 
+def product_in_one_block(weight: Tensor, factor: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(weight.double() * factor, the largest magnitude in each row of it)`` for a weight of
+    one rounding block (every weight off the CPU); None for a larger one, whose float64 product
+    is never held whole (``round_scaled``).
+
+    For a conv or linear the rows are the output channels, so the second tensor is the
+    ``channel_largest`` that ``round_scaled`` returns, and ``copy_rounded`` of the product is its
+    rounded weight: a small layer's in-place fold forms the product once, checks it exactly and
+    writes it, in fewer operations than ``product_fits``' bound and ``scale_in_place`` take."""
+    w = weight.detach()
+    if w.ndim < 2 or not w.numel() or _rows_per_block(w) < w.shape[0]:
+        return None
+    with torch.no_grad():
+        product = w.to(torch.float64, copy=True).mul_(factor)
+        largest = product.abs().amax(dim=tuple(range(1, w.ndim)))  # NaN where a row has one
+    return product, largest
+
+
+def copy_rounded(weight: Tensor, product: Tensor) -> None:
+    """Overwrite ``weight`` with ``product`` rounded once to its dtype."""
+    with torch.no_grad():
+        weight.detach().copy_(product)
+
+
 def scale_in_place(weight: Tensor, factor: Tensor) -> None:
     """Replace ``weight`` by ``(weight.double() * factor).to(weight.dtype)``, bit for bit as
     ``round_scaled`` gives it, without allocating a second weight-sized tensor.
@@ -227,8 +252,7 @@ def _scale_into(
     ``maxima`` is None, append the largest magnitude of the product in each row of each block
     (in each row and column with ``per_column``, for a transposed conv)."""
     rows = w.shape[0]
-    per_row = max(1, w.numel() // rows)
-    step = max(1, ROUNDING_BLOCK // per_row) if w.device.type == "cpu" else rows
+    step = _rows_per_block(w)
     reduced = tuple(range(2 if per_column else 1, w.ndim))
     with torch.no_grad():
         if step >= rows:  # one block: the fewest calls, which is what a small layer's time is
@@ -247,6 +271,14 @@ def _scale_into(
             result[start:stop].copy_(block)
             if maxima is not None:
                 maxima.append(_largest_magnitude(block, reduced))
+
+
+def _rows_per_block(w: Tensor) -> int:
+    """Rows of ``w`` scaled per step on the CPU (``ROUNDING_BLOCK``); all of them elsewhere."""
+    rows = w.shape[0]
+    if w.device.type != "cpu":
+        return rows
+    return max(1, ROUNDING_BLOCK // max(1, w.numel() // rows))
 
 
 def _largest_magnitude(values: Tensor, dims: tuple[int, ...]) -> Tensor:

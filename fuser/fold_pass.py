@@ -19,9 +19,11 @@ from .fold_math import (
     INPUT_SIDE_LAYERS,
     FoldedLayer,
     bn_scale_shift,
+    copy_rounded,
     fold_into_input,
     fold_into_output,
     product_fits,
+    product_in_one_block,
     round_scaled,
     scale_in_place,
 )
@@ -343,8 +345,7 @@ class _FoldPass:
         The weight is the float64 product rounded once to the layer's dtype; the fold is left
         when that product or the bias does not fit the dtype."""
         dtype = layer.weight.dtype
-        if self._may_scale_in_place(layer, folded):
-            scale_in_place(layer.weight, folded.factor)
+        if self._may_scale_in_place(layer, folded) and self._scaled_in_place(layer, folded):
             new_weight = layer.weight
         else:
             weight, channel_largest = round_scaled(
@@ -373,7 +374,8 @@ class _FoldPass:
     def _may_scale_in_place(self, layer: LayerCall, folded: FoldedLayer) -> bool:
         """May the folded weight overwrite the layer's weight? Only a module's own parameter,
         whose storage nothing else uses, in a module only this call reads, and only when the
-        fold is certain to succeed: the product provably fits and so does the bias."""
+        fold is certain to succeed: the bias fits (the product is checked by
+        ``_scaled_in_place``)."""
         weight = layer.weight
         if layer.module_target is None or type(weight) is not torch.nn.Parameter:
             return False
@@ -386,10 +388,27 @@ class _FoldPass:
         module = submodule(self.gm, layer.module_target)
         if module.weight is not weight or not self.usage.only_this_call_reads(module):
             return False
-        dtype = weight.dtype
-        return overflow_reason(folded.bias, dtype) is None and product_fits(
-            weight, folded.factor, dtype
-        )
+        return overflow_reason(folded.bias, weight.dtype) is None
+
+    @staticmethod
+    def _scaled_in_place(layer: LayerCall, folded: FoldedLayer) -> bool:
+        """Overwrite the layer's weight with the folded one when the product fits its dtype;
+        False, the weight untouched, when it does not or is not proven to (the copying path
+        then decides, with the reason). A weight of one rounding block is checked on its exact
+        product, by the same rules as a copied one; a larger one by ``product_fits``' bound,
+        which never holds the product whole."""
+        weight, dtype = layer.weight, layer.weight.dtype
+        one_block = product_in_one_block(weight, folded.factor)
+        if one_block is None:
+            if not product_fits(weight, folded.factor, dtype):
+                return False
+            scale_in_place(weight, folded.factor)
+            return True
+        product, channel_largest = one_block
+        if overflow_reason(channel_largest, dtype) or underflow_reason(channel_largest, dtype):
+            return False
+        copy_rounded(weight, product)
+        return True
 
     def _original_name(self, target: str) -> str:
         return self.copied_from.get(target, target)

@@ -143,14 +143,15 @@ def set_attr(gm: fx.GraphModule, qualname: str, value: object) -> None:
 def delete_attr(gm: fx.GraphModule, qualname: str) -> None:
     """Delete an attribute, then the empty placeholder modules FX created on its path."""
     owner_path, _, name = qualname.rpartition(".")
-    delattr(submodule(gm, owner_path), name)
+    owner = submodule(gm, owner_path)
+    delattr(owner, name)
     while owner_path:
-        owner = submodule(gm, owner_path)
         empty = not (owner._parameters or owner._buffers or owner._modules)
         if type(owner) is not nn.Module or not empty:
             return
         owner_path, _, name = owner_path.rpartition(".")
-        delattr(submodule(gm, owner_path), name)
+        owner = submodule(gm, owner_path)
+        delattr(owner, name)
 
 
 def tensor_like(
@@ -211,10 +212,10 @@ def underflow_reason(channel_largest: torch.Tensor, dtype: torch.dtype) -> str |
     if not dtype.is_floating_point or not channel_largest.numel():
         return None
     tiny = torch.finfo(dtype).tiny
-    sunk = channel_largest[(channel_largest > 0) & (channel_largest < tiny)]
-    if not sunk.numel():
+    sunk = [value for value in channel_largest.tolist() if 0 < value < tiny]  # one read, no NaN
+    if not sunk:
         return None
     return (
-        f"the folded weights of {sunk.numel()} output channel(s) would all be subnormal in "
-        f"{dtype} (largest {sunk.max().item():.3g} < {tiny:.3g}), losing their precision"
+        f"the folded weights of {len(sunk)} output channel(s) would all be subnormal in "
+        f"{dtype} (largest {max(sunk):.3g} < {tiny:.3g}), losing their precision"
     )

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from fuser.fold_math import (
     ROUNDING_BLOCK,
     bn_scale_shift,
+    copy_rounded,
     fold_into_input,
     fold_into_output,
     product_fits,
+    product_in_one_block,
     round_scaled,
     scale_in_place,
 )
@@ -111,6 +113,29 @@ def test_scale_and_shift_are_float64_whatever_the_statistics_dtype(dtype):
     assert scale.dtype == F64 and shift.dtype == F64
     x = random(3, 4, dtype=F64)
     assert_close_float64(x * scale + shift, bn.apply_float64(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "weight-and-bias-None"])
+def test_scale_and_shift_are_the_textbook_formula_bit_for_bit_and_leave_the_bn_untouched(
+    dtype, affine
+):
+    """``bn_scale_shift`` computes in place in float64 copies: the same values as the formula
+    written out, and never in the BN's own tensors (a float64 BN's ``.double()`` is itself)."""
+    bn = random_bn(6, affine=affine, dtype=dtype, seed=7)
+    tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+    before = [t.clone() for t in tensors]
+    scale, shift = bn.scale_shift()
+    expected_scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if affine:
+        expected_scale = expected_scale * bn.weight.double()
+    expected_shift = -bn.running_mean.double() * expected_scale
+    if affine:
+        expected_shift = expected_shift + bn.bias.double()
+    assert torch.equal(_bits(scale), _bits(expected_scale))
+    assert torch.equal(_bits(shift), _bits(expected_shift))
+    for original, now in zip(before, tensors, strict=True):
+        assert torch.equal(_bits(original), _bits(now)), "bn_scale_shift changed a BN tensor"
 
 
 # --- output side: BN(layer(x)) -------------------------------------------------------------------
@@ -389,6 +414,46 @@ def test_scaling_in_place_gives_the_rounded_weight_bit_for_bit(dtype, block, mon
         scale_in_place(weight, folded.factor)
         assert torch.equal(_bits(weight), _bits(rounded)), name
         assert weight.untyped_storage().data_ptr() == storage, name
+
+
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
+def test_a_product_in_one_block_is_the_float64_product_and_rounds_to_round_scaleds_weight(dtype):
+    """The small in-place fold's product: exact, with each row's largest magnitude (a conv's or
+    linear's output channels, as ``round_scaled`` reports them), and ``copy_rounded`` writes
+    ``round_scaled``'s weight bit for bit into the weight's own storage."""
+    for name, folded in _folds_of_every_layout(dtype):
+        if name.startswith("conv_transpose"):  # rows are not its output channels: never asked
+            continue
+        exact, _ = folded.float64()
+        product, largest = product_in_one_block(folded.weight, folded.factor)
+        assert torch.equal(_bits(product), _bits(exact)), name
+        assert torch.equal(largest, exact.abs().flatten(1).amax(dim=1)), name
+        rounded, channel_largest = round_scaled(folded.weight, folded.factor, dtype)
+        assert torch.equal(largest, channel_largest), name
+        weight = folded.weight.clone()
+        storage = weight.untyped_storage().data_ptr()
+        copy_rounded(weight, product)
+        assert torch.equal(_bits(weight), _bits(rounded)), name
+        assert weight.untyped_storage().data_ptr() == storage, name
+
+
+def test_a_product_in_one_block_marks_a_row_holding_a_nan_and_leaves_the_weight_untouched():
+    weight = torch.tensor([[1.0, float("nan")], [2.0, -3.0]])
+    before = weight.clone()
+    _, largest = product_in_one_block(weight, torch.tensor([[2.0], [0.5]], dtype=F64))
+    assert largest[0].isnan() and largest[1].item() == 1.5
+    assert torch.equal(_bits(weight), _bits(before))
+
+
+def test_no_product_in_one_block_for_a_weight_of_several_blocks_or_none(monkeypatch):
+    """A weight larger than one rounding block is never widened whole (``product_fits`` and
+    ``scale_in_place`` take it block by block)."""
+    factor = torch.ones(4, 1, dtype=F64)
+    assert product_in_one_block(random(4, 3), factor) is not None
+    assert product_in_one_block(torch.empty(0, 3), factor[:0]) is None
+    monkeypatch.setattr("fuser.fold_math.ROUNDING_BLOCK", 6)  # two rows of three a block
+    assert product_in_one_block(random(4, 3), factor) is None
+    assert product_in_one_block(random(2, 3), factor[:2]) is not None
 
 
 def test_scaling_in_place_keeps_the_memory_format():
