@@ -62,8 +62,13 @@ class FoldTracer(fx.Tracer):
         self._entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
         self.attributes_before_trace: dict[int, tuple] = {}  # set by _trace_with
+        self._leaf_answer: tuple[nn.Module, bool] | None = None  # see call_module
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        answered = self._leaf_answer
+        if answered is not None and answered[0] is m:  # FX asking again what call_module asked
+            self._leaf_answer = None
+            return answered[1]
         if id(m) in self.opaque or id(m) in self.kept or has_hooks(m):
             return True
         if is_foldable_layer_or_batch_norm(m):
@@ -82,12 +87,15 @@ class FoldTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):
+        """FX's ``call_module``, which asks ``is_leaf_module`` first thing: it is handed the
+        answer this method found (the rules take a few microseconds a call, and a trace makes
+        hundreds), and a module whose call fails to trace is rolled back and kept as a call."""
         if self.is_leaf_module(m, ""):
             _refuse_own_call_code(m)
-            return super().call_module(m, forward, args, kwargs)
+            return self._call_answered(m, True, forward, args, kwargs)
         checkpoint = _TraceCheckpoint(self, m)
         try:
-            result = super().call_module(m, forward, args, kwargs)
+            result = self._call_answered(m, False, forward, args, kwargs)
         except _RetraceNeeded:
             raise
         except Exception as error:  # tracing runs user code: any failure means "not traceable"
@@ -102,6 +110,13 @@ class FoldTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         self._entered.add(id(m))
         return result
+
+    def _call_answered(self, m: nn.Module, leaf: bool, forward, args, kwargs):
+        self._leaf_answer = (m, leaf)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:  # never left for a later question: a module's answer changes once it is opaque
+            self._leaf_answer = None
 
 
 class OwnCallCode(Exception):
