@@ -42,8 +42,12 @@ def _walk(original, expected, got, seen, storages, where: str) -> None:
     if isinstance(expected, torch.Tensor):
         assert torch.equal(got, expected) and got.dtype == expected.dtype, where
         assert got.requires_grad == expected.requires_grad, where
+        assert got.stride() == expected.stride(), f"{where}: strides"
+        assert got.storage_offset() == expected.storage_offset(), f"{where}: storage offset"
+        assert got.is_conj() == expected.is_conj() and got.is_neg() == expected.is_neg(), where
+        _walk(vars(original), vars(expected), vars(got), seen, storages, f"{where}.__dict__")
         storage = got.untyped_storage().data_ptr()
-        if got is not original:
+        if got is not original and storage:  # (an empty storage has no memory, address 0)
             assert storage != original.untyped_storage().data_ptr(), f"{where}: storage shared"
         expected_storage = expected.untyped_storage().data_ptr()
         assert storages.setdefault(expected_storage, storage) == storage, f"{where}: views"
@@ -67,6 +71,41 @@ def _walk(original, expected, got, seen, storages, where: str) -> None:
         _walk(vars(original), vars(expected), vars(got), seen, storages, f"{where}.__dict__")
     else:
         assert got == expected or got is expected, f"{where}: {got!r} != {expected!r}"
+
+
+class Buffers(nn.Module):
+    """Tensors of every shape a buffer takes, most copied by deep_copy's own path for plain
+    tensors, the rest (autograd state, a lazy conjugate, attributes) by ``Tensor.__deepcopy__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        whole = torch.arange(24.0).reshape(4, 6)
+        self.register_buffer("whole", whole)
+        self.register_buffer("rows", whole[1:3])  # a view at an offset: shares the copy
+        self.register_buffer("columns", whole[:, ::2])  # strided
+        self.register_buffer("transposed", whole.t())
+        self.register_buffer(
+            "channels_last", torch.rand(2, 3, 4, 5).to(memory_format=torch.channels_last)
+        )
+        self.register_buffer("scalar", torch.tensor(3, dtype=torch.int64))
+        self.register_buffer("empty", torch.empty(0, 3))
+        self.register_buffer("flags", torch.tensor([True, False]))
+        self.register_buffer("float16", torch.rand(5).half())
+        self.register_buffer("learned", torch.rand(3).requires_grad_())
+        self.register_buffer("conjugate", torch.randn(3, dtype=torch.complex64).conj())
+        tagged = torch.ones(2)
+        tagged.note = "an attribute of the tensor"
+        self.register_buffer("tagged", tagged)
+        self.register_buffer("missing", None)
+        self.unregistered = whole[3]  # a plain attribute viewing a buffer
+
+
+def test_buffers_of_every_layout_are_copied_like_deepcopy() -> None:
+    model = Buffers()
+    got = check(model)
+    assert got.rows.untyped_storage().data_ptr() == got.whole.untyped_storage().data_ptr()
+    assert got.unregistered.untyped_storage().data_ptr() == got.whole.untyped_storage().data_ptr()
+    assert got.tagged.note == "an attribute of the tensor"
 
 
 def check(model: object) -> object:
