@@ -18,26 +18,44 @@ from torch import fx, nn
 from .patterns import attribute, fetch_attr, submodule
 
 
-def referenced_objects(gm: fx.GraphModule, node: fx.Node) -> list[object]:
+def referenced_objects(
+    gm: fx.GraphModule, node: fx.Node, owners_of: dict[str, list[nn.Module]] | None = None
+) -> list[object]:
     """The modules and tensors a node reads.
 
     A called module counts with everything inside it; an attribute read counts with the modules on
     its path, since ``get_attr("bn.weight")`` needs the module ``bn`` to stay where it is.
+    ``owners_of`` may hold the modules on paths already walked (by their path), for a caller
+    asking about many nodes while the module tree stays as it is.
     """
     if node.op not in ("call_module", "get_attr"):
         return []
-    *path, name = node.target.split(".")
-    owners: list[object] = []
-    owner: object = gm
-    for atom in path:  # one walk down the path, checked as ``get_submodule`` checks it
-        owner = attribute(owner, atom)
-        if not isinstance(owner, nn.Module):
-            raise AttributeError(f"`{atom}` of {node.target!r} is not an nn.Module")
-        owners.append(owner)
+    path, _, name = node.target.rpartition(".")
+    owners = _owners_on(gm, path, node.target, {} if owners_of is None else owners_of)
+    owner = owners[-1] if owners else gm
     target = attribute(owner, name)
     if isinstance(target, nn.Module):
         return [*owners, *module_objects(target)]
     return [*owners, target]
+
+
+def _owners_on(
+    gm: fx.GraphModule, path: str, target: str, walked: dict[str, list[nn.Module]]
+) -> list[nn.Module]:
+    """The modules on ``path`` down from ``gm``, checked as ``get_submodule`` checks them, each
+    prefix walked once across the calls sharing ``walked``."""
+    if not path:
+        return []
+    known = walked.get(path)
+    if known is not None:
+        return known
+    parent_path, _, atom = path.rpartition(".")
+    above = _owners_on(gm, parent_path, target, walked)
+    owner = attribute(above[-1] if above else gm, atom)
+    if not isinstance(owner, nn.Module):
+        raise AttributeError(f"`{atom}` of {target!r} is not an nn.Module")
+    walked[path] = owners = [*above, owner]
+    return owners
 
 
 def module_objects(module: nn.Module) -> list[object]:
@@ -81,8 +99,9 @@ class UsageCounts:
         self._counts: Counter[int] = Counter()
         self._held: dict[int, object] = {}  # the counted objects, kept alive while counted
         self._shared = shared  # referenced from outside this graph too: one more reference each
+        owners_of: dict[str, list[nn.Module]] = {}  # nothing changes the tree while counting
         for node in gm.graph.nodes:
-            self.add(referenced_objects(gm, node))
+            self.add(referenced_objects(gm, node, owners_of))
 
     def add(self, objects: Iterable[object]) -> None:
         for obj in objects:
