@@ -28,6 +28,7 @@ from collections.abc import Callable
 from torch import fx, nn
 
 from .child_usage import parent_map
+from .patterns import has_hooks
 
 #: The hook dicts of a module that fire on its calls, and what to call each kind in a reason.
 HOOK_KINDS = {
@@ -43,6 +44,8 @@ def hook_reading_its_module(module: nn.Module) -> str | None:
     hooks reads the module it is handed, or a hook anywhere inside it is a method of a module
     inside it and reads that module's state (fusing changes the modules the fused one shares
     with the model it was traced from)."""
+    if not any(has_hooks(m) for m in module.modules()):  # most models: one plain walk
+        return None
     inside = {id(m) for m in module.modules()}
     for path, hooked in module.named_modules():
         for attribute, kind in HOOK_KINDS.items():

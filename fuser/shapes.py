@@ -57,10 +57,11 @@ def attributes_of(module: nn.Module) -> list[tuple]:
     for m in module.modules():
         if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
             continue
-        inner = [(d, dict(d)) for d in (m.__dict__.get(k) for k in _MODULE_DICTS) if d is not None]
+        state = m.__dict__
+        inner = [(d, dict(d)) for d in map(state.get, _MODULE_DICTS) if d is not None]
         containers, held = [], []
-        for name, value in m.__dict__.items():
-            if type(value) in _ATOMS or name in _MODULE_INTERNALS:
+        for name, value in state.items():
+            if name in _MODULE_INTERNALS or type(value) in _ATOMS:
                 continue
             if isinstance(value, _CONTAINERS):
                 containers.append((name, value, _copy_of(value)))
@@ -69,7 +70,7 @@ def attributes_of(module: nn.Module) -> list[tuple]:
                     held.append(_held_state(name, value.__self__))
             elif _is_plain_object(value):
                 held.append(_held_state(name, value))
-        saved.append((m, dict(m.__dict__), inner, containers, held))
+        saved.append((m, dict(state), inner, containers, held))
     return saved
 
 
