@@ -425,7 +425,9 @@ def test_a_product_in_one_block_is_the_float64_product_and_rounds_to_round_scale
         if name.startswith("conv_transpose"):  # rows are not its output channels: never asked
             continue
         exact, _ = folded.float64()
+        before = folded.weight.clone()
         product, largest = product_in_one_block(folded.weight, folded.factor)
+        assert torch.equal(_bits(folded.weight), _bits(before)), f"{name}: weight changed"
         assert torch.equal(_bits(product), _bits(exact)), name
         assert torch.equal(largest, exact.abs().flatten(1).amax(dim=1)), name
         rounded, channel_largest = round_scaled(folded.weight, folded.factor, dtype)
