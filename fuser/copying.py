@@ -1,4 +1,4 @@
-"""``copy.deepcopy`` of a module tree, with a direct path for modules and dicts.
+"""``copy.deepcopy`` of a module tree, with a direct path for modules, dicts and buffers.
 
 Both fusers in the fuse-pass benchmark start with a deep copy (the caller's model is never
 touched), and for a model with small weights the copy is a third of the fuser's time. Most of
@@ -10,10 +10,10 @@ Here a plain ``nn.Module``, and an exact ``dict``, ``OrderedDict``, ``tuple`` or
 rebuilt directly, doing what ``copy.deepcopy`` does for them, and so is a plain buffer (an exact
 ``torch.Tensor`` with nothing attached): ``Tensor.__deepcopy__`` spends most of its 20 us on the
 checks for the kinds of tensor it must treat otherwise, and a model holds three buffers a
-BatchNorm. Everything else (tensors, user
-objects, other containers, modules with a copy protocol of their own, such as ``GraphModule``)
-goes to ``copy.deepcopy`` with the same memo, so objects shared within the model, and cycles, are
-copied exactly as ``copy.deepcopy`` copies them.
+BatchNorm. Everything else (other tensors, parameters, user objects, other containers,
+modules with a copy protocol of their own, such as ``GraphModule``) goes to ``copy.deepcopy``
+with the same memo, so objects shared within the model, and cycles, are copied exactly as
+``copy.deepcopy`` copies them.
 """
 
 from __future__ import annotations
