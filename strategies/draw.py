@@ -223,7 +223,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         blocks[-1] = replace(last, boundary=AUTOCAST)
     elif unguarded and draw(chance(1, 6)):  # its output never requires grad (``Chain``)
         blocks[-1] = replace(last, boundary=NO_GRAD)
-    elif unguarded and draw(chance(1, 3)):  # counts its calls on itself (``Chain``)
+    elif unguarded and draw(chance(1, 2)):  # counts its calls on itself (``Chain``)
         blocks[-1] = replace(last, boundary=COUNTS_CALLS)
     blocks = [_with_weight_reads(draw, block) for block in blocks]
     seed = draw(integers(0, 2**16 - 1))

@@ -222,14 +222,16 @@ def _counting_modules(spec: NetSpec) -> list[str]:
 
 def _call_count(model: nn.Module, path: str) -> int | None:
     """The count a module of ``model`` keeps of its calls (an int, the length of the list it
-    appends to, or the int in the namespace it holds); None when there is no such module or count
-    (a fuser that traced through it)."""
+    appends to, the int in the namespace it holds, or the value of its int64 buffer); None when
+    there is no such module or count (a fuser that traced through it)."""
     try:
         count = getattr(model.get_submodule(path), CALL_COUNTER)
     except AttributeError:
         return None
     if isinstance(count, list):
         return len(count)
+    if isinstance(count, torch.Tensor):
+        return int(count.item()) if count.numel() == 1 and not count.is_floating_point() else None
     if isinstance(count, types.SimpleNamespace):
         count = getattr(count, "count", None)
     return count if isinstance(count, int) else None

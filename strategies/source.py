@@ -587,6 +587,10 @@ class _Renderer:
                     init = [*init, f"self.{CALL_COUNTER} = 0"]
                     count = f"self.{CALL_COUNTER} + 1"
                     forward = [*forward, f'object.__setattr__(self, "{CALL_COUNTER}", {count})']
+                elif chain.counts_in_buffer:  # an int64 buffer it changes in place
+                    zero = "torch.zeros((), dtype=torch.int64)"
+                    init = [*init, f'self.register_buffer("{CALL_COUNTER}", {zero})']
+                    forward = [*forward, f"self.{CALL_COUNTER}.add_(1)"]
                 else:  # a list it appends to (each call's output shape), its count the length
                     init = [*init, f"self.{CALL_COUNTER} = []"]
                     forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]

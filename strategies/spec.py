@@ -257,7 +257,9 @@ class Chain:
     call on the module, as code keeping its call count or its last features for a caller does:
     ``self.calls += 1`` for an inline chain (``self.calls.count += 1`` in a namespace it
     holds for one of an even number of ops: ``counts_in_held_object``),
-    ``self.calls.append(x.shape)`` (a list, the count its length) for a Sequential child,
+    ``self.calls.append(x.shape)`` (a list, the count its length) for a Sequential child
+    (``self.calls.add_(1)`` on an int64 buffer it registers for one nested an even number of
+    levels: ``counts_in_buffer``),
     ``object.__setattr__(self, "calls", self.calls + 1)`` for a wrapper child (a write
     ``nn.Module.__setattr__`` never sees; handing ``self`` to a function
     also keeps the wrapper it holds whole, README). FX runs each write and records none of it, so
@@ -295,6 +297,15 @@ class Chain:
         that goes through no module. Derived from the chain rather than drawn: no extra choice
         in the draw, and shrinking (which removes ops) reaches both forms."""
         return self.boundary == COUNTS_CALLS and self.packaging == INLINE and not len(self.ops) % 2
+
+    @property
+    def counts_in_buffer(self) -> bool:
+        """A Sequential ``counts_calls`` chain nested an even number of levels counts in an int64
+        buffer it registers, ``self.calls.add_(1)``: no attribute is set and no container
+        filled, the tensor changes in place. FX hands traced code the buffer itself, so the
+        trace runs the increment on the fuser's copy and records none of it. Derived from the
+        chain like ``counts_in_held_object``."""
+        return self.boundary == COUNTS_CALLS and self.packaging == SEQUENTIAL and not self.depth % 2
 
 
 @dataclass(frozen=True)

@@ -442,6 +442,36 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # The same counting in an int64 buffer the module registers (self.calls.add_(1)), for a
+    # Sequential child nested two levels (Chain.counts_in_buffer): FX hands traced code the buffer
+    # itself, so the trace runs the increment on the fuser's copy and records nothing. Our fuser
+    # has put the buffer back and left the module untraced since 274e204; drawn since 2026-11-28
+    # (mutants buffer_writes_traced_through, buffers_changed_while_tracing_kept).
+    "counting_block_in_a_buffer": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        bias=False,
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
+                packaging="sequential",
+                depth=2,
+                boundary="counts_calls",
+            ),
+        ),
+    ),
     # The same with a wrapper, whose module counts with object.__setattr__(self, "calls", n):
     # nn.Module.__setattr__, which the trace refuses, never sees that write. Our fuser traced
     # through it until 2026-11-27 (the trace now compares each module's dicts before and after).

@@ -79,6 +79,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("counts calls with object.__setattr__")
             if block.counts_in_held_object:
                 found.add("counts calls in a plain object it holds")
+            if block.counts_in_buffer:
+                found.add("counts calls in a buffer it changes in place")
             if block.loop is not None:
                 found.add(f"untraceable parent loops over a Sequential ({block.loop})")
             if block.packaging == "sequential" and block.depth >= 3:
@@ -289,6 +291,7 @@ REQUIRED = [
     "boundary counts_calls",
     "counts calls with object.__setattr__",
     "counts calls in a plain object it holds",
+    "counts calls in a buffer it changes in place",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",

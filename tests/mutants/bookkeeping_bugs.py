@@ -21,6 +21,7 @@ from fuser.report import OUTPUT_SIDE, SiteReport
 from ._patching import Fused, fuse_patched
 
 __all__ = [
+    "buffers_changed_while_tracing_kept",
     "dead_batch_norm_left_in_graph",
     "example_inputs_changed",
     "folded_constants_left_behind",
@@ -44,6 +45,21 @@ def input_model_mutated(model: nn.Module, example_inputs: tuple | None = None) -
     untouched.
     """
     patches = {"fuser.fuse.deep_copy": lambda module: module}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def buffers_changed_while_tracing_kept(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a module whose code changes a buffer in place (``self.calls.add_(1)``) is rightly
+    left untraced, but the change the trace ran on the fuser's copy is not put back, so the
+    fused model starts with the trace's run counted (and a BatchNorm whose statistics the
+    model's code changes would start from statistics the caller's model does not have). Needs a
+    counting block whose chain is a Sequential nested an even number of levels
+    (``Chain.counts_in_buffer``). Caught by: the fused model matches the original (its count
+    right after fusing).
+    """
+    patches = {"fuser.tracing._TensorSnapshot.restore": lambda snapshot: None}
     return fuse_patched(model, example_inputs, patches)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "autocast_traced_through",
     "bn_hooks_ignored",
     "bn_subclass_matched_by_isinstance",
+    "buffer_writes_traced_through",
     "computed_bn_affine_taken_as_absent",
     "computed_layer_bias_taken_as_absent",
     "container_writes_traced_through",
@@ -460,6 +461,19 @@ def held_object_writes_ignored(model: nn.Module, example_inputs: tuple | None = 
     matches the original (its count).
     """
     patches = {"fuser.shapes._is_plain_object": lambda value: False}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def buffer_writes_traced_through(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a buffer the traced code changes in place (``self.calls.add_(1)``: FX hands it the
+    buffer itself, not a proxy) is put back after the trace, but its module is traced through
+    like any other: the increment ran once on the fuser's copy, was undone, and is recorded
+    nowhere, so the fused model's buffer never moves (a BatchNorm whose statistics the model's
+    code changes would be folded the same way). Needs a counting block whose chain is a
+    Sequential nested an even number of levels (``Chain.counts_in_buffer``). Caught by: the fused
+    model matches the original (its count).
+    """
+    patches = {"fuser.tracing._TensorSnapshot.changed": lambda snapshot: []}
     return fuse_patched(model, example_inputs, patches)
 
 
