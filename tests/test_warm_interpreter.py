@@ -6,12 +6,15 @@ because of another mutant's bug; one that outlived its timeout would hang the mu
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.mutants import warm_interpreter
 from tests.mutants.warm_interpreter import ROOT, WarmInterpreter
 
 PROBE = """
@@ -108,3 +111,81 @@ def test_a_run_that_kills_itself_is_reported_and_the_server_survives(tmp_path, i
     assert status == -9
     status, _, _ = interpreter.run([str(path), "-q", "--collect-only"], env, log, 120.0)
     assert status == 0, log.read_text()
+
+
+def _sleeping_run(tmp_path: Path, interpreter: WarmInterpreter) -> int:
+    """Start a run of the probe that sleeps a minute, straight through the server's protocol;
+    return the child's pid once the server has forked it."""
+    env = _probe_environment(
+        tmp_path, WARM_PROBE="a", WARM_PROBE_EXPECTED="a", WARM_PROBE_SLEEP="1"
+    )
+    request = {"args": [_probe(tmp_path), "-q"], "env": env, "cwd": str(ROOT)}
+    request["log"] = str(tmp_path / "log.txt")
+    server = interpreter._started()
+    server.stdin.write((json.dumps(request) + "\n").encode())
+    server.stdin.flush()
+    return interpreter._answer(None)["pid"]
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended: reaped, or a zombie whose parent has not reaped it yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def _wait_until_gone(pid: int, seconds: float = 20.0) -> bool:
+    deadline = time.perf_counter() + seconds
+    while not _gone(pid):
+        if time.perf_counter() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_run_whose_client_goes_away_is_killed_with_its_server(tmp_path) -> None:
+    """A runner killed mid-run (its end of the pipe closed) used to leave the run's child going
+    to its end, and the server waiting for it."""
+    interpreter = WarmInterpreter()
+    pid = _sleeping_run(tmp_path, interpreter)
+    server = interpreter._server
+    server.stdin.close()
+    try:
+        assert server.wait(timeout=20) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+    assert _wait_until_gone(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_whose_server_is_killed_dies_with_it(tmp_path) -> None:
+    interpreter = WarmInterpreter()
+    pid = _sleeping_run(tmp_path, interpreter)
+    time.sleep(0.5)  # the child asks for the signal first thing; give it the moment
+    interpreter._server.kill()
+    interpreter._server.wait()
+    interpreter._server.stdout.close()
+    interpreter._server.stdin.close()
+    assert _wait_until_gone(pid)
+
+
+def test_a_run_ending_as_its_deadline_passes_keeps_its_status(
+    tmp_path, interpreter, monkeypatch
+) -> None:
+    """The deadline passes, but the run ends and is reaped before the client's kill: the kill
+    finds no process, and the run's own status is its answer, not a timeout."""
+    kills = []
+
+    def already_reaped(pid: int, sig: int) -> None:
+        kills.append(pid)
+        raise ProcessLookupError(pid)
+
+    monkeypatch.setattr(warm_interpreter.os, "kill", already_reaped)
+    probe, log = _probe(tmp_path), tmp_path / "log.txt"
+    env = _probe_environment(tmp_path, WARM_PROBE="a", WARM_PROBE_EXPECTED="a")
+    status, _, _ = interpreter.run([probe, "-q"], env, log, 0.0)
+    assert kills and status == 0, log.read_text()

@@ -41,6 +41,13 @@ PRELOADED = ("torch", "torchvision", "hypothesis", "pytest", "xdist.plugin", "st
 #: The exit status a child reports when the run itself crashed before pytest could give one.
 CHILD_CRASHED = 70
 
+#: Seconds between the server's looks at its child and at its client while a run is going: what
+#: an ended run waits before its answer, at most.
+CLIENT_POLL_S = 0.05
+
+#: ``prctl``'s option to send the caller a signal when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
 
 # -- the server ----------------------------------------------------------------------------------
 
@@ -61,16 +68,52 @@ def serve() -> None:
         if pid == 0:
             _run_child(request, protocol.fileno())
         protocol.write(json.dumps({"pid": pid}) + "\n")
-        _, wait_status, usage = os.wait4(pid, 0)
+        reaped = _wait_while_the_client_lives(pid)
+        if reaped is None:  # the client is gone: nobody will read the answer
+            return
+        wait_status, usage = reaped
         status = os.waitstatus_to_exitcode(wait_status)
         cpu_seconds = usage.ru_utime + usage.ru_stime
         protocol.write(json.dumps({"status": status, "cpu_seconds": cpu_seconds}) + "\n")
+
+
+def _wait_while_the_client_lives(pid: int) -> tuple[int, os.struct_rusage] | None:
+    """``os.wait4(pid)``'s status and usage; None, with the child killed and reaped, if the
+    client goes away first.
+
+    The client sends nothing while a run is going (it waits for the answer), so stdin turning
+    readable then means it was closed: the client died, or was killed while its run's child
+    still had minutes to go. Without this the child would run on to its end, with no one to
+    report to, and the server after it (the server only sees the end of its input between runs).
+    """
+    while True:
+        reaped, wait_status, usage = os.wait4(pid, os.WNOHANG)
+        if reaped:
+            return wait_status, usage
+        if select.select([0], [], [], CLIENT_POLL_S)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+
+
+def _die_with_the_server() -> None:
+    """Have the kernel kill this child if the server dies first (Linux's
+    ``PR_SET_PDEATHSIG``; elsewhere nothing): a server killed outright cannot kill its child."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() == 1:  # the server died before the request above was made
+            os._exit(CHILD_CRASHED)
 
 
 def _run_child(request: dict, protocol_fd: int) -> None:
     """Become ``python -m pytest ARGS`` run in ``cwd`` with ``env`` (never returns)."""
     status = CHILD_CRASHED
     try:
+        _die_with_the_server()
         os.close(protocol_fd)
         _redirect(0, os.devnull, os.O_RDONLY)
         # The server's stdin object may hold requests it read ahead: a new one reads fd 0.
@@ -143,11 +186,15 @@ class WarmInterpreter:
         server.stdin.flush()
         pid = self._answer(None)["pid"]
         answer = self._answer(start + timeout_s)
-        timed_out = answer is None
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
+        killed = answer is None
+        if killed:
+            # The child may have ended (and the server reaped it) since the deadline passed:
+            # then there is nothing to kill, and its own status is the answer.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             answer = self._answer(None)
         seconds = time.perf_counter() - start
+        timed_out = killed and answer["status"] == -signal.SIGKILL
         return (None if timed_out else answer["status"]), seconds, answer["cpu_seconds"]
 
     def close(self) -> None:
