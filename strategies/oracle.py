@@ -230,7 +230,11 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
         opaque = "called from the forward of a module FX cannot trace"
     if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
         opaque = "inside a module whose hook reads it"
-    if chain.boundary == COUNTS_CALLS and chain.packaging == WRAPPER:
+    if (
+        chain.boundary == COUNTS_CALLS
+        and chain.packaging == WRAPPER
+        and not chain.counts_with_held_method
+    ):
         # object.__setattr__(self, ...): code handed `self` may reach the wrapper it holds.
         opaque = "inside a module whose code hands itself to a function"
     start = len(graph.nodes)

@@ -222,8 +222,9 @@ def _counting_modules(spec: NetSpec) -> list[str]:
 
 def _call_count(model: nn.Module, path: str) -> int | None:
     """The count a module of ``model`` keeps of its calls (an int, the length of the list it
-    appends to, the int in the namespace it holds, or the value of its int64 buffer); None when
-    there is no such module or count (a fuser that traced through it)."""
+    appends to, the int in the namespace it holds or in the object whose method it holds, or the
+    value of its int64 buffer); None when there is no such module or count (a fuser that traced
+    through it)."""
     try:
         count = getattr(model.get_submodule(path), CALL_COUNTER)
     except AttributeError:
@@ -232,7 +233,9 @@ def _call_count(model: nn.Module, path: str) -> int | None:
         return len(count)
     if isinstance(count, torch.Tensor):
         return int(count.item()) if count.numel() == 1 and not count.is_floating_point() else None
-    if isinstance(count, types.SimpleNamespace):
+    if isinstance(count, types.MethodType):  # ``Tally().tick``: its object keeps the count
+        count = count.__self__
+    if not isinstance(count, int):  # a namespace or a ``Tally``
         count = getattr(count, "count", None)
     return count if isinstance(count, int) else None
 

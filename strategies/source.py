@@ -67,6 +67,17 @@ import torch.nn.functional as F
 '''
 
 HELPERS = {
+    "Tally": '''
+class Tally:
+    """A plain object counting the calls of its method: a module holding ``tick`` holds no
+    object of its own, and its count changes in no module."""
+
+    def __init__(self):
+        self.count = 0
+
+    def tick(self):
+        self.count += 1
+''',
     "BatchNormStats": '''
 class BatchNormStats(nn.Module):
     """Statistics and affine parameters read by a functional F.batch_norm call."""
@@ -583,6 +594,10 @@ class _Renderer:
                 elif chain.packaging == INLINE:  # an int it sets again
                     init = [*init, f"self.{CALL_COUNTER} = 0"]
                     forward = [*forward, f"self.{CALL_COUNTER} += 1"]
+                elif chain.counts_with_held_method:  # a plain object's method it calls
+                    self.helpers.add("Tally")
+                    init = [*init, f"self.{CALL_COUNTER} = Tally().tick"]
+                    forward = [*forward, f"self.{CALL_COUNTER}()"]
                 elif chain.packaging == WRAPPER:  # an int set around nn.Module.__setattr__
                     init = [*init, f"self.{CALL_COUNTER} = 0"]
                     count = f"self.{CALL_COUNTER} + 1"

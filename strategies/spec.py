@@ -262,7 +262,10 @@ class Chain:
     levels: ``counts_in_buffer``),
     ``object.__setattr__(self, "calls", self.calls + 1)`` for a wrapper child (a write
     ``nn.Module.__setattr__`` never sees; handing ``self`` to a function
-    also keeps the wrapper it holds whole, README). FX runs each write and records none of it, so
+    also keeps the wrapper it holds whole, README), or ``self.calls()`` for a wrapper child of
+    an even number of ops, ``self.calls`` the ``tick`` method of a plain ``Tally`` object that
+    counts in its own attribute (``counts_with_held_method``: the module holds no object but a
+    method). FX runs each write and records none of it, so
     a fuser that traces through the module returns one whose count never moves (and a fuser that
     runs its copy of the model must not leave that run's count behind). Drawn for a network's
     last block only, like the two before it. ``type_check`` is packaged the same way,
@@ -297,6 +300,13 @@ class Chain:
         that goes through no module. Derived from the chain rather than drawn: no extra choice
         in the draw, and shrinking (which removes ops) reaches both forms."""
         return self.boundary == COUNTS_CALLS and self.packaging == INLINE and not len(self.ops) % 2
+
+    @property
+    def counts_with_held_method(self) -> bool:
+        """A wrapper ``counts_calls`` chain of an even number of ops counts by calling a method
+        it holds, ``self.calls()``, bound to a plain ``Tally`` that keeps the count: only the
+        object behind the method changes. Derived like ``counts_in_held_object``."""
+        return self.boundary == COUNTS_CALLS and self.packaging == WRAPPER and not len(self.ops) % 2
 
     @property
     def counts_in_buffer(self) -> bool:

@@ -309,8 +309,12 @@ def test_behind_an_untraceable_module_only_children_fused_on_their_own_fold(boun
     sequential = Chain((conv(), bn()), "sequential", boundary=boundary)
     assert verdicts(sequential) == [("b0.inner.1", 0, "output")]
     wrapper = Chain((conv(), bn()), "wrapper", boundary=boundary)
-    # A wrapper's counting module counts with object.__setattr__(self, ...): code handed `self`
-    # could reach its child, which stays as it is (README, children of untraced modules).
+    # A wrapper of two ops: a counting module counts with a method of a plain object it holds
+    # (Chain.counts_with_held_method), handing its `self` to nothing.
+    assert verdicts(wrapper) == [("b0.inner.bn1", 0, "output")]
+    # Of three: it counts with object.__setattr__(self, ...), and code handed `self` could reach
+    # its child, which stays as it is (README, children of untraced modules).
+    wrapper = Chain((conv(), bn(), Act("relu")), "wrapper", boundary=boundary)
     inside = None if boundary == "counts_calls" else "output"
     assert verdicts(wrapper) == [("b0.inner.bn1", 0, inside)]
 

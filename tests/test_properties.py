@@ -287,12 +287,14 @@ def test_a_fuser_that_traces_through_a_no_grad_block_is_caught():
         "counting_block_setting_around_setattr",
         "counting_block_in_a_held_object",
         "counting_block_in_a_buffer",
+        "counting_block_with_a_held_method",
     ],
 )
 def test_a_fuser_that_traces_through_a_module_counting_its_calls_is_caught(pinned):
     """torch's fuse traces through a module's ``self.calls.append(...)`` (or its
     ``object.__setattr__(self, "calls", n)``, ``self.calls.count += 1`` in a namespace it
-    holds, or ``self.calls.add_(1)`` on a buffer), which FX does not record: the fused model's output
+    holds, ``self.calls.add_(1)`` on a buffer, or ``self.calls()``, a plain object's method),
+    which FX does not record: the fused model's output
     is right, but its module (and count) is gone. Ours keeps that module as one call (fusing
     inside it where its code allows) and leaves no count of its own runs behind."""
     torch_fuse = FuserUnderTest.from_target("torch.fx.experimental.optimization:fuse")

@@ -81,6 +81,8 @@ def features(spec: NetSpec) -> set[str]:
                 found.add("counts calls in a plain object it holds")
             if block.counts_in_buffer:
                 found.add("counts calls in a buffer it changes in place")
+            if block.counts_with_held_method:
+                found.add("counts calls with a method of a plain object it holds")
             if block.loop is not None:
                 found.add(f"untraceable parent loops over a Sequential ({block.loop})")
             if block.packaging == "sequential" and block.depth >= 3:
@@ -292,6 +294,7 @@ REQUIRED = [
     "counts calls with object.__setattr__",
     "counts calls in a plain object it holds",
     "counts calls in a buffer it changes in place",
+    "counts calls with a method of a plain object it holds",
     "boundary type_check",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",
