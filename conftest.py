@@ -41,6 +41,7 @@ from hypothesis.database import (
 from strategies import properties
 from strategies.build import LAST_NETWORK_DIR_ENV, freeze_startup_objects
 from strategies.fuser_under_test import FuserUnderTest
+from strategies.kernel_bugs import avoid_known_kernel_bugs
 
 DEFAULT_FUSER = "fuser:fuse"
 DEFAULT_FUSER_REPORT = "fuser:fuse_with_report"
@@ -54,6 +55,9 @@ FAILURE_LOG_ENV = "CONVBN_FAILURE_LOG"  # a path: failures appended as they happ
 # The networks are tiny: with several threads per process, OpenMP's spinning threads of two xdist
 # workers (and anyone else's jobs) fight over the cores and every kernel gets ~100x slower.
 torch.set_num_threads(1)
+# Before any test runs a convolution: oneDNN's AMX kernels compute some strided bfloat16
+# convolutions wrongly or crash (strategies/kernel_bugs.py). xdist workers inherit the setting.
+avoid_known_kernel_bugs()
 
 
 def example_database() -> ExampleDatabase | None:

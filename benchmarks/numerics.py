@@ -37,6 +37,7 @@ from workloads import MODEL_NAMES, build_workload
 
 from fuser import fuse_with_report
 from fuser.reference import float64_copy, max_abs_error, output_tensors
+from strategies.kernel_bugs import avoid_known_kernel_bugs
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -167,6 +168,7 @@ def geometric_mean_ratio(fused: list[float], unfused: list[float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    avoid_known_kernel_bugs()  # before any convolution: bfloat16 ones go wrong on AMX
     threads = fix_threads(args.threads)
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False

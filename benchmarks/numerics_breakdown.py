@@ -29,6 +29,7 @@ from workloads import MODEL_NAMES, build_workload
 
 from fuser import fuse
 from fuser.reference import float64_copy, max_abs_error
+from strategies.kernel_bugs import avoid_known_kernel_bugs
 
 VARIANTS = ("unfused", "fuse, cast", "cast, fuse", "cast weights, fuse")
 
@@ -88,6 +89,7 @@ def summary(ratios: list[float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    avoid_known_kernel_bugs()  # before any convolution: bfloat16 ones go wrong on AMX
     print(environment_header(fix_threads(args.threads)))
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

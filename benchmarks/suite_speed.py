@@ -39,6 +39,7 @@ from strategies import properties
 from strategies.build import freeze_startup_objects
 from strategies.draw import net_specs
 from strategies.fuser_under_test import FuserUnderTest
+from strategies.kernel_bugs import avoid_known_kernel_bugs
 from strategies.properties import OutOfRange, PropertyViolation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +265,7 @@ def pytest_run(workers: int, profile: str) -> tuple[float, int | None, str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    avoid_known_kernel_bugs()  # as conftest.py does for the suite: before any convolution
     threads = fix_threads(args.threads)
     # Random networks make torch warn (padding='same' with even kernels, and the like): expected.
     warnings.simplefilter("ignore", UserWarning)

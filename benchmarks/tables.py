@@ -89,6 +89,9 @@ def environment_header(threads: int | None = None) -> str:
     ]
     if threads is not None:
         lines.append(f"- torch.set_num_threads({threads})")
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if isa_cap:  # strategies/kernel_bugs.py: oneDNN kept off AMX, where bfloat16 convs go wrong
+        lines.append(f"- ONEDNN_MAX_CPU_ISA={isa_cap}")
     if torch.cuda.is_available():
         # cuDNN runs float32 convolutions in TF32 by default (about 3 decimal digits), which
         # dominates every float32 error measured on the GPU.
