@@ -1865,6 +1865,36 @@ PINNED: dict[str, NetSpec] = {
         ),
         seed=3,
     ),
+    # Not a fuser bug: on a CPU with AMX, torch 2.14.1's oneDNN computes this bfloat16 conv (one
+    # output column, stride 2 along the width) as NaN, a different amount on each build, so the
+    # ci profile's network holding it overflowed on one build and not the next (FlakyFailure,
+    # 2026-11-28). conftest.py keeps oneDNN off AMX (strategies/kernel_bugs.py); on such a CPU
+    # without that cap this network's original overflows on every build and the replay fails.
+    "bfloat16_conv_with_one_strided_output_column": NetSpec(
+        input_shape=(3, 14, 6, 4),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=4, num_features=14, eps=1e-05),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=14,
+                        out_channels=8,
+                        kernel_size=(3, 3),
+                        stride=(1, 2),
+                        padding=(1, 0),
+                        dilation=(1, 1),
+                        groups=2,
+                        bias=False,
+                    ),
+                ),
+            ),
+        ),
+        dtype="bfloat16",
+        seed=614,
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(
