@@ -31,6 +31,10 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import resource
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,9 +68,10 @@ def serve() -> None:
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()  # a child inherits unwritten buffers and would write them again
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _run_child(request, protocol.fileno())
+            _run_child(request, protocol.fileno(), server)
         protocol.write(json.dumps({"pid": pid}) + "\n")
         reaped = _wait_while_the_client_lives(pid)
         if reaped is None:  # the client is gone: nobody will read the answer
@@ -77,7 +82,7 @@ def serve() -> None:
         protocol.write(json.dumps({"status": status, "cpu_seconds": cpu_seconds}) + "\n")
 
 
-def _wait_while_the_client_lives(pid: int) -> tuple[int, os.struct_rusage] | None:
+def _wait_while_the_client_lives(pid: int) -> tuple[int, resource.struct_rusage] | None:
     """``os.wait4(pid)``'s status and usage; None, with the child killed and reaped, if the
     client goes away first.
 
@@ -97,23 +102,23 @@ def _wait_while_the_client_lives(pid: int) -> tuple[int, os.struct_rusage] | Non
             return None
 
 
-def _die_with_the_server() -> None:
-    """Have the kernel kill this child if the server dies first (Linux's
+def _die_with_the_server(server: int) -> None:
+    """Have the kernel kill this child if the server (pid ``server``) dies first (Linux's
     ``PR_SET_PDEATHSIG``; elsewhere nothing): a server killed outright cannot kill its child."""
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the server died before the request above was made
-            os._exit(CHILD_CRASHED)
+    if os.getppid() != server:  # the server died before the request above was made
+        os._exit(CHILD_CRASHED)
 
 
-def _run_child(request: dict, protocol_fd: int) -> None:
+def _run_child(request: dict, protocol_fd: int, server: int) -> None:
     """Become ``python -m pytest ARGS`` run in ``cwd`` with ``env`` (never returns)."""
     status = CHILD_CRASHED
     try:
-        _die_with_the_server()
+        _die_with_the_server(server)
         os.close(protocol_fd)
         _redirect(0, os.devnull, os.O_RDONLY)
         # The server's stdin object may hold requests it read ahead: a new one reads fd 0.
