@@ -6,7 +6,6 @@ because of another mutant's bug; one that outlived its timeout would hang the mu
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -114,17 +113,12 @@ def test_a_run_that_kills_itself_is_reported_and_the_server_survives(tmp_path, i
 
 
 def _sleeping_run(tmp_path: Path, interpreter: WarmInterpreter) -> int:
-    """Start a run of the probe that sleeps a minute, straight through the server's protocol;
-    return the child's pid once the server has forked it."""
+    """Start a run of the probe that sleeps a minute, without waiting for its answer; return
+    the child's pid once the server has forked it."""
     env = _probe_environment(
         tmp_path, WARM_PROBE="a", WARM_PROBE_EXPECTED="a", WARM_PROBE_SLEEP="1"
     )
-    request = {"args": [_probe(tmp_path), "-q"], "env": env, "cwd": str(ROOT)}
-    request["log"] = str(tmp_path / "log.txt")
-    server = interpreter._started()
-    server.stdin.write((json.dumps(request) + "\n").encode())
-    server.stdin.flush()
-    return interpreter._answer(None)["pid"]
+    return interpreter.start([_probe(tmp_path), "-q"], env, tmp_path / "log.txt")
 
 
 def _gone(pid: int) -> bool:

@@ -184,12 +184,8 @@ class WarmInterpreter:
     ) -> tuple[int | None, float, float]:
         """Run ``pytest ARGS`` in ROOT with ``env``, its output to ``log_path``; return its exit
         status (None when killed at ``timeout_s``), wall seconds and CPU seconds."""
-        server = self._started()
-        request = {"args": args, "env": env, "cwd": str(ROOT), "log": str(log_path)}
         start = time.perf_counter()
-        server.stdin.write((json.dumps(request) + "\n").encode())
-        server.stdin.flush()
-        pid = self._answer(None)["pid"]
+        pid = self.start(args, env, log_path)
         answer = self._answer(start + timeout_s)
         killed = answer is None
         if killed:
@@ -201,6 +197,15 @@ class WarmInterpreter:
         seconds = time.perf_counter() - start
         timed_out = killed and answer["status"] == -signal.SIGKILL
         return (None if timed_out else answer["status"]), seconds, answer["cpu_seconds"]
+
+    def start(self, args: list[str], env: dict[str, str], log_path: Path) -> int:
+        """Send the request for ``run`` and return the pid of the child the server forked for
+        it; its answer (status and CPU seconds) is the server's next line."""
+        server = self._started()
+        request = {"args": args, "env": env, "cwd": str(ROOT), "log": str(log_path)}
+        server.stdin.write((json.dumps(request) + "\n").encode())
+        server.stdin.flush()
+        return self._answer(None)["pid"]
 
     def close(self) -> None:
         """Stop the server (it exits when its stdin closes); a later ``run`` starts another."""
