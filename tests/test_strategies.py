@@ -358,8 +358,13 @@ def test_float16_networks_often_hold_a_fold_that_would_overflow():
 @pytest.mark.skipif(not runs_float32_norms("bfloat16"), reason="no mixed-dtype BatchNorm here")
 def test_half_precision_networks_often_keep_their_batch_norms_float32():
     """A third of bfloat16 and float16 networks keep their BNs float32, as mixed-precision
-    training leaves a model (``NetSpec.float32_norms``), and they hold folds to get right."""
-    sample = draw_sample(net_specs(dtypes=("bfloat16", "float16")), 300, seeds=30)
+    training leaves a model (``NetSpec.float32_norms``), and they hold folds to get right.
+
+    Measured over the half dtypes this torch can run that way: torch 2.1 has no float16 CPU
+    kernels, so its float16 networks never keep float32 BNs, and counting them would measure
+    that instead (53 of 300 there, a sixth)."""
+    dtypes = tuple(dtype for dtype in ("bfloat16", "float16") if runs_float32_norms(dtype))
+    sample = draw_sample(net_specs(dtypes=dtypes), 300, seeds=30)
     mixed = [spec for spec in sample if spec.float32_norms]
     assert len(mixed) >= 0.2 * len(sample)
     with_folds = [spec for spec in mixed if any(site.foldable for site in foldable_sites(spec))]
