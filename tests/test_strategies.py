@@ -362,7 +362,7 @@ def test_half_precision_networks_often_keep_their_batch_norms_float32():
 
     Measured over the half dtypes this torch can run that way: torch 2.1 has no float16 CPU
     kernels, so its float16 networks never keep float32 BNs, and counting them would measure
-    that instead (53 of 300 there, a sixth)."""
+    that instead (53 of 300 there, about a sixth)."""
     dtypes = tuple(dtype for dtype in ("bfloat16", "float16") if runs_float32_norms(dtype))
     sample = draw_sample(net_specs(dtypes=dtypes), 300, seeds=30)
     mixed = [spec for spec in sample if spec.float32_norms]
