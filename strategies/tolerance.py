@@ -241,6 +241,8 @@ class RoundingNoise(TorchFunctionMode):
         batch_norm = _batch_statistics_call(func, args, kwargs or {})
         if batch_norm is not None:
             return self._batch_norm_in_steps(*batch_norm)
+        if _views_an_argument(result, args, kwargs or {}):
+            return result
         return self.rounded(result)
 
     def rounded(self, result):
@@ -268,6 +270,20 @@ class RoundingNoise(TorchFunctionMode):
         if bias is not None:
             result = self.rounded(result + bias.reshape(shape))
         return result
+
+
+def _views_an_argument(result, args: tuple, kwargs: dict) -> bool:
+    """Whether ``result`` is a new tensor on an argument's memory (a view, ``.data``): it computes
+    nothing, so nothing is rounded, and a rounded copy would cut it off from the tensor it views,
+    which the code may then change in place through it (``self.conv.weight.data.neg_()``). An
+    in-place operation returns its argument itself, and is rounded as any other result."""
+    if not isinstance(result, torch.Tensor):
+        return False
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if any(a is result for a in tensors):
+        return False
+    memory = result.untyped_storage().data_ptr()
+    return any(a.untyped_storage().data_ptr() == memory for a in tensors)
 
 
 _F_BATCH_NORM = inspect.signature(F.batch_norm)

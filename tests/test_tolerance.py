@@ -103,6 +103,41 @@ def test_rounding_noise_leaves_the_reference_as_it_was() -> None:
     assert torch.equal(first, again)
 
 
+class NegatesItsWeightThroughAView(nn.Module):
+    """Negates its layer's weight in place around the call, through ``.data`` and a view of it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2).double()
+        self.how = how
+
+    def negate(self) -> None:
+        if self.how == ".data":
+            self.fc.weight.data.neg_()
+        else:
+            self.fc.weight.data.view(-1).neg_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.negate()
+        y = self.fc(x)
+        self.negate()
+        return y
+
+
+@pytest.mark.parametrize("how", [".data", "a view of .data"])
+def test_a_view_is_not_rounded_so_changes_through_it_reach_the_tensor(how: str) -> None:
+    """A view computes nothing, and a rounded copy of it would take the in-place change meant for
+    the weight: the noisy run would compute with the weight's sign the other way, its error the
+    whole output, and the allowance with it (an allowance of 1.7 let a wrong fold through)."""
+    model = NegatesItsWeightThroughAView(how).eval()
+    x = (torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),)
+    with torch.no_grad():
+        exact = model(*x)
+    noisy = rounding_noise_output(model, x, torch.float32, seed=3)
+    step = torch.finfo(torch.float32).eps
+    assert float((noisy - exact).abs().max()) < 20 * step * float(exact.abs().max())
+
+
 def test_the_rounding_estimate_is_the_largest_of_several_draws() -> None:
     """One draw of a random effect can be near zero by luck, which a network whose output varies
     with one number (two samples through a batch-statistics norm) turns into an allowance near
