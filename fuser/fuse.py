@@ -22,6 +22,7 @@ from .fidelity import ForwardReference
 from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
 from .hook_usage import hook_reading_its_module
+from .in_place import tensor_augmented_assignments_as_methods
 from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
@@ -32,7 +33,6 @@ from .tracing import (
     TraceOutcome,
     is_foldable_layer_or_batch_norm,
     is_library_leaf,
-    tensor_augmented_assignments_as_methods,
     trace_with_opaque_submodules,
 )
 
@@ -227,8 +227,7 @@ class _Fuser:
             if mismatch is not None:
                 return self._fuse_untraced(module, path, mismatch)
         gm = outcome.graph_module
-        if example_inputs is not None:
-            tensor_augmented_assignments_as_methods(gm)
+        tensor_augmented_assignments_as_methods(gm)
         leaves_to_enter = outcome.opaque or outcome.kept or any(has_hooks(m) for m in gm.modules())
         if leaves_to_enter:
             self._record_inputs(module)
@@ -341,7 +340,8 @@ class _Fuser:
             elif any(is_batch_norm_module(m) for m in child.modules()):
                 owner = path or "the model"
                 reason = f"not fused: {owner}'s code uses it other than by calling it"
-                self._leave_child(child, child_path, reason)
+                # A BN child's own call is reported above, once: one entry stands for its calls.
+                self._leave_child(child, child_path, reason, own_call_reported=True)
 
     def _leave_children(self, module: nn.Module, path: str, why: str) -> None:
         """Report every child holding a BatchNorm as left whole: ``module``'s code (the code
@@ -354,9 +354,15 @@ class _Fuser:
             elif any(is_batch_norm_module(m) for m in child.modules()):
                 self._leave_child(child, child_path, f"not fused: {owner} {why}")
 
-    def _leave_child(self, child: nn.Module, child_path: str, reason: str) -> None:
+    def _leave_child(
+        self, child: nn.Module, child_path: str, reason: str, own_call_reported: bool = False
+    ) -> None:
+        """Report ``child`` as left whole, and each BatchNorm module in it as left inside it
+        (``child`` itself too, unless its call is reported already)."""
         self.report.untraced.append(UntracedModule(child_path or "<model>", reason))
         for bn_path, bn in child.named_modules(prefix=child_path):
+            if own_call_reported and bn is child:
+                continue
             if is_batch_norm_module(bn):
                 self.report.sites.append(
                     SiteReport(bn_path, 0, folded=False, reason=f"inside {reason}")

@@ -12,6 +12,10 @@ An operation whose name ends in ``_`` counts as a change (``requires_grad_`` too
 leaving a fold), and so do ``x[i] = y``, ``x op= y``, ``out=`` and ``inplace=True``. The ways of
 taking a view listed below are followed, with the methods that may return the tensor itself
 (``.to()``, ``.contiguous()``); a result of any other operation is a new tensor.
+
+The same vocabulary tells, without running the graph, which values are tensors for certain (the
+module's own tensors and single-tensor views of them), so that their ``op=`` can be written as the
+in-place method it runs (``tensor_augmented_assignments_as_methods``).
 """
 
 from __future__ import annotations
@@ -117,3 +121,79 @@ def _may_alias(node: fx.Node, value: fx.Node) -> bool:
     if node.target is builtins.getattr:
         return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRIBUTES
     return node.target in _ALIASING_FUNCTIONS
+
+
+#: Of the aliasing methods, those that return one tensor when called on a tensor (``split`` and
+#: its kind return tuples; ``type()`` without arguments returns a string).
+_SINGLE_VIEW_METHODS = _ALIASING_METHODS - {"split", "chunk", "unbind", "tensor_split", "type"}
+
+# The in-place method a tensor's ``op=`` runs, under the name TorchScript knows: it rejects
+# ``x.__iadd__(y)`` and the other arithmetic dunders (shifts and bitwise ones it accepts, and they
+# stay dunders: ``bitwise_left_shift_`` refuses the float tensors ``<<=`` takes).
+_SCRIPTABLE_IN_PLACE = {
+    "__iadd__": "add_",
+    "__isub__": "sub_",
+    "__imul__": "mul_",
+    "__itruediv__": "div_",
+    "__ifloordiv__": "floor_divide_",
+    "__imod__": "remainder_",
+    "__ipow__": "pow_",
+}
+
+
+def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
+    """Write ``operator.iadd(x, y)`` as ``x.add_(y)`` (each ``op=`` as its in-place method) where
+    ``x`` is known to be a tensor.
+
+    Both run the same in-place operation; they differ when the model is pickled. A GraphModule is
+    saved as its code and traced again by FX's own tracer on load, which has no in-place
+    operators: ``x += y`` (the code FX writes for ``operator.iadd``) loads as ``x = x + y``, and a
+    view of ``x``, the caller's tensor or the module's own parameter no longer changes. A method
+    call loads as the method call, and the named methods also script (``_SCRIPTABLE_IN_PLACE``).
+    Numbers have no such methods, so only tensors are rewritten: values that shape propagation
+    saw produce one (``meta["type"]``), and, with or without it, the module's own tensors and
+    their views (``_state_tensors``: ``self.w.data *= -1``). The others keep the operator, which
+    is exact until pickled. So does ``x @= w``: a tensor has no in-place matmul (no
+    ``__imatmul__``), and Python runs ``x = x @ w``, which is also what the saved code loads as.
+    """
+    methods = {
+        function: _SCRIPTABLE_IN_PLACE.get(name, name)
+        for name, function in AUGMENTED_ASSIGNMENTS.items()
+        if hasattr(torch.Tensor, name)
+    }
+    state_tensors = _state_tensors(gm)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in methods:
+            continue
+        target = node.args[0]
+        value_type = target.meta.get("type") if isinstance(target, fx.Node) else None
+        seen_tensor = isinstance(value_type, type) and issubclass(value_type, torch.Tensor)
+        if seen_tensor or target in state_tensors:
+            node.op, node.target = "call_method", methods[node.target]
+
+
+def _state_tensors(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that hold a tensor whatever the inputs: a ``get_attr`` of one of the module's
+    tensors, and a single-tensor view of such a node (``.data``, ``.view(-1)``, indexing)."""
+    known: set[fx.Node] = set()
+    for node in gm.graph.nodes:  # in order: a node's arguments come before it
+        if node.op == "get_attr":
+            try:
+                if isinstance(fetch_attr(gm, node.target), torch.Tensor):
+                    known.add(node)
+            except AttributeError:
+                pass
+        elif _single_view(node) and _first_argument(node) in known:
+            known.add(node)
+    return known
+
+
+def _single_view(node: fx.Node) -> bool:
+    """Whether ``node`` applied to a tensor returns one tensor (that may share its memory)."""
+    if node.op == "call_method":
+        return node.target in _SINGLE_VIEW_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is builtins.getattr:
+        return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRIBUTES
+    return node.target is operator.getitem

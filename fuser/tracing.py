@@ -453,48 +453,6 @@ def _augmented_assignments_recorded() -> Iterator[None]:
                 setattr(fx.Proxy, name, original)
 
 
-# The in-place method a tensor's ``op=`` runs, under the name TorchScript knows: it rejects
-# ``x.__iadd__(y)`` and the other arithmetic dunders (shifts and bitwise ones it accepts, and they
-# stay dunders: ``bitwise_left_shift_`` refuses the float tensors ``<<=`` takes).
-_SCRIPTABLE_IN_PLACE = {
-    "__iadd__": "add_",
-    "__isub__": "sub_",
-    "__imul__": "mul_",
-    "__itruediv__": "div_",
-    "__ifloordiv__": "floor_divide_",
-    "__imod__": "remainder_",
-    "__ipow__": "pow_",
-}
-
-
-def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
-    """Write ``operator.iadd(x, y)`` as ``x.add_(y)`` (each ``op=`` as its in-place method) where
-    ``x`` is known to be a tensor.
-
-    Both run the same in-place operation; they differ when the model is pickled. A GraphModule is
-    saved as its code and traced again by FX's own tracer on load, which has no in-place
-    operators: ``x += y`` (the code FX writes for ``operator.iadd``) loads as ``x = x + y``, and a
-    view of ``x`` or the caller's tensor no longer changes. A method call loads as the method
-    call, and the named methods also script (``_SCRIPTABLE_IN_PLACE``). Numbers have no such
-    methods, so only nodes that shape propagation saw produce a tensor (``meta["type"]``) are
-    rewritten; the others keep the operator, which is exact until pickled. So does ``x @= w``:
-    a tensor has no in-place matmul (no ``__imatmul__``), and Python runs ``x = x @ w``, which is
-    also what the saved code loads as.
-    """
-    methods = {
-        function: _SCRIPTABLE_IN_PLACE.get(name, name)
-        for name, function in AUGMENTED_ASSIGNMENTS.items()
-        if hasattr(torch.Tensor, name)
-    }
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in methods:
-            continue
-        target = node.args[0]
-        value_type = target.meta.get("type") if isinstance(target, fx.Node) else None
-        if isinstance(value_type, type) and issubclass(value_type, torch.Tensor):
-            node.op, node.target = "call_method", methods[node.target]
-
-
 # What FX's unpickling and deep copy rebuild fresh on a GraphModule: the flag and the hook dicts.
 _REBUILT_FRESH = ("training", *(name for name in vars(nn.Module()) if "hook" in name))
 

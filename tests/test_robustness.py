@@ -110,6 +110,35 @@ def test_batchnorm_called_directly_by_an_untraceable_module_is_reported_as_left(
     assert_left(report, "bn", because=("trace", "untrace"))
 
 
+class GateReadingItsOwnPatchedBatchNorm(nn.Module):
+    """Untraceable, and its code reads its BN's weight besides calling the BN, whose forward is
+    replaced on the instance (so the BN is not one the fuser folds, nor a leaf it skips)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.forward = self.bn.forward  # a bound method on the instance
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = self.conv(x) + self.bn.weight.sum()
+        return self.bn(x)
+
+
+def test_batchnorm_called_and_read_by_an_untraceable_module_is_reported_once():
+    # The BN is both called by code that runs as written and used by it otherwise: one entry
+    # (call 0, standing for all its calls), where it used to get a second one, "call 1", for a
+    # call the model does not make.
+    model = prepared(GateReadingItsOwnPatchedBatchNorm())
+
+    fused, report = fuse_with_report(model)
+
+    assert_equivalent(model, fused, image(2, 3, 6, 6).abs())
+    assert [site.bn for site in report.sites] == ["bn"], report
+    assert_left(report, "bn", because=("runs as written",))
+
+
 OFFSET = torch.linspace(-1.0, 1.0, 4).reshape(4, 1, 1)
 
 

@@ -19,8 +19,9 @@ from torch import nn
 
 from fuser import FuserError, fuse_with_report
 from fuser.fidelity import ForwardReference
+from fuser.in_place import tensor_augmented_assignments_as_methods
 from fuser.shapes import deterministic_kernels
-from fuser.tracing import AUGMENTED_ASSIGNMENTS, tensor_augmented_assignments_as_methods
+from fuser.tracing import AUGMENTED_ASSIGNMENTS
 
 
 def conv_bn(channels: int) -> nn.Sequential:
@@ -967,6 +968,47 @@ def test_a_fused_model_changing_a_tensor_in_place_pickles_exactly(how):
     # calls (``x.__iadd__(y)``), which load as they are.
     model = prepared(ChangesATensorSeenElsewhere(how))
     fused = fuse_with_report(model, (image(),))[0]
+
+    assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
+
+
+class NegatesItsOwnTensorAroundACall(nn.Module):
+    """``op=`` on the module's own tensors, through ``.data``, a view of it, or an index: each
+    negated before the conv runs and again after, so every call computes the same."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("offset", torch.linspace(-1.0, 1.0, 4).reshape(4, 1, 1))
+
+    def negate(self) -> None:
+        if self.how == ".data":
+            weight = self.conv.weight.data
+            weight *= -1
+        elif self.how == "a view of .data":
+            bias = self.conv.bias.data.view(-1)
+            bias *= -1.0
+        elif self.how == "an index of .data":
+            row = self.conv.weight.data[0]
+            row *= -1
+        else:  # a buffer: a tensor, not a proxy, while tracing; the graph keeps no op for it
+            self.offset *= -1
+
+    def forward(self, x):
+        self.negate()
+        out = self.conv(x) + self.offset
+        self.negate()
+        return out
+
+
+@pytest.mark.parametrize("how", [".data", "a view of .data", "an index of .data", "a buffer"])
+def test_a_model_changing_its_own_tensors_in_place_pickles_exactly_without_example_inputs(how):
+    # The module's own tensors and their views are tensors whatever the inputs, so their ``op=``
+    # is written as a method without example inputs too; FX's own ``x *= -1`` would load as
+    # ``x = x * -1``, and the saved model would compute with the weight's sign the other way.
+    model = prepared(nn.Sequential(NegatesItsOwnTensorAroundACall(how), nn.BatchNorm2d(4)))
+    fused = fuse_with_report(model)[0]
 
     assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
 
