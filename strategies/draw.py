@@ -35,6 +35,7 @@ from strategies.spec import (
     FUNCTIONAL,
     HOOK_READS_MODULE,
     HOOKED,
+    IN_PLACE_FORMS,
     INLINE,
     LINEAR,
     LOOP_CALLS,
@@ -232,6 +233,8 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     example_inputs = type_checked or not draw(chance(1, 12))  # ``NetSpec.example_inputs``
     float32_norms = runs_float32_norms(dtype) and draw(chance(1, 3))  # ``NetSpec.float32_norms``
     fused_in_inference_mode = draw(chance(1, 8))  # ``NetSpec.fused_in_inference_mode``
+    # Last: choices added here leave the draws above (and the networks a seed gives) as they were.
+    blocks = [_with_in_place_changes(draw, block) for block in blocks]
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape,
@@ -272,6 +275,38 @@ def _with_weight_reads(draw: Callable, block: Block) -> Block:
         readable = isinstance(op, Norm) and op.style == MODULE and op.affine and op.gain is None
         ops.append(replace(op, weight_read=True) if readable and draw(chance(1, 3)) else op)
     return replace(block, ops=tuple(ops))
+
+
+def _with_in_place_changes(draw: Callable, block: Block) -> Block:
+    """``changed_in_place`` on about one in twelve layers and affine BNs whose parameters the
+    chain's own code calls by name (an inline or wrapper chain: ``Layer.changed_in_place``,
+    ``Norm.changed_in_place``), drawn after the structure, so that it shrinks away."""
+    if not (isinstance(block, Chain) and block.packaging in (INLINE, WRAPPER)):
+        return block
+    ops = []
+    for op in block.ops:
+        tensors = _tensors_changeable_in_place(op)
+        if tensors and draw(chance(1, 12)):
+            change = (draw(one_of_values(tensors)), draw(one_of_values(IN_PLACE_FORMS)))
+            op = replace(op, changed_in_place=change)
+        ops.append(op)
+    return replace(block, ops=tuple(ops))
+
+
+def _tensors_changeable_in_place(op: Op) -> tuple[str, ...]:
+    """The parameters of a layer or BN that its calling code may negate in place around its call:
+    registered parameters only (a parametrized or computed weight is made anew by each call, a
+    ``FrozenBatchNorm2d``'s are buffers, which FX runs in place while tracing instead of
+    recording), and not those of the float16 gain pairs, whose folds the oracle predicts."""
+    if isinstance(op, Layer):
+        if op.parametrized or op.computed is not None or op.spiked:
+            return ()
+        return ("weight", "bias") if op.bias else ("weight",)
+    if isinstance(op, Norm):
+        if not op.affine or op.module_class == FROZEN or op.gain is not None:
+            return ()
+        return () if op.computed is not None else ("weight", "bias")
+    return ()
 
 
 @reused

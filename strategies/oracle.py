@@ -185,6 +185,8 @@ def _unfoldable_reason(norm: Norm) -> str | None:
         return "its forward is replaced on the instance"
     if norm.computed is not None:
         return f"its {norm.computed} is computed when it runs, not a module constant"
+    if norm.changed_in_place is not None:  # rule 6: a fold would keep its value at fusing time
+        return f"the model's code changes its {norm.changed_in_place[0]} in place as it runs"
     return None
 
 
@@ -196,10 +198,12 @@ def _is_module_call(norm: Norm, call_index: int) -> bool:
 
 
 def _takes_folds(layer: Layer) -> bool:
-    """Rule 6: a hooked layer, one whose forward is replaced, or one whose weight a
-    parametrization computes, takes no fold on either side; rule 2: nor does a functional layer
-    whose weight or bias is computed when it runs."""
-    return not (layer.hooked or layer.replaced_forward or layer.parametrized or layer.computed)
+    """Rule 6: a hooked layer, one whose forward is replaced, one whose weight a
+    parametrization computes, or one whose weight or bias the model's code changes in place,
+    takes no fold on either side; rule 2: nor does a functional layer whose weight or bias is
+    computed when it runs."""
+    refused = layer.hooked or layer.replaced_forward or layer.parametrized or layer.computed
+    return not (refused or layer.changed_in_place)
 
 
 def _lower(spec: NetSpec) -> _Graph:

@@ -396,6 +396,23 @@ def _call(op: Op, value: str, owner: str | None) -> str:
     return f"{owner}({value})"
 
 
+def _negated_in_place(op: Op, owner: str | None) -> list[str]:
+    """The lines negating the parameter an op's ``changed_in_place`` names, in its form
+    (``IN_PLACE_FORMS``); run before its call and again after, they undo each other."""
+    change = getattr(op, "changed_in_place", None)
+    if change is None or owner is None:
+        return []
+    tensor, form = change
+    data = f"{owner}.{tensor}.data"
+    return {
+        "method": [f"{data}.neg_()  # changed in place around its call"],
+        "view": [f"{data}.view(-1).neg_()  # changed in place around its call"],
+        "function": [f"torch.neg_({data})  # changed in place around its call"],
+        "out": [f"torch.neg({data}, out={data})  # changed in place around its call"],
+        "augmented": [f"flipped = {data}", "flipped *= -1  # changed in place around its call"],
+    }[form]
+
+
 def _submodule(qualname: str) -> str:
     """``model.a.b``, or ``model.get_submodule("a.0.1")`` where a name part is a number."""
     if all(part.isidentifier() for part in qualname.split(".")):
@@ -649,7 +666,8 @@ class _Renderer:
                 attribute = local_name(name)
                 init.append(f"self.{attribute} = {_constructor(op)}")
                 owner = "self." + attribute
-            forward.append(f"x = {_call(op, 'x', owner)}")
+            flip = _negated_in_place(op, owner)
+            forward += [*flip, f"x = {_call(op, 'x', owner)}", *flip]
             tap = chain.tap
             if tap is not None and tap.after == position:
                 if tap.kind in (ADD, CAT):

@@ -72,6 +72,15 @@ METADATA_TAPS = METADATA_ATTRIBUTES + METADATA_METHODS
 COMPUTED_ARGUMENTS = ("weight", "bias")
 COMPUTED_FACTOR = 0.5
 
+#: How a model's code changes one of a fold's tensors in place as it runs (``Layer`` and
+#: ``Norm``'s ``changed_in_place``, README rule 6): it negates the parameter right before the call
+#: that reads it and again right after, through its ``.data``: as a method (``.neg_()``), through a
+#: view (``.view(-1).neg_()``), as a function (``torch.neg_``), as an ``out=`` argument, or as an
+#: augmented assignment (``flipped *= -1``, which FX alone records out of place). Negation is exact
+#: in every dtype and undone after the call, so every call of the model computes the same, and a
+#: fold made from the value at fusing time (its sign the other way) computes something else.
+IN_PLACE_FORMS = ("method", "view", "function", "out", "augmented")
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -102,6 +111,9 @@ class Layer:
     w.bias)``): the layer is then no foldable layer (README rule 2 asks for module constants), and
     a fuser that took the computed argument for the parameter, or a computed bias for none, would
     fold wrongly.
+    A layer ``changed_in_place`` (``("weight" or "bias", form)``, ``IN_PLACE_FORMS``) has that
+    parameter negated in place by the code that calls it, before the call and after: it takes no
+    fold (README rule 6).
     """
 
     kind: str
@@ -126,6 +138,7 @@ class Layer:
     bias_omitted: bool = False
     parametrized: bool = False
     computed: str | None = None
+    changed_in_place: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,11 @@ class Norm:
     the BN's call, not its weight: the fused model must still read that weight, unchanged, and
     keep nothing else of the BN (``no_dead_state``). The read comes after the last block, so it
     changes no site's foldability.
+
+    ``changed_in_place`` (``("weight" or "bias", form)``, ``IN_PLACE_FORMS``; an affine BN whose
+    parameters are parameters, not ``FrozenBatchNorm2d``'s buffers): the code calling the BN
+    negates that parameter in place before the call and after, so the BN is not foldable
+    (README rule 6).
     """
 
     input_ndim: int
@@ -183,6 +201,7 @@ class Norm:
     computed: str | None = None
     module_class: str | None = None
     weight_read: bool = False
+    changed_in_place: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

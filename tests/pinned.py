@@ -1895,6 +1895,64 @@ PINNED: dict[str, NetSpec] = {
         dtype="bfloat16",
         seed=614,
     ),
+    # Fuser bug (survives_copy_and_save, fixed): fused without example inputs, the code's
+    # `flipped = self.conv0.weight.data; flipped *= -1` around the conv's call kept FX's
+    # `operator.imul`, which torch.load traced again as `flipped * -1`: the loaded model ran the
+    # conv with its weight's sign the other way (error 1.7). The suite's rounding-noise run had hidden
+    # it: it rounded `.data` into a copy, so its own flip missed the weight and the allowance was 6.9.
+    "weight_negated_in_place_through_data_then_saved": NetSpec(
+        input_shape=(2, 1, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=1,
+                        out_channels=1,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                        changed_in_place=("weight", "augmented"),
+                    ),
+                    Norm(input_ndim=3, num_features=1, eps=1.0),
+                ),
+                packaging="wrapper",
+            ),
+        ),
+        example_inputs=False,
+    ),
+    # Fuser bug (report_agrees_with_oracle, fixed): a BN whose forward is replaced on the instance,
+    # called by code that runs as written (a type check) and also read by it (its weight negated
+    # around the call), was reported twice: once as called by that code, once as left inside a
+    # child the code uses otherwise, a second call the network does not make.
+    "patched_batch_norm_called_and_read_by_untraced_code": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(
+                        input_ndim=2,
+                        num_features=1,
+                        eps=1.0,
+                        defect="replaced_forward",
+                        changed_in_place=("weight", "method"),
+                    ),
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                ),
+                boundary="type_check",
+            ),
+        ),
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(

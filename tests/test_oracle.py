@@ -6,6 +6,7 @@ tests; each case is small enough to check against the README by reading it.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from helpers import assert_equivalent
 
 from fuser import fuse_with_report
 from strategies import Act, Chain, Layer, NetSpec, Norm, Tap, TwoCalls, build, foldable_sites
+from strategies.spec import IN_PLACE_FORMS
 
 MAP = (2, 3, 5, 5)  # a batched 2-D feature map with 3 channels
 
@@ -212,6 +214,29 @@ def test_a_parametrized_layer_takes_no_fold_and_the_fuser_agrees():
         fused, report = fuse_with_report(model, inputs)
         assert not any(site.folded for site in report.sites)
         assert_equivalent(model, fused, *inputs)
+
+
+@pytest.mark.parametrize("form", IN_PLACE_FORMS)
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+def test_a_tensor_changed_in_place_blocks_its_folds_and_the_fuser_agrees(tensor: str, form: str):
+    """README rule 6: a fold would compute with the tensor's value at fusing time, where the
+    model's code negates it around the call. A changed BN folds nowhere; a changed layer takes no
+    fold, so its BN folds into the next layer if it can, as beside a hooked layer."""
+    change = (tensor, form)
+    cases = [
+        (Chain((conv(), bn(changed_in_place=change))), [None]),
+        (Chain((bn(changed_in_place=change), conv(padding="valid"))), [None]),
+        (Chain((conv(changed_in_place=change), bn())), [None]),
+        (Chain((conv(changed_in_place=change), bn(), conv(padding="valid"))), ["input"]),
+        (Chain((conv(), bn(), conv(padding="valid", changed_in_place=change))), ["output"]),
+    ]
+    for block, sides in cases:
+        assert [side for _, _, side in verdicts(block)] == sides
+        model, inputs = build(NetSpec(input_shape=MAP, blocks=(block,)))
+        fused, report = fuse_with_report(model)  # no example inputs: nothing runs the model
+        assert [site.side if site.folded else None for site in report.sites] == sides, report
+        assert_equivalent(model, fused, *inputs)
+        assert_equivalent(model, pickle.loads(pickle.dumps(fused)), *inputs)
 
 
 @pytest.mark.parametrize("computed", ["weight", "bias"])

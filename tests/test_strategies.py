@@ -33,7 +33,7 @@ from strategies import (
 )
 from strategies.batchnorm_calls import batchnorm_calls
 from strategies.draw import runs_float32_norms
-from strategies.spec import METADATA_ATTRIBUTES, METADATA_TAPS, literal
+from strategies.spec import IN_PLACE_FORMS, METADATA_ATTRIBUTES, METADATA_TAPS, literal
 from tests import pinned
 from tests.compat import cpu_runs_float16
 
@@ -134,6 +134,11 @@ def features(spec: NetSpec) -> set[str]:
             ):
                 found.add("module layer with functional bn")
     for op in _ops(spec):
+        change = getattr(op, "changed_in_place", None)
+        if change is not None:
+            tensor, form = change
+            found.add(f"{'layer' if isinstance(op, Layer) else 'bn'} {tensor} changed in place")
+            found.add(f"a fold's tensor changed in place ({form})")
         if isinstance(op, Layer):
             name = op.kind if op.kind == "linear" else f"{op.kind}{op.spatial_dims}d"
             found.add(name)
@@ -273,6 +278,12 @@ REQUIRED = [
     "bn module FrozenBatchNorm2d",
     "fused inside torch.inference_mode",
     "bn weight read after every block",
+    *(
+        f"{owner} {tensor} changed in place"
+        for owner in ("layer", "bn")
+        for tensor in ("weight", "bias")
+    ),
+    *(f"a fold's tensor changed in place ({form})" for form in IN_PLACE_FORMS),
     "bn style functional via torch.batch_norm",
     "module layer with functional bn",
     "bn style traced_subclass",
