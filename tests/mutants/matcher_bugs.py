@@ -54,6 +54,7 @@ __all__ = [
     "grad_mode_changes_traced_through",
     "held_method_objects_ignored",
     "held_object_writes_ignored",
+    "in_place_changes_ignored",
     "input_side_into_transposed_conv",
     "input_side_through_zero_padding",
     "input_side_with_several_users",
@@ -526,6 +527,16 @@ def augmented_assignment_out_of_place(
     (``Tap.shifted``). Caught by: fused output matches the original.
     """
     patches = {"fuser.tracing._augmented_assignments_recorded": contextlib.nullcontext}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def in_place_changes_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a fold is made although the model's code changes one of its tensors in place as it
+    runs (``self.conv.weight.data.neg_()`` around the call): the fused layer computes with the
+    value at fusing time on every call (README rule 6). Needs a layer or BN whose parameter is
+    changed in place (``changed_in_place``). Caught by: fused output matches the original.
+    """
+    patches = {"fuser.fold_pass.tensors_changed_in_place": lambda gm: {}}
     return fuse_patched(model, example_inputs, patches)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "hooks_lost_on_copy",
     "hooks_lost_on_save",
     "in_place_activations_made_out_of_place",
+    "own_tensor_augmented_assignments_left_as_operators",
     "range_refusals_retried_once",
     "requires_grad_dropped",
     "shared_module_folded_in_place",
@@ -310,6 +311,20 @@ def float16_underflow_unchecked(model: nn.Module, example_inputs: tuple | None =
         "fuser.fold_pass.underflow_reason": lambda channel_largest, dtype: None,
         "fuser.fold_pass.product_fits": overflow_bound_only,
     }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def own_tensor_augmented_assignments_left_as_operators(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: fused without example inputs, ``op=`` on the module's own tensors
+    (``flipped = self.conv.weight.data; flipped *= -1``) keeps FX's ``operator.imul``, which runs
+    in place but is saved as ``flipped *= -1`` code that ``torch.load`` traces again out of place:
+    the loaded model no longer changes the weight. Needs an augmented in-place change
+    (``changed_in_place``) in a network fused without example inputs (pinned:
+    ``weight_negated_in_place_through_data_then_saved``). Caught by: survives copy and save.
+    """
+    patches = {"fuser.in_place._state_tensors": lambda gm: set()}
     return fuse_patched(model, example_inputs, patches)
 
 
