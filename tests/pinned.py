@@ -1953,6 +1953,98 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Coverage, not a failure: one network per way of changing a fold's tensor in place
+    # (README rule 6, ``changed_in_place``) at a pair that would fold otherwise, output and input
+    # side. The `ci` profile's 300 networks a test draw almost none (0 where the change decides a
+    # fold, 2026-11-28), and machine-made mutants of fuser/in_place.py that stop following
+    # `.data`, views or `out=` passed the gate until these were pinned.
+    "bn_weight_negated_through_a_view_of_its_data": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(1, 1),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=3, changed_in_place=("weight", "view")),
+                )
+            ),
+        ),
+        seed=1,
+    ),
+    "bn_bias_negated_by_torch_neg_before_an_unpadded_conv": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=4, num_features=3, changed_in_place=("bias", "function")),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(0, 0),
+                        dilation=(1, 1),
+                    ),
+                ),
+                packaging="wrapper",
+            ),
+        ),
+        seed=2,
+    ),
+    "conv_weight_negated_as_an_out_argument": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(1, 1),
+                        dilation=(1, 1),
+                        changed_in_place=("weight", "out"),
+                    ),
+                    Norm(input_ndim=4, num_features=3),
+                )
+            ),
+        ),
+        seed=3,
+    ),
+    "linear_bias_negated_by_a_method_of_its_data": NetSpec(
+        input_shape=(2, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=3,
+                        out_channels=4,
+                        changed_in_place=("bias", "method"),
+                    ),
+                    Norm(input_ndim=2, num_features=4),
+                )
+            ),
+        ),
+        seed=4,
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(

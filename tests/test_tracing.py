@@ -1013,6 +1013,35 @@ def test_a_model_changing_its_own_tensors_in_place_pickles_exactly_without_examp
     assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
 
 
+class HalvesANumberReadFromItsWeight(nn.Module):
+    """``op=`` on numbers read from the module's own weight, which have no in-place methods."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.how == "a size":
+            half = self.conv.weight.data.shape[0]
+        else:
+            half = torch.numel(self.conv.bias.data)
+        half //= 2
+        return out[:, :half]
+
+
+@pytest.mark.parametrize("how", ["a size", "a count"])
+def test_a_number_read_from_the_models_own_tensor_keeps_its_augmented_assignment(how):
+    # Only tensors have in-place methods: ``half //= 2`` on a number (read from a parameter, with
+    # no example inputs to tell) must stay the operator, which replaces the number as Python does.
+    model = prepared(nn.Sequential(HalvesANumberReadFromItsWeight(how), nn.BatchNorm2d(2)))
+    fused = fuse_with_report(model)[0]
+
+    assert_equivalent(model, fused, image())
+    assert_equivalent(model, pickle.loads(pickle.dumps(fused)), image())
+
+
 class ChangesATappedTensorByEveryArithmeticOp(nn.Module):
     """Every arithmetic ``op=`` TorchScript accepts, on a tensor also read under another name."""
 
