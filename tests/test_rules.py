@@ -582,6 +582,9 @@ CHANGES = {
     "layer weight, a row through .data[0]": lambda m: m.conv.weight.data[0].mul_(0.5).sum() * 0,
     "bn weight, mul_": lambda m: m.bn.weight.mul_(0.9).sum() * 0,
     "bn bias, +=": lambda m: m.bn.bias.__iadd__(0.25).sum() * 0,
+    "bn weight, a torch.flatten view of .data": lambda m: (
+        torch.flatten(m.bn.weight.data).mul_(0.9).sum() * 0
+    ),
 }
 
 
@@ -597,10 +600,21 @@ def test_a_fold_whose_tensors_the_model_changes_in_place_is_left(input_side, cha
         assert_equivalent(model, fused, image(2, 3, 4, 4))
 
 
-def test_a_fold_whose_tensors_the_model_only_reads_still_folds():
+READS = {
+    "a mean": lambda m: m.conv.weight.data.mean() * 0,
+    # New tensors computed from the weight, then changed in place: the weight stays as it is.
+    "a mean, then changed in place": lambda m: m.conv.weight.data.mean().add_(1) * 0,
+    "a torch.mul product, then changed in place": lambda m: (
+        torch.mul(m.conv.weight.data, 0.5).add_(1).sum() * 0
+    ),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_a_fold_whose_tensors_the_model_only_reads_still_folds(read):
     # The fold goes into a copy of the conv; the original stays for the read, holding only the
     # weight it reads (its bias would be dead state).
-    model = prepared(ChangesItsTensors(False, lambda m: m.conv.weight.data.mean() * 0))
+    model = prepared(ChangesItsTensors(False, READS[read]))
     fused, report = fused_and_checked(model, image(2, 3, 4, 4))
     assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
     assert dict(fused.conv.named_parameters()).keys() == {"weight"}
