@@ -123,9 +123,11 @@ def _may_alias(node: fx.Node, value: fx.Node) -> bool:
     return node.target in _ALIASING_FUNCTIONS
 
 
-#: Of the aliasing methods, those that return one tensor when called on a tensor (``split`` and
-#: its kind return tuples; ``type()`` without arguments returns a string).
-_SINGLE_VIEW_METHODS = _ALIASING_METHODS - {"split", "chunk", "unbind", "tensor_split", "type"}
+#: Aliasing methods that return a tuple of views of a tensor.
+_VIEW_TUPLE_METHODS = frozenset({"split", "chunk", "unbind", "tensor_split"})
+#: Of the aliasing methods, those that return one tensor when called on a tensor (``type()``
+#: without arguments returns a string).
+_SINGLE_VIEW_METHODS = _ALIASING_METHODS - _VIEW_TUPLE_METHODS - {"type"}
 
 # The in-place method a tensor's ``op=`` runs, under the name TorchScript knows: it rejects
 # ``x.__iadd__(y)`` and the other arithmetic dunders (shifts and bitwise ones it accepts, and they
@@ -174,8 +176,10 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
 
 def _state_tensors(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that hold a tensor whatever the inputs: a ``get_attr`` of one of the module's
-    tensors, and a single-tensor view of such a node (``.data``, ``.view(-1)``, indexing)."""
+    tensors, a single-tensor view of such a node (``.data``, ``.view(-1)``, indexing), and an
+    element of a tuple of its views (``.chunk(2)[0]``)."""
     known: set[fx.Node] = set()
+    tuples: set[fx.Node] = set()  # tuples of views of known tensors
     for node in gm.graph.nodes:  # in order: a node's arguments come before it
         if node.op == "get_attr":
             try:
@@ -183,9 +187,24 @@ def _state_tensors(gm: fx.GraphModule) -> set[fx.Node]:
                     known.add(node)
             except AttributeError:
                 pass
-        elif _single_view(node) and _first_argument(node) in known:
+        elif _first_argument(node) in known:
+            if _single_view(node):
+                known.add(node)
+            elif node.op == "call_method" and node.target in _VIEW_TUPLE_METHODS:
+                tuples.add(node)
+        elif _first_argument(node) in tuples and _takes_one_element(node):
             known.add(node)
     return known
+
+
+def _takes_one_element(node: fx.Node) -> bool:
+    """``t[i]`` with a constant integer ``i``: one element of a tuple ``t``."""
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and len(node.args) == 2
+        and type(node.args[1]) is int
+    )
 
 
 def _single_view(node: fx.Node) -> bool:

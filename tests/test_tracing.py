@@ -992,6 +992,9 @@ class NegatesItsOwnTensorAroundACall(nn.Module):
         elif self.how == "an index of .data":
             row = self.conv.weight.data[0]
             row *= -1
+        elif self.how == "a chunk of .data":
+            half = self.conv.weight.data.chunk(2)[1]
+            half *= -1
         else:  # a buffer: a tensor, not a proxy, while tracing; the graph keeps no op for it
             self.offset *= -1
 
@@ -1002,7 +1005,9 @@ class NegatesItsOwnTensorAroundACall(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("how", [".data", "a view of .data", "an index of .data", "a buffer"])
+@pytest.mark.parametrize(
+    "how", [".data", "a view of .data", "an index of .data", "a chunk of .data", "a buffer"]
+)
 def test_a_model_changing_its_own_tensors_in_place_pickles_exactly_without_example_inputs(how):
     # The module's own tensors and their views are tensors whatever the inputs, so their ``op=``
     # is written as a method without example inputs too; FX's own ``x *= -1`` would load as
