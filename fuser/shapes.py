@@ -25,19 +25,21 @@ from .errors import FuserError
 @contextlib.contextmanager
 def state_preserved(module: nn.Module) -> Iterator[None]:
     """Run ``module`` for the fuser's own purposes and leave no trace of it: buffers (a
-    training-mode BatchNorm's statistics), the RNG, and every module's attributes (code that
-    counts its calls or keeps its last features, ``self.calls += 1``), as the caller's model has
-    them; the fused model starts from the same state."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    training-mode BatchNorm's statistics), parameters (code that changes one in place as it runs,
+    ``self.conv.bias.data.add_(0.5)``), the RNG, and every module's attributes (code that counts
+    its calls or keeps its last features, ``self.calls += 1``), as the caller's model has them;
+    the fused model starts from the same state. Only runs on example inputs pay for the copies."""
+    tensors = [*module.parameters(), *module.buffers()]
+    saved = [(tensor, tensor.detach().clone()) for tensor in tensors]
     attributes = attributes_of(module)
-    devices = sorted({b.device.index for b, _ in saved if b.is_cuda and b.device.index is not None})
+    devices = sorted({t.device.index for t, _ in saved if t.is_cuda and t.device.index is not None})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         try:
             yield
         finally:
             restore_attributes(attributes)
-            for buffer, value in saved:
-                buffer.copy_(value)
+            for tensor, value in saved:
+                tensor.copy_(value)
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
