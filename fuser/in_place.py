@@ -181,18 +181,21 @@ def _state_tensors(gm: fx.GraphModule) -> set[fx.Node]:
     known: set[fx.Node] = set()
     tuples: set[fx.Node] = set()  # tuples of views of known tensors
     for node in gm.graph.nodes:  # in order: a node's arguments come before it
+        first = _first_argument(node)
+        if not isinstance(first, fx.Node):  # a get_attr; or a list, which may hold a slice
+            first = None
         if node.op == "get_attr":
             try:
                 if isinstance(fetch_attr(gm, node.target), torch.Tensor):
                     known.add(node)
             except AttributeError:
                 pass
-        elif _first_argument(node) in known:
+        elif first in known:
             if _single_view(node):
                 known.add(node)
             elif node.op == "call_method" and node.target in _VIEW_TUPLE_METHODS:
                 tuples.add(node)
-        elif _first_argument(node) in tuples and _takes_one_element(node):
+        elif first in tuples and _takes_one_element(node):
             known.add(node)
     return known
 

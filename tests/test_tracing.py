@@ -1099,6 +1099,24 @@ def test_a_tensor_augmented_assignment_runs_as_it_does_in_eager_code(name):
     assert torch.equal(fused_result, eager_result) and torch.equal(fused_x, eager_x)
 
 
+def _first_of(values, x):
+    return x
+
+
+def test_a_call_whose_first_argument_is_a_list_holding_a_slice_is_read_without_hashing_it():
+    """A node's first argument may be a list, and a slice in it makes the list unhashable on
+    Python 3.11: asking whether it is a known tensor must not raise."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    first = graph.call_function(_first_of, ([slice(0, 1)], x))
+    graph.output(graph.call_function(operator.iadd, (first, 1.0)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+
+    tensor_augmented_assignments_as_methods(gm)
+
+    assert [n.op for n in gm.graph.nodes].count("call_function") == 2  # nothing known: kept
+
+
 def test_augmented_assignment_in_another_thread_keeps_fx_behaviour_while_a_model_is_traced():
     """The in-place operators exist on FX's proxies for the tracing thread only, and only while
     it traces."""
