@@ -27,9 +27,11 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
     """Run ``module`` for the fuser's own purposes and leave no trace of it: buffers (a
     training-mode BatchNorm's statistics), parameters (code that changes one in place as it runs,
     ``self.conv.bias.data.add_(0.5)``), the RNG, and every module's attributes (code that counts
-    its calls or keeps its last features, ``self.calls += 1``), as the caller's model has them;
-    the fused model starts from the same state. Only runs on example inputs pay for the copies."""
-    tensors = [*module.parameters(), *module.buffers()]
+    its calls or keeps its last features, ``self.calls += 1``) and the tensors they keep as plain
+    attributes (``tensor_attributes``), as the caller's model has them; the fused model starts
+    from the same state. Only runs on example inputs pay for the copies."""
+    plain = [tensor for tensor, _, _ in tensor_attributes(module)]
+    tensors = [*module.parameters(), *module.buffers(), *plain]
     saved = [(tensor, tensor.detach().clone()) for tensor in tensors]
     attributes = attributes_of(module)
     devices = sorted({t.device.index for t, _ in saved if t.is_cuda and t.device.index is not None})
@@ -40,6 +42,30 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
             restore_attributes(attributes)
             for tensor, value in saved:
                 tensor.copy_(value)
+
+
+def tensor_attributes(module: nn.Module) -> list[tuple[torch.Tensor, nn.Module, str]]:
+    """Tensors the modules keep as plain attributes, neither parameters nor buffers
+    (``self.scale = torch.ones(1)``), alone or in a list, tuple or dict attribute
+    (``self.history = [torch.zeros(3)]``), each once: code may change them in place as it runs,
+    and FX hands traced code the tensor itself, as it does a buffer. With the module holding each
+    and the attribute's name."""
+    found: dict[int, tuple[torch.Tensor, nn.Module, str]] = {}
+    for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
+            continue
+        for name, value in m.__dict__.items():
+            if name in _MODULE_INTERNALS or type(value) in _SCALARS:
+                continue
+            values = value.values() if isinstance(value, dict) else value
+            for item in values if isinstance(value, (list, tuple, dict)) else (value,):
+                if isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
+                    found.setdefault(id(item), (item, m, name))
+    return list(found.values())
+
+
+#: Attribute values that are certainly no tensor and hold none (skipped at once).
+_SCALARS = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size})
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")

@@ -29,7 +29,7 @@ from .patterns import (
     own_call_code,
 )
 from .report import UntracedModule
-from .shapes import attributes_of, changed_state, restore_attributes
+from .shapes import attributes_of, changed_state, restore_attributes, tensor_attributes
 
 
 def is_foldable_layer_or_batch_norm(module: nn.Module) -> bool:
@@ -473,6 +473,7 @@ def _attributes_restored(module: nn.Module) -> Iterator[list]:
 
 
 BUFFER_CHANGED = "a buffer changed in place"
+TENSOR_ATTRIBUTE_CHANGED = "a tensor attribute changed in place"
 
 
 class _TensorSnapshot:
@@ -495,7 +496,7 @@ class _TensorSnapshot:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        self.owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
         self.buffers: dict[int, torch.Tensor] = {}
         self.parameters: dict[int, tuple[torch.Tensor, int | None]] = {}
         for m in module.modules():
@@ -503,12 +504,15 @@ class _TensorSnapshot:
                 continue
             for name, tensor in m._buffers.items():
                 if tensor is not None:
-                    self.owners.setdefault(id(tensor), []).append((m, name))
+                    self.owners.setdefault(id(tensor), []).append((m, name, BUFFER_CHANGED))
                     self.buffers.setdefault(id(tensor), tensor)
             for name, parameter in m._parameters.items():
                 if parameter is not None:
-                    self.owners.setdefault(id(parameter), []).append((m, name))
+                    self.owners.setdefault(id(parameter), []).append((m, name, ""))
                     self.parameters.setdefault(id(parameter), (parameter, _version(parameter)))
+        for tensor, m, name in tensor_attributes(module):  # handed to traced code as they are
+            self.owners.setdefault(id(tensor), []).append((m, name, TENSOR_ATTRIBUTE_CHANGED))
+            self.buffers.setdefault(id(tensor), tensor)
         self.versions = {key: _version(tensor) for key, tensor in self.buffers.items()}
         groups: dict[tuple, list[torch.Tensor]] = {}
         for tensor in self.buffers.values():
@@ -529,12 +533,12 @@ class _TensorSnapshot:
         return self._changed
 
     def changed(self) -> list[tuple[nn.Module, str, str]]:
-        """``(owner module, buffer name, BUFFER_CHANGED)`` of each buffer changed since the
-        snapshot, for ``_refuse_unrecorded_state_changes``."""
+        """``(owner module, buffer or attribute name, what changed)`` of each buffer or tensor
+        attribute changed since the snapshot, for ``_refuse_unrecorded_state_changes``."""
         return [
-            (m, name, BUFFER_CHANGED)
+            (m, name, kind)
             for tensor in self.changed_buffers()
-            for m, name in self.owners[id(tensor)]
+            for m, name, kind in self.owners[id(tensor)]
         ]
 
     def restore(self) -> None:
@@ -548,7 +552,7 @@ class _TensorSnapshot:
             f"{type(m).__name__}.{name}"
             for key, (parameter, version) in self.parameters.items()
             if _version(parameter) != version
-            for m, name in self.owners[key]
+            for m, name, _ in self.owners[key]
         ]
         if moved:
             raise FuserError(

@@ -657,6 +657,43 @@ def test_a_module_counting_in_a_buffer_stays_one_call_and_keeps_counting(through
     assert_counts_as_the_original(model, fused)
 
 
+class ScalesByATensorAttribute(nn.Module):
+    """Keeps a plain tensor attribute (no buffer), or one in a list, and changes it in place on
+    every call; or only reads it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.how = how
+        self.scale = torch.ones(1)
+        self.history = [torch.zeros(1)]
+
+    def forward(self, x):
+        x = self.block(x) * self.scale + self.history[0]
+        if self.how == "attribute changed":
+            self.scale.mul_(2.0)
+        elif self.how == "list element changed":
+            self.history[0].add_(1.0)
+        return x
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no inputs", "example_inputs"])
+@pytest.mark.parametrize("how", ["attribute changed", "list element changed", "only read"])
+def test_a_tensor_kept_as_a_plain_attribute_and_changed_in_place_keeps_changing(how, with_inputs):
+    # FX hands traced code such a tensor itself, as it does a buffer: the trace ran the change on
+    # the fuser's copy and recorded none of it, so the fused model never changed it and started
+    # ahead of the caller's (2.3 off on the first call; 5.6 with example inputs, whose runs
+    # changed it twice more). Its module now runs as written; one that only reads it is traced.
+    model = prepared(nn.Sequential(conv_bn(4), ScalesByATensorAttribute(how)))
+    fused, report = fuse_with_report(model, (image(),) if with_inputs else None)
+
+    untraced = {module.name for module in report.untraced}
+    assert untraced == (set() if how == "only read" else {"1"}), report
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    for sign in (1, -1, 1):
+        assert_equivalent(model, fused, sign * image())
+
+
 class CountsThenBranches(CountsInABuffer):
     """Counts in its buffer, then branches on its data: FX cannot trace it at all."""
 
