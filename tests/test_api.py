@@ -457,6 +457,27 @@ def test_example_inputs_may_be_one_tensor_a_tuple_or_a_list(given):
     assert_equivalent(model, fused, x)
 
 
+class TakesAScaleAndAnOption(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+    def forward(self, x, scale, unused=None):
+        return self.body(x) * scale
+
+
+def test_example_inputs_may_hold_numbers_and_none_beside_tensors():
+    """Only the tensors among the inputs are copied for the fuser's runs; the rest are passed as
+    they are, and the Linear's fold shows the runs took place (README rule 2)."""
+    torch.manual_seed(0)
+    model = randomise_bn_stats(TakesAScaleAndAnOption()).eval()
+    x = torch.randn(5, 4)
+    fused, report = fuse_with_report(model, (x, 0.5, None))
+    assert report.site("body.1").folded, report
+    torch.testing.assert_close(fused(x, 0.5), model(x, 0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused(x, -2.0, None), model(x, -2.0, None), rtol=1e-5, atol=1e-6)
+
+
 def test_folded_batchnorms_are_deleted_from_the_fused_state_dict():
     model = small_net()
     fused = fuse(model)

@@ -397,6 +397,96 @@ def test_a_module_filling_its_containers_stays_one_call_and_keeps_filling_them()
     torch.testing.assert_close(kept.last["features"], original.last["features"])
 
 
+class KeepsItsLastInAFilledDict(nn.Module):
+    """Replaces the value under a key its dict already holds: the keys never change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.last = {"features": torch.zeros(())}
+
+    def forward(self, x):
+        x = self.block(x)
+        self.last["features"] = x.detach()
+        return x * 0.5
+
+
+def test_a_module_replacing_a_value_its_dict_holds_stays_one_call_and_keeps_replacing_it():
+    # Comparing the dict's keys alone would miss the change: traced through, the fused model
+    # would keep the zeros it started with.
+    model = prepared(nn.Sequential(conv_bn(4), KeepsItsLastInAFilledDict()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "its last (a dict) is changed as it runs" in untraced.pop("1", ""), report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert float(kept.last["features"]) == 0.0, "the trace or the fuser's runs left a value"
+    for seed in (1, 2):
+        assert_equivalent(model, fused, image(seed))
+        torch.testing.assert_close(kept.last["features"], original.last["features"])
+    assert original.last["features"].shape == (2, 4, 5, 5)
+
+
+class CountsFromNothingInItsDict(nn.Module):
+    """Adds its count to its ``__dict__`` on its first call: a key that was not there before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
+        return x * 0.5
+
+
+def test_a_module_adding_an_attribute_to_its_dict_stays_one_call_and_keeps_counting():
+    # The attributes it had before are all still there, the same objects in the same order: only
+    # the new key tells the change.
+    model = prepared(nn.Sequential(conv_bn(4), CountsFromNothingInItsDict()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "its calls (an attribute) is changed as it runs" in untraced.pop("1", ""), report
+    kept, original = fused.get_submodule("1"), model.get_submodule("1")
+    assert "calls" not in vars(kept) and "calls" not in vars(original), (
+        "the trace or the fuser's runs left a count"
+    )
+    for call in (1, 2):
+        assert_equivalent(model, fused, image(call))
+        assert kept.calls == original.calls == call
+
+
+class ReadsConstantsOfManyKinds(nn.Module):
+    """Keeps, and only reads, attributes of kinds the state comparison handles apart: a set it
+    never changes, and values without a ``__dict__`` (a slice, a frozenset, a range)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.modes = {"eval"}
+        self.kept_channels = slice(0, 3)
+        self.scales = frozenset({0.5})
+        self.steps = range(2)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        for _ in self.steps:
+            x = x * min(self.scales)
+        return x[:, self.kept_channels] if "eval" in self.modes else x
+
+
+def test_attributes_the_code_only_reads_leave_the_trace_alone_whatever_their_kind():
+    model = prepared(ReadsConstantsOfManyKinds())
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert not report.untraced, report
+    assert {site.bn for site in report.folded} == {"bn"}, report
+    assert remaining_batch_norms(fused) == []
+    assert_equivalent(model, fused, image())
+    assert fused(image()).shape == (2, 3, 5, 5)
+
+
 class CountsAroundSetattr(nn.Module):
     """Keeps its state without ``nn.Module.__setattr__``, which the fuser's trace refuses: each
     subclass writes straight into one of the module's dicts."""
