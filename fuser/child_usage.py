@@ -42,12 +42,31 @@ def child_usage(module: nn.Module) -> dict[str, str]:
     return {name: _verdict(uses.get(name, set())) for name, _ in module.named_children()}
 
 
-def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
-    """How the methods of ``cls`` use each ``self.NAME``, or None without source.
+#: How a method reaches past one child: the attribute names (and constant indices) read after
+#: ``self.NAME`` (``("seen",)`` for ``self.child.seen``; ``()`` for ``self.child`` itself), and
+#: whether the last is called.
+Chain = tuple[tuple[str | int, ...], bool]
 
-    The file is read through ``linecache`` (as ``inspect`` does) and parsed once per distinct
-    text; ``inspect.getsource`` would parse the whole file again for every class it looks up.
-    """
+
+def attribute_chains(cls: type) -> dict[str, frozenset[Chain]] | None:
+    """For each ``self.NAME`` the methods of ``cls`` (and of its non-torch bases) use other than
+    by calling it or its elements, the attribute chains they read through it; None where no
+    use is known (no source, or code reaching children other than by name)."""
+    chains: dict[str, set[Chain]] = defaultdict(set)
+    for base in cls.__mro__:
+        if base in (nn.Module, object) or base.__module__.startswith("torch."):
+            continue
+        text = _source_text(base)
+        found = _chains_by_class(text).get(base.__qualname__) if text else None
+        if found is None:
+            return None
+        for name, reads in found.items():
+            chains[name] |= reads
+    return {name: frozenset(reads) for name, reads in chains.items()}
+
+
+def _source_text(cls: type) -> str | None:
+    """The text of the file defining ``cls``, through ``linecache``, or None."""
     try:
         filename = inspect.getsourcefile(cls)
     except (OSError, TypeError):
@@ -55,7 +74,63 @@ def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
     if filename is None:  # no file, and no lines cached for it
         return None
     module = inspect.getmodule(cls)
-    text = "".join(linecache.getlines(filename, module.__dict__ if module else None))
+    return "".join(linecache.getlines(filename, module.__dict__ if module else None)) or None
+
+
+@functools.lru_cache(maxsize=256)
+def _chains_by_class(text: str) -> dict[str, dict[str, frozenset[Chain]] | None]:
+    """``_uses_by_class``'s companion: the chains of every use it would call ``OTHER``."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    classes: dict[str, dict[str, frozenset[Chain]] | None] = {}
+    for qualname, node in _class_definitions(tree, ""):
+        methods = _methods(node)
+        if qualname in classes or any(_reflects_on_self(method) for method in methods):
+            classes[qualname] = None
+            continue
+        chains: dict[str, set[Chain]] = defaultdict(set)
+        for method in methods:
+            parents = parent_map(method)
+            for use in ast.walk(method):
+                name = _self_attribute(use)
+                if name is not None and _classify_use(use, parents, method) == OTHER:
+                    chains[name].add(_chain(use, parents))
+        classes[qualname] = {name: frozenset(reads) for name, reads in chains.items()}
+    return classes
+
+
+def _chain(use: ast.Attribute, parents: dict) -> Chain:
+    """The names read after ``use``, an element taken by a constant index as an int or str
+    (``self.model[2].body`` gives ``(2, "body")``; ``"[i]"`` for any other index, which the
+    reader cannot follow)."""
+    names: list = []
+    node = use
+    while True:
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute):
+            names.append(parent.attr)
+        elif isinstance(parent, ast.Subscript) and parent.value is node:
+            index = parent.slice
+            constant = isinstance(index, ast.Constant) and type(index.value) in (int, str)
+            names.append(index.value if constant else "[i]")
+            if not constant:
+                break
+        else:
+            break
+        node = parent
+    parent = parents.get(node)
+    return tuple(names), isinstance(parent, ast.Call) and parent.func is node
+
+
+def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
+    """How the methods of ``cls`` use each ``self.NAME``, or None without source.
+
+    The file is read through ``linecache`` (as ``inspect`` does) and parsed once per distinct
+    text; ``inspect.getsource`` would parse the whole file again for every class it looks up.
+    """
+    text = _source_text(cls)
     return _uses_by_class(text).get(cls.__qualname__) if text else None
 
 

@@ -379,8 +379,15 @@ class _Fuser:
         """Opaque, kept and hooked modules stay single calls in ``gm``; they are fused on their own.
 
         A hooked or kept module is traced and folded by itself (a hooked one keeps its hooks); an
-        opaque one cannot be traced, so its children are fused instead.
+        opaque one cannot be traced, so its children are fused instead. One whose tensors ``gm``
+        also reads (``self.child.block[0].bias``) is left whole: a fold inside it would change
+        (or, folding into a copy, remove) the tensor ``gm`` reads.
         """
+        read = [  # tensors of layers and BNs, which folds change or remove
+            node.target
+            for node in gm.graph.nodes
+            if node.op == "get_attr" and "." in node.target and _held_by_fold_target(gm, node)
+        ]
         done: set[int] = set()
         for node in gm.graph.nodes:
             if node.op != "call_module":
@@ -390,7 +397,11 @@ class _Fuser:
                 continue
             done.add(id(module))
             module_path = f"{path}.{node.target}" if path else node.target
-            if id(module) in outcome.opaque:
+            inside = [target for target in read if target.startswith(f"{node.target}.")]
+            if inside:
+                why = f"not fused: the traced code around it reads its tensor {inside[0]}"
+                self._leave_child(module, module_path, why)
+            elif id(module) in outcome.opaque:
                 entered = id(module) in outcome.autocast
                 self._fuse_children_in_region(module, module_path, entered)
             elif id(module) in outcome.kept or (has_hooks(module) and not is_library_leaf(module)):
@@ -465,6 +476,14 @@ def _children_traced_through(module: nn.Module, opaque: set[int]) -> list[nn.Mod
     is_leaf = FoldTracer(opaque, []).is_leaf_module
     children = {id(child): child for child in module.children() if not is_leaf(child, "")}
     return list(children.values())
+
+
+def _held_by_fold_target(gm: fx.GraphModule, node: fx.Node) -> bool:
+    owner = node.target.rpartition(".")[0]
+    try:
+        return is_foldable_layer_or_batch_norm(gm.get_submodule(owner))
+    except AttributeError:
+        return False
 
 
 def _holds_batch_norm(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FuserError
+from .frozen_reads import frozen_state_readers
 from .patterns import (
     batch_norm_module_behaves_as_base,
     call_overridden,
@@ -59,7 +60,7 @@ class FoldTracer(fx.Tracer):
         self.autocast = set() if autocast is None else autocast  # opaque: its code enters autocast
         self.kept = kept
         self.untraced = untraced  # (qualified name, why) of each module made opaque
-        self._entered: set[int] = set()  # modules traced through at some call site
+        self.entered: set[int] = set()  # modules traced through at some call site
         self._proxy_cache: dict | None = None
         self.attributes_before_trace: dict[int, tuple] = {}  # set by _trace_with
         self._leaf_answer: tuple[nn.Module, bool] | None = None  # see call_module
@@ -105,10 +106,10 @@ class FoldTracer(fx.Tracer):
             if isinstance(error, AutocastInForward):
                 self.autocast.add(id(m))
             self.untraced.append((self.path_of_module(m), _describe(error)))
-            if id(m) in self._entered:  # traced through elsewhere: it must be opaque everywhere
+            if id(m) in self.entered:  # traced through elsewhere: it must be opaque everywhere
                 raise _RetraceNeeded from error
             return super().call_module(m, forward, args, kwargs)
-        self._entered.add(id(m))
+        self.entered.add(id(m))
         return result
 
     def _call_answered(self, m: nn.Module, leaf: bool, forward, args, kwargs):
@@ -633,6 +634,26 @@ def is_library_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
+#: Why a module reading the state of one that runs as written is not traced (``frozen_reads``).
+_FROZEN = "which a trace reads once (traced, the fused model would keep that value)"
+
+
+def _running_as_written(gm: fx.GraphModule, opaque: set[int], kept: frozenset[int]) -> set[int]:
+    """Ids of the modules ``gm`` calls that run their own Python code (or hooks) as written:
+    opaque, kept, hooked or compiled ones. torch.nn's own leaves keep no state in Python."""
+    running = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if id(m) in opaque or id(m) in kept or has_hooks(m) or _is_compiled(m):
+                running.add(id(m))
+    return running
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
 def _describe(error: Exception) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first_line}"[:300]
@@ -679,6 +700,18 @@ def trace_with_opaque_submodules(
             outcome.error = _describe(error)
             if isinstance(error, AutocastInForward):
                 outcome.autocast.add(id(module))
+        else:
+            running = _running_as_written(outcome.graph_module, outcome.opaque, kept)
+            traced = {id(module), *tracer.entered}
+            readers = frozen_state_readers(module, traced, running)
+            frozen = {id(reader): f"FrozenStateRead: {why}, {_FROZEN}" for reader, why in readers}
+            if id(module) in frozen:
+                outcome.graph_module, outcome.error = None, frozen[id(module)]
+            elif readers:
+                for reader, _ in readers:
+                    outcome.opaque.add(id(reader))
+                    untraced.append((tracer.path_of_module(reader), frozen[id(reader)]))
+                continue
         outcome.untraced = [
             UntracedModule(f"{path}.{name}" if path else name, reason) for name, reason in untraced
         ]

@@ -1364,3 +1364,103 @@ def test_the_trace_check_runs_with_deterministic_cudnn_and_puts_the_flags_back()
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
     assert inside == (True, False)
     assert after == (False, True)
+
+
+# --- traced code reading the state of a module that runs as written -----------------------------
+
+
+class CountsAndBranches(nn.Module):
+    """Counts its calls in a list, then branches on data: untraceable, so it runs as written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        x = self.block(x)
+        self.seen.append(1)
+        return x if x.sum() > 0 else -x
+
+
+class ReadsItsChildsCount(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = CountsAndBranches()
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * len(self.child.seen)
+
+
+def test_code_reading_the_state_of_an_untraceable_child_is_not_traced():
+    # Traced, `len(self.child.seen)` would be read once (0, after the failed trace's rollback)
+    # and kept: the fused model returned zeros. Without example inputs nothing else can see it.
+    model = prepared(ReadsItsChildsCount())
+    fused, report = fuse_with_report(model)
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "FrozenStateRead: its code reads self.child.seen" in untraced["<model>"], report
+    assert report.site("stem.1").folded, report
+    for call in (1, 2, 3):
+        assert_equivalent(model, fused, image(call))
+        assert len(fused.child.seen) == len(model.child.seen) == call
+
+
+class HookCounted(nn.Module):
+    """A block whose own code reads the count a forward hook keeps on its BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn.calls = 0
+        self.bn.register_forward_hook(HookCounted.count)
+
+    @staticmethod
+    def count(module, args, output):
+        module.calls += 1
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.calls
+
+
+def test_a_block_reading_what_a_hook_keeps_runs_as_written_and_the_rest_folds():
+    model = prepared(nn.Sequential(conv_bn(4), HookCounted()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "FrozenStateRead: its code reads self.bn.calls" in untraced["1"], report
+    assert report.site("0.1").folded and not report.site("1.bn").folded, report
+    assert fused.get_submodule("1.bn").calls == model[1].bn.calls == 0
+    for call in (1, 2):
+        assert_equivalent(model, fused, image(call))
+        assert fused.get_submodule("1.bn").calls == model[1].bn.calls == call
+
+
+class ReadsItsChildsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = CountsAndBranches()
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * self.child.scale + self.child.block[0].bias.sum()
+
+
+@pytest.mark.parametrize("with_example_inputs", [False, True], ids=["traced", "checked"])
+def test_tensors_of_a_child_running_as_written_are_read_live_and_not_folded_under_the_reader(
+    with_example_inputs,
+):
+    # FX reads a parameter live, so the trace stands. But the child's own block was fused on its
+    # own, folding its BN into the conv bias the traced code reads: a wrong output, which the
+    # example inputs' check (made before any fold) did not see. The child is now left whole.
+    model = prepared(ReadsItsChildsParameter())
+    fused, report = fuse_with_report(model, (image(),) if with_example_inputs else None)
+
+    assert "<model>" not in {module.name for module in report.untraced}, report
+    assert report.site("stem.1").folded, report
+    left = report.site("child.block.1")
+    assert not left.folded and "reads its tensor child.block.0.bias" in left.reason, report
+    for call in (1, 2):
+        assert_equivalent(model, fused, image(call))

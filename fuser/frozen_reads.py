@@ -1,0 +1,103 @@
+"""Traced code that reads the state of a module that runs as written.
+
+A module the traced graph calls as it is (untraceable, kept, hooked or compiled) runs its own
+code on every call of the fused model, and that code may change its state: a list it appends to,
+a count its hook keeps. While tracing, such a module is not run at all, so traced code that reads
+its state (``y * len(self.child.seen)``) reads it once, as the trace found it, and the graph keeps
+that value for good: the fused model computes something else from its second call on (or from
+its first, when the trace's rollback put back what a failed trace had changed). Nothing is seen
+by running the model without example inputs, so the reading module's source is read instead
+(``child_usage.attribute_chains``): a module whose code reaches a running module's state, other
+than its parameters and buffers (which FX reads live) or by calling it, is not traced either; its
+code then runs as written and reads the state as it is.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .child_usage import attribute_chains
+
+
+def frozen_state_readers(
+    root: nn.Module, traced: set[int], runs_as_written: set[int]
+) -> list[tuple[nn.Module, str]]:
+    """``(module, why)`` for the outermost modules traced through (``traced``: ids, with the
+    root) whose code reads the state of a module in ``runs_as_written`` (ids)."""
+    if not runs_as_written:
+        return []
+    readers = []
+    for module in root.modules():
+        if id(module) in traced:
+            why = _reads_running_state(module, runs_as_written)
+            if why is not None:
+                readers.append((module, why))
+    return _outermost(readers)
+
+
+def _outermost(readers: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str]]:
+    """The readers inside no other reader: an outer one runs as written, inner ones with it."""
+    inner = {id(m) for reader, _ in readers for m in reader.modules() if m is not reader}
+    return [(module, why) for module, why in readers if id(module) not in inner]
+
+
+def _reads_running_state(module: nn.Module, runs_as_written: set[int]) -> str | None:
+    """Why ``module``'s own code may read what a running module changes, or None."""
+    if isinstance(module, fx.GraphModule):  # generated code: calls and live tensor reads only
+        return None
+    chains = attribute_chains(type(module))
+    if chains is None:  # reaches its children by reflection (``self.children()``): not followed
+        return None
+    for name, reads in chains.items():
+        for names, called in reads:
+            why = _chain_reads_running_state(module, (name, *names), called, runs_as_written)
+            if why is not None:
+                return why
+    return None
+
+
+def _chain_reads_running_state(
+    module: nn.Module, names: tuple[str | int, ...], called: bool, runs_as_written: set[int]
+) -> str | None:
+    current: object = module
+    read = "self"
+    for name in names:
+        step = name if name == "[i]" else f".{name}" if isinstance(name, str) else f"[{name}]"
+        if isinstance(current, nn.Module) and id(current) in runs_as_written:
+            live = name in current._parameters or name in current._buffers
+            if not live and name not in current._modules:
+                return f"its code reads {read}{step}, and {read} runs as written"
+        if name == "[i]":  # an index the text does not give: any element
+            current = _any_running_element(current, runs_as_written)
+            if current is None:
+                return None
+        else:
+            try:
+                current = current[name] if isinstance(name, int) else getattr(current, name)
+            except Exception:  # set later, or a property that fails: the read is not known
+                return None
+        read += step
+    if isinstance(current, nn.Module) and not called:
+        running = _first_running_below(current, runs_as_written, include_itself=True)
+        if running is not None:
+            return f"its code uses {read} other than by calling it, and {running} runs as written"
+    return None
+
+
+def _first_running_below(
+    module: nn.Module, runs_as_written: set[int], include_itself: bool = False
+) -> str | None:
+    for path, m in module.named_modules():
+        if (include_itself or m is not module) and id(m) in runs_as_written:
+            return f"its {path}" if path else "it"
+    return None
+
+
+def _any_running_element(container: object, runs_as_written: set[int]) -> nn.Module | None:
+    """For ``container[i]``: a module element that runs as written or holds one, if any."""
+    if not isinstance(container, nn.Module):
+        return None
+    for element in container.children():
+        if any(id(m) in runs_as_written for m in element.modules()):
+            return element
+    return None
