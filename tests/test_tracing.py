@@ -827,6 +827,36 @@ def test_buffers_holding_nan_that_nothing_changes_leave_the_trace_alone():
     assert_equivalent(model, fused, image())
 
 
+class ShiftsABufferHoldingNan(nn.Module):
+    """Changes a buffer holding a NaN through ``.data`` (whose version counter is its own, so
+    only the values tell): the NaN stays where it was, the other values move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.register_buffer("offset", torch.tensor([float("nan"), 0.5, 0.25, 0.0]))
+
+    def forward(self, x):
+        x = self.block(x) + self.offset.nan_to_num().view(1, 4, 1, 1)
+        self.offset.data.add_(1.0)
+        return x
+
+
+def test_a_buffer_holding_nan_changed_in_place_keeps_changing():
+    # Comparing only where the NaNs sit would take the change for none: traced through, the
+    # fused model would never shift the offset.
+    model = prepared(nn.Sequential(conv_bn(4), ShiftsABufferHoldingNan()))
+    fused, report = fuse_with_report(model, (image(),))
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "its offset (a buffer changed in place) is changed as it runs" in untraced.pop("1")
+    assert {site.bn for site in report.folded} == {"0.1", "1.block.1"}, report
+    for call in (1, 2):
+        assert_equivalent(model, fused, image(call))
+        torch.testing.assert_close(fused.get_submodule("1").offset, model[1].offset, equal_nan=True)
+    assert model[1].offset[1].item() == 2.5
+
+
 def test_batch_norm_statistics_changed_in_place_by_the_model_are_not_folded():
     """Statistics drifting with every call (the model halves a running mean after using it):
     a fold would freeze them, and the trace would fold them already halved once."""
