@@ -80,12 +80,8 @@ def _source_text(cls: type) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _chains_by_class(text: str) -> dict[str, dict[str, frozenset[Chain]] | None]:
     """``_uses_by_class``'s companion: the chains of every use it would call ``OTHER``."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return {}
     classes: dict[str, dict[str, frozenset[Chain]] | None] = {}
-    for qualname, node in _class_definitions(tree, ""):
+    for qualname, node in _classes_in(text):
         methods = _methods(node)
         if qualname in classes or any(_reflects_on_self(method) for method in methods):
             classes[qualname] = None
@@ -141,12 +137,8 @@ def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
     and for a name defined more than once (in two branches of an ``if``, or redefined): which
     definition the live class is cannot be told from the text (``inspect.getsource`` takes the
     first; a redefinition is the second)."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return {}
     classes: dict[str, dict[str, frozenset[str]] | None] = {}
-    for qualname, node in _class_definitions(tree, ""):
+    for qualname, node in _classes_in(text):
         if qualname in classes:
             classes[qualname] = None
             continue
@@ -226,6 +218,14 @@ def _is_harmless_call(node: ast.AST | None, argument: ast.AST) -> bool:
 def parent_map(tree: ast.AST) -> dict[ast.AST, ast.AST]:
     """Each node under ``tree`` -> the node it sits in (``ast`` keeps no parent links)."""
     return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+
+
+def _classes_in(text: str) -> list[tuple[str, ast.ClassDef]]:
+    """(qualified name, ClassDef) for every class of a file's text; none if it does not parse."""
+    try:
+        return list(_class_definitions(ast.parse(text), ""))
+    except (SyntaxError, ValueError):
+        return []
 
 
 def _class_definitions(node: ast.AST, prefix: str):
