@@ -65,6 +65,7 @@ from strategies.spec import (
     Op,
     Tap,
     TwoCalls,
+    readable_layer,
 )
 
 MAX_CHANNELS = 8
@@ -235,6 +236,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     fused_in_inference_mode = draw(chance(1, 8))  # ``NetSpec.fused_in_inference_mode``
     # Last: choices added here leave the draws above (and the networks a seed gives) as they were.
     blocks = [_with_in_place_changes(draw, block) for block in blocks]
+    blocks = [_with_layer_read(draw, block) for block in blocks]
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape,
@@ -275,6 +277,21 @@ def _with_weight_reads(draw: Callable, block: Block) -> Block:
         readable = isinstance(op, Norm) and op.style == MODULE and op.affine and op.gain is None
         ops.append(replace(op, weight_read=True) if readable and draw(chance(1, 3)) else op)
     return replace(block, ops=tuple(ops))
+
+
+#: Boundaries whose module the fused model runs as written (``Chain.layer_read``); a
+#: ``type_check`` module is traced through when fused without example inputs.
+LAYER_READ_BOUNDARIES = (UNTRACEABLE, AUTOCAST, NO_GRAD, COUNTS_CALLS, HOOKED, HOOK_READS_MODULE)
+
+
+def _with_layer_read(draw: Callable, block: Block) -> Block:
+    """``Chain.layer_read`` on one in three chains behind such a boundary that hold a layer
+    module, drawn after the structure, so that it shrinks away."""
+    if not (isinstance(block, Chain) and block.boundary in LAYER_READ_BOUNDARIES):
+        return block
+    if readable_layer(block.ops) is None or not draw(chance(1, 3)):
+        return block
+    return replace(block, layer_read=True)
 
 
 def _with_in_place_changes(draw: Callable, block: Block) -> Block:

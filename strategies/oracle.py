@@ -222,11 +222,12 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
     and output) and, in the enclosing graph, a single opaque call. Behind a guarded boundary
     (untraceable, autocast, type check) an inline chain's ops are children of the guard module,
-    each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it.
-    A guard looping over its Sequential child fuses each stage of it on its own."""
+    each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it,
+    nor in one whose layer weight the root's code reads (``layer_read``). A guard looping over
+    its Sequential child fuses each stage of it on its own."""
     if chain.boundary is None:
         return _lower_chain_ops(graph, index, chain, value)
-    if chain.loop is not None:
+    if chain.loop is not None and not chain.layer_read:
         _lower_stages(graph, index, chain)
         return graph.add(_Node("value", [value]))
     opaque = None
@@ -241,6 +242,8 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
     ):
         # object.__setattr__(self, ...): code handed `self` may reach the wrapper it holds.
         opaque = "inside a module whose code hands itself to a function"
+    if chain.layer_read:  # a fold inside would change the weight the root module's code reads
+        opaque = "inside a module run as written, whose layer weight the model's code reads"
     start = len(graph.nodes)
     inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
     if chain.boundary == AUTOCAST:  # what the chain lowered to runs inside it

@@ -49,6 +49,7 @@ from strategies.spec import (
     Norm,
     Op,
     TwoCalls,
+    readable_layer,
     twin_of,
 )
 
@@ -413,6 +414,14 @@ def _negated_in_place(op: Op, owner: str | None) -> list[str]:
     }[form]
 
 
+def _attribute_path(qualname: str) -> str:
+    """``self.b2.inner[0][1]``: a submodule reached by attributes and constant indices, as model
+    code reaches it (not ``get_submodule``, which reflects on the module)."""
+    return "self" + "".join(
+        f"[{part}]" if part.isdigit() else f".{part}" for part in qualname.split(".")
+    )
+
+
 def _submodule(qualname: str) -> str:
     """``model.a.b``, or ``model.get_submodule("a.0.1")`` where a name part is a number."""
     if all(part.isidentifier() for part in qualname.split(".")):
@@ -647,6 +656,10 @@ class _Renderer:
                     self.weight_reads.append(f"x = x + {read}  # reads the BN's weight")
         else:
             self._place(index, module)
+        if chain.layer_read:
+            name = chain_names(index, chain)[readable_layer(chain.ops)]
+            read = f"{_attribute_path(name)}.weight.mean() * 0.5"
+            self.weight_reads.append(f"x = x + {read}  # reads a layer's weight behind b{index}")
         if chain.boundary == HOOKED:
             self.helpers.add("shift_output")
             self.setup.append(f"model.b{index}.register_forward_hook(shift_output)")

@@ -254,6 +254,15 @@ class Tap:
     in_place: bool = False
 
 
+def readable_layer(ops: tuple[Op, ...]) -> int | None:
+    """The position of a chain's first layer module whose weight is a registered parameter
+    (``Chain.layer_read``), or None."""
+    for position, op in enumerate(ops):
+        if isinstance(op, Layer) and not (op.functional or op.parametrized or op.computed):
+            return position
+    return None
+
+
 @dataclass(frozen=True)
 class Chain:
     """Ops applied one after another, packaged inline in the root module, as an ``nn.Sequential``
@@ -303,6 +312,12 @@ class Chain:
     ``if isinstance(stage, nn.Sequential): x = x * 0.5``: a nested stage swapped for a fused
     module would no longer be halved, so every stage must be left as it is and nothing in the
     chain folds.
+
+    ``layer_read`` (a chain behind a boundary other than ``type_check``): after every block the
+    root module's code reads the weight of the chain's first layer module (``readable_layer``),
+    ``x = x + self.b2.inner[0].weight.mean() * 0.5``, while the module behind the boundary runs
+    as written: a fold inside it would change the weight the root reads, so nothing in the
+    chain folds (README, models FX cannot trace whole).
     """
 
     ops: tuple[Op, ...]
@@ -311,6 +326,7 @@ class Chain:
     tap: Tap | None = None
     boundary: str | None = None
     loop: str | None = None
+    layer_read: bool = False
 
     @property
     def counts_in_held_object(self) -> bool:

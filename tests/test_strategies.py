@@ -75,6 +75,8 @@ def features(spec: NetSpec) -> set[str]:
             found.add(f"packaging {block.packaging}")
             if block.boundary is not None:
                 found.add(f"boundary {block.boundary}")
+            if block.layer_read:
+                found.add("root reads a layer weight behind a boundary")
             if block.boundary == "counts_calls" and block.packaging == "wrapper":
                 found.add("counts calls with object.__setattr__")
             if block.counts_in_held_object:
@@ -307,6 +309,7 @@ REQUIRED = [
     "counts calls in a buffer it changes in place",
     "counts calls with a method of a plain object it holds",
     "boundary type_check",
+    "root reads a layer weight behind a boundary",
     "untraceable parent loops over a Sequential (calls)",
     "untraceable parent loops over a Sequential (inspects)",
     "model forward replaced",
