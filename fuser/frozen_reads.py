@@ -64,8 +64,9 @@ def _chain_reads_running_state(
     for name in names:
         step = name if name == "[i]" else f".{name}" if isinstance(name, str) else f"[{name}]"
         if isinstance(current, nn.Module) and id(current) in runs_as_written:
-            live = name in current._parameters or name in current._buffers
-            if not live and name not in current._modules:
+            key = str(name)  # a Sequential's element 0 is its child "0"
+            live = key in current._parameters or key in current._buffers
+            if not live and key not in current._modules:
                 return f"its code reads {read}{step}, and {read} runs as written"
         if name == "[i]":  # an index the text does not give: any element
             current = _any_running_element(current, runs_as_written)

@@ -383,11 +383,7 @@ class _Fuser:
         also reads (``self.child.block[0].bias``) is left whole: a fold inside it would change
         (or, folding into a copy, remove) the tensor ``gm`` reads.
         """
-        read = [  # tensors of layers and BNs, which folds change or remove
-            node.target
-            for node in gm.graph.nodes
-            if node.op == "get_attr" and "." in node.target and _held_by_fold_target(gm, node)
-        ]
+        read = layer_tensors_read(gm)
         done: set[int] = set()
         for node in gm.graph.nodes:
             if node.op != "call_module":
@@ -476,6 +472,16 @@ def _children_traced_through(module: nn.Module, opaque: set[int]) -> list[nn.Mod
     is_leaf = FoldTracer(opaque, []).is_leaf_module
     children = {id(child): child for child in module.children() if not is_leaf(child, "")}
     return list(children.values())
+
+
+def layer_tensors_read(gm: fx.GraphModule) -> list[str]:
+    """Targets of ``gm``'s ``get_attr`` nodes that are tensors of a layer or BN module (which
+    folds change or remove), wherever in the module tree they sit."""
+    return [
+        node.target
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and "." in node.target and _held_by_fold_target(gm, node)
+    ]
 
 
 def _held_by_fold_target(gm: fx.GraphModule, node: fx.Node) -> bool:

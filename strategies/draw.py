@@ -285,11 +285,11 @@ LAYER_READ_BOUNDARIES = (UNTRACEABLE, AUTOCAST, NO_GRAD, COUNTS_CALLS, HOOKED, H
 
 
 def _with_layer_read(draw: Callable, block: Block) -> Block:
-    """``Chain.layer_read`` on one in three chains behind such a boundary that hold a layer
+    """``Chain.layer_read`` on one in five chains behind such a boundary that hold a layer
     module, drawn after the structure, so that it shrinks away."""
     if not (isinstance(block, Chain) and block.boundary in LAYER_READ_BOUNDARIES):
         return block
-    if readable_layer(block.ops) is None or not draw(chance(1, 3)):
+    if readable_layer(block.ops) is None or not draw(chance(1, 5)):
         return block
     return replace(block, layer_read=True)
 

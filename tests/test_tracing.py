@@ -1494,3 +1494,25 @@ def test_tensors_of_a_child_running_as_written_are_read_live_and_not_folded_unde
     assert not left.folded and "reads its tensor child.block.0.bias" in left.reason, report
     for call in (1, 2):
         assert_equivalent(model, fused, image(call))
+
+
+def test_a_hooked_sequential_whose_layer_weight_is_read_by_index_is_left_whole_not_untraced():
+    # `self.body[0].weight` reaches a parameter of the hooked Sequential's first element: FX
+    # reads it live, so the model is traced; the Sequential is left whole, a fold inside it would
+    # change that weight.
+    class ReadsByIndex(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = conv_bn(4)
+            self.body = conv_bn(4)
+            self.body.register_forward_hook(lambda module, args, output: output * 2.0)
+
+        def forward(self, x):
+            return self.body(self.stem(x)) + self.body[0].weight.mean()
+
+    model = prepared(ReadsByIndex())
+    fused, report = fuse_with_report(model, (image(),))
+
+    assert "<model>" not in {module.name for module in report.untraced}, report
+    assert report.site("stem.1").folded and not report.site("body.1").folded, report
+    assert_equivalent(model, fused, image())

@@ -59,6 +59,7 @@ __all__ = [
     "input_side_through_zero_padding",
     "input_side_with_several_users",
     "layer_hooks_ignored",
+    "layer_tensors_read_around_a_running_module_ignored",
     "linear_rank_unchecked",
     "loop_element_uses_unchecked",
     "metadata_users_block_folds",
@@ -537,6 +538,19 @@ def in_place_changes_ignored(model: nn.Module, example_inputs: tuple | None = No
     changed in place (``changed_in_place``). Caught by: fused output matches the original.
     """
     patches = {"fuser.fold_pass.tensors_changed_in_place": lambda gm: {}}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def layer_tensors_read_around_a_running_module_ignored(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a module the traced graph runs as written (untraceable, hooked) has its children fused
+    on their own although the code around it reads one of its layers' weights
+    (``self.b2.inner[0].weight``): the fold inside changes the weight that code reads. Needs a
+    chain behind such a boundary whose layer weight the root reads (``Chain.layer_read``).
+    Caught by: the report agrees with the oracle; fused output matches the original.
+    """
+    patches = {"fuser.fuse.layer_tensors_read": lambda gm: []}
     return fuse_patched(model, example_inputs, patches)
 
 
