@@ -2045,6 +2045,52 @@ PINNED: dict[str, NetSpec] = {
         ),
         seed=4,
     ),
+    # Fuser bug (fused_matches_original, fixed in 5390488): the root reads the conv weight of a
+    # hooked Sequential, which the fused model runs as written; its BN was folded into that
+    # weight on its own, so the root read the folded weight. The first fix then took
+    # `self.b0[0]` (an int index) for a plain attribute of the hooked module and left the
+    # whole model untraced (report_agrees_with_oracle, fixed in d5bc358).
+    "layer_weight_read_behind_a_hooked_sequential": NetSpec(
+        input_shape=(2, 2, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=2,
+                        out_channels=2,
+                        kernel_size=(1, 1),
+                        stride=(1, 1),
+                        padding=(0, 0),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=2),
+                ),
+                packaging="sequential",
+                boundary="hooked",
+                layer_read=True,
+            ),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=2,
+                        out_channels=2,
+                        kernel_size=(1, 1),
+                        stride=(1, 1),
+                        padding=(0, 0),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=2),
+                ),
+            ),
+        ),
+        seed=5,
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(
