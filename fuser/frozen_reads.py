@@ -79,17 +79,17 @@ def _chain_reads_running_state(
                 return None
         read += step
     if isinstance(current, nn.Module) and not called:
-        running = _first_running_below(current, runs_as_written, include_itself=True)
+        running = _first_running_in(current, runs_as_written)
         if running is not None:
             return f"its code uses {read} other than by calling it, and {running} runs as written"
     return None
 
 
-def _first_running_below(
-    module: nn.Module, runs_as_written: set[int], include_itself: bool = False
-) -> str | None:
+def _first_running_in(module: nn.Module, runs_as_written: set[int]) -> str | None:
+    """``"it"`` if ``module`` runs as written, else ``"its a.b"`` for the first module in it that
+    does, or None."""
     for path, m in module.named_modules():
-        if (include_itself or m is not module) and id(m) in runs_as_written:
+        if id(m) in runs_as_written:
             return f"its {path}" if path else "it"
     return None
 
