@@ -645,13 +645,10 @@ def _running_as_written(gm: fx.GraphModule, opaque: set[int], kept: frozenset[in
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if id(m) in opaque or id(m) in kept or has_hooks(m) or _is_compiled(m):
+            compiled = isinstance(m, torch.jit.ScriptModule)
+            if id(m) in opaque or id(m) in kept or has_hooks(m) or compiled:
                 running.add(id(m))
     return running
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    return isinstance(module, torch.jit.ScriptModule)
 
 
 def _describe(error: Exception) -> str:
