@@ -17,6 +17,7 @@ import functools
 import inspect
 import linecache
 from collections import defaultdict
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -51,18 +52,49 @@ Chain = tuple[tuple[str | int, ...], bool]
 def attribute_chains(cls: type) -> dict[str, frozenset[Chain]] | None:
     """For each ``self.NAME`` the methods of ``cls`` (and of its non-torch bases) use other than
     by calling it or its elements, the attribute chains they read through it; None where no
-    use is known (no source, or code reaching children other than by name)."""
+    use is known: no source, or code that runs when the module is called (``forward`` and the
+    methods it reaches through ``self``) reaching children by reflection other than to call them
+    (``for layer in self.children(): x = layer(x)`` is such a call)."""
     chains: dict[str, set[Chain]] = defaultdict(set)
+    reflective: set[str] = set()
+    reaches: dict[str, set[str]] = defaultdict(set)
     for base in cls.__mro__:
         if base in (nn.Module, object) or base.__module__.startswith("torch."):
             continue
         text = _source_text(base)
-        found = _chains_by_class(text).get(base.__qualname__) if text else None
+        found = _reads_by_class(text).get(base.__qualname__) if text else None
         if found is None:
             return None
-        for name, reads in found.items():
+        for name, reads in found.chains.items():
             chains[name] |= reads
+        reflective |= found.reflective
+        for method, names in found.reaches.items():
+            reaches[method] |= names
+    if _reached_from("forward", reaches) & reflective:
+        return None
     return {name: frozenset(reads) for name, reads in chains.items()}
+
+
+@dataclass(frozen=True)
+class _ClassReads:
+    """What one class's methods (all but ``__init__``) read: the chains of ``attribute_chains``,
+    the methods reaching children by reflection other than to call them, and for each method
+    the names it reads through ``self`` or ``super()`` (the methods it may call)."""
+
+    chains: dict[str, frozenset[Chain]]
+    reflective: frozenset[str]
+    reaches: dict[str, frozenset[str]]
+
+
+def _reached_from(start: str, reaches: dict[str, set[str]]) -> set[str]:
+    """``start`` and the methods it reaches, through ``self.NAME`` and ``super().NAME``."""
+    reached, pending = set(), [start]
+    while pending:
+        method = pending.pop()
+        if method not in reached:
+            reached.add(method)
+            pending += reaches.get(method, ())
+    return reached
 
 
 def _source_text(cls: type) -> str | None:
@@ -78,23 +110,119 @@ def _source_text(cls: type) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _chains_by_class(text: str) -> dict[str, dict[str, frozenset[Chain]] | None]:
-    """``_uses_by_class``'s companion: the chains of every use it would call ``OTHER``."""
-    classes: dict[str, dict[str, frozenset[Chain]] | None] = {}
+def _reads_by_class(text: str) -> dict[str, _ClassReads | None]:
+    """``_uses_by_class``'s companion: for every class in ``text``, the chains of every use it
+    would call ``OTHER`` and how its methods reach each other; None for a class defined twice."""
+    classes: dict[str, _ClassReads | None] = {}
     for qualname, node in _classes_in(text):
-        methods = _methods(node)
-        if qualname in classes or any(_reflects_on_self(method) for method in methods):
+        if qualname in classes:
             classes[qualname] = None
             continue
         chains: dict[str, set[Chain]] = defaultdict(set)
-        for method in methods:
+        reflective, reaches = set(), {}
+        for method in _methods(node):
             parents = parent_map(method)
             for use in ast.walk(method):
                 name = _self_attribute(use)
                 if name is not None and _classify_use(use, parents, method) == OTHER:
                     chains[name].add(_chain(use, parents))
-        classes[qualname] = {name: frozenset(reads) for name, reads in chains.items()}
+            if _reflects_beyond_calls(method, parents):
+                reflective.add(method.name)
+            reaches[method.name] = reaches.get(method.name, frozenset()).union(
+                _names_read_through_self(method)
+            )
+        classes[qualname] = _ClassReads(
+            {name: frozenset(reads) for name, reads in chains.items()},
+            frozenset(reflective),
+            reaches,
+        )
     return classes
+
+
+def _names_read_through_self(method: ast.AST):
+    """The ``NAME`` of every ``self.NAME`` and ``super().NAME`` in ``method``."""
+    for node in ast.walk(method):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        is_super = (
+            isinstance(owner, ast.Call)
+            and isinstance(owner.func, ast.Name)
+            and owner.func.id == "super"
+        )
+        if is_super or (isinstance(owner, ast.Name) and owner.id == "self"):
+            yield node.attr
+
+
+#: Reflective members yielding modules, and those yielding ``(name, module)`` pairs: code that
+#: only calls what they yield reads no module's state.
+_MODULE_ITERATORS = frozenset({"children", "modules", "values"})
+_NAMED_MODULE_ITERATORS = frozenset({"named_children", "named_modules", "items"})
+#: Members yielding a module's parameters and buffers themselves, which FX reads live.
+_TENSOR_ITERATORS = frozenset({"parameters", "buffers", "named_parameters", "named_buffers"})
+
+
+def _reflects_beyond_calls(method: ast.AST, parents: dict) -> bool:
+    """Whether ``method`` reaches modules by reflection (``_reflects_on_self``) and may do more
+    with them than call them: ``for layer in self.children(): x = layer(x)``,
+    ``getattr(self, name)(x)`` and a loop over the parameters do not; anything else does."""
+    for node in ast.walk(method):
+        if not (isinstance(node, ast.Name) and node.id == "self"):
+            continue
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute) and parent.value is node:
+            if parent.attr in _REFLECTIVE_MEMBERS and not _reflection_only_calls(
+                parent, parents, method
+            ):
+                return True
+        elif _is_called_getattr(parent, node, parents) or _is_harmless_call(parent, node):
+            continue
+        elif not _loop_only_calls(node, parents, method):  # ``for m in self``
+            return True
+    return False
+
+
+def _reflection_only_calls(member: ast.Attribute, parents: dict, method: ast.AST) -> bool:
+    call = parents.get(member)
+    if not (isinstance(call, ast.Call) and call.func is member):
+        return False  # ``self._modules``, or the bound method handed on
+    if member.attr in _TENSOR_ITERATORS:
+        return True
+    if member.attr in ("get_submodule", "__getattr__"):  # ``self.get_submodule(name)(x)``
+        outer = parents.get(call)
+        return isinstance(outer, ast.Call) and outer.func is call
+    if member.attr in _MODULE_ITERATORS:
+        return _loop_only_calls(call, parents, method)
+    if member.attr in _NAMED_MODULE_ITERATORS:  # ``for name, module in self.named_children()``
+        loop = parents.get(call)
+        if not (isinstance(loop, ast.For) and loop.iter is call):
+            return False
+        target = loop.target
+        if not (isinstance(target, ast.Tuple) and len(target.elts) == 2):
+            return False
+        module = target.elts[1]
+        names = {module.id} if isinstance(module, ast.Name) else set()
+        return _loop_only_calls_elements(loop, names, method, parents)
+    return False
+
+
+def _loop_only_calls(node: ast.AST, parents: dict, method: ast.AST) -> bool:
+    """``node`` is iterated by a loop that only calls each element (``_loop_over``)."""
+    loop = _loop_over(node, parents)
+    return loop is not None and _loop_only_calls_elements(*loop, method, parents)
+
+
+def _is_called_getattr(parent: ast.AST | None, node: ast.AST, parents: dict) -> bool:
+    """``getattr(self, name)(x)``: the attribute found is called, and nothing else."""
+    outer = parents.get(parent)
+    return (
+        isinstance(parent, ast.Call)
+        and isinstance(parent.func, ast.Name)
+        and parent.func.id == "getattr"
+        and parent.args[:1] == [node]
+        and isinstance(outer, ast.Call)
+        and outer.func is parent
+    )
 
 
 def _chain(use: ast.Attribute, parents: dict) -> Chain:

@@ -9,7 +9,10 @@ its first, when the trace's rollback put back what a failed trace had changed). 
 by running the model without example inputs, so the reading module's source is read instead
 (``child_usage.attribute_chains``): a module whose code reaches a running module's state, other
 than its parameters and buffers (which FX reads live) or by calling it, is not traced either; its
-code then runs as written and reads the state as it is.
+code then runs as written and reads the state as it is. So is a module holding a running module
+whose code has no source, or reaches its children by reflection other than to call them
+(``for m in self.children(): y = y * len(m.seen)``) in ``forward`` or a method ``forward``
+reaches through ``self``: what it reads is not known.
 """
 
 from __future__ import annotations
@@ -46,8 +49,14 @@ def _reads_running_state(module: nn.Module, runs_as_written: set[int]) -> str | 
     if isinstance(module, fx.GraphModule):  # generated code: calls and live tensor reads only
         return None
     chains = attribute_chains(type(module))
-    if chains is None:  # reaches its children by reflection (``self.children()``): not followed
-        return None
+    if chains is None:  # no source, or reflection beyond calls: what it reads is not known
+        running = _first_running_in(module, runs_as_written)
+        if running is None:
+            return None
+        return (
+            "its code has no source, or reaches its children by reflection (self.children(), "
+            f"getattr(self, name)) other than to call them, and {running} runs as written"
+        )
     for name, reads in chains.items():
         for names, called in reads:
             why = _chain_reads_running_state(module, (name, *names), called, runs_as_written)
