@@ -46,6 +46,8 @@ from strategies.spec import (
     NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
+    ROOT_RANK_GUARD,
+    ROOT_READS_STATE,
     SEQUENTIAL,
     SHRINKING,
     SYNC,
@@ -189,14 +191,20 @@ def net_specs(
     devices: tuple[str, ...] = ("cpu",),
     max_blocks: int = 4,
     max_ops: int = 4,
+    untraced_root: bool = False,
 ) -> st.SearchStrategy[NetSpec]:
     """Random networks of ``1..max_blocks`` blocks (chains of ``1..max_ops`` ops, or a layer
-    read twice), on ``(N, C)`` inputs or batched 1-D/2-D/3-D feature maps."""
-    return _net_specs(dtypes, devices, max_blocks, max_ops)
+    read twice), on ``(N, C)`` inputs or batched 1-D/2-D/3-D feature maps.
+
+    ``untraced_root``: every network's root runs as written (``NetSpec.root_untraced``): it reads
+    what its last block keeps where that block counts its calls, and checks its input's rank
+    elsewhere. Not drawn otherwise: an untraced root leaves most of a network's folds, and the
+    default networks must hold many (``test_many_sites_are_foldable``)."""
+    return _net_specs(dtypes, devices, max_blocks, max_ops, untraced_root)
 
 
 @st.composite
-def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
+def _net_specs(draw, dtypes, devices, max_blocks, max_ops, untraced_root) -> NetSpec:
     spatial_dims = draw(one_of_values((2, 1, 3, 0)))
     kinds = draw(lists_of(("chain", "chain", "chain", "two_calls", "head"), 1, max_blocks))
     dtype = draw(one_of_values(dtypes))  # before the chains: float16 ones draw another template
@@ -237,6 +245,10 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
     # Last: choices added here leave the draws above (and the networks a seed gives) as they were.
     blocks = [_with_in_place_changes(draw, block) for block in blocks]
     blocks = [_with_layer_read(block, seed) for block in blocks]
+    root_untraced = None
+    if untraced_root:
+        counted = isinstance(blocks[-1], Chain) and blocks[-1].boundary == COUNTS_CALLS
+        root_untraced = ROOT_READS_STATE if counted else ROOT_RANK_GUARD
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape,
@@ -248,6 +260,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops) -> NetSpec:
         example_inputs,
         float32_norms,
         fused_in_inference_mode,
+        root_untraced,
     )
 
 

@@ -44,6 +44,7 @@ from strategies.spec import (
     MODULE,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
+    ROOT_READS_STATE,
     SHRINKING,
     TRACED_SUBCLASS,
     TRAINING,
@@ -206,33 +207,51 @@ def _takes_folds(layer: Layer) -> bool:
     return not (refused or layer.changed_in_place)
 
 
+UNTRACED_CALLER = "called from the forward of a module FX cannot trace"
+
+
 def _lower(spec: NetSpec) -> _Graph:
+    """The spec as one graph. A root that runs as written (``NetSpec.root_untraced``) calls its
+    own layers and norms (inline blocks') one by one: each is fused alone, so nothing folds among
+    them; a wrapper block is its child, fused on its own."""
     graph = _Graph(spec.dtype, ranks_proven=spec.example_inputs)
     value = graph.add(_Node("input"))
     for index, block in enumerate(spec.blocks):
         if isinstance(block, Chain):
-            value = _lower_chain(graph, index, block, value)
-        else:
+            value = _lower_chain(graph, index, block, value, spec.root_untraced)
+        elif spec.root_untraced is None:
             value = _lower_two_calls(graph, index, block, value)
+        elif block.packaging == INLINE:
+            value = _lower_two_calls(graph, index, block, value, UNTRACED_CALLER)
+        else:  # a wrapper: its own graph, one opaque call in the root's
+            inner_output = _lower_two_calls(graph, index, block, graph.add(_Node("input")))
+            graph.add(_Node("output", [inner_output]))
+            value = graph.add(_Node("value", [value]))
     graph.add(_Node("output", [value]))
     return graph
 
 
-def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node:
+def _lower_chain(
+    graph: _Graph, index: int, chain: Chain, value: _Node, root_untraced: str | None = None
+) -> _Node:
     """A chain behind a boundary is fused on its own: it becomes a separate graph (its own input
     and output) and, in the enclosing graph, a single opaque call. Behind a guarded boundary
     (untraceable, autocast, type check) an inline chain's ops are children of the guard module,
     each fused alone: nothing folds. Nothing folds either inside a module whose hook reads it,
     nor in one whose layer weight the root's code reads (``layer_read``). A guard looping over
-    its Sequential child fuses each stage of it on its own."""
-    if chain.boundary is None:
-        return _lower_chain_ops(graph, index, chain, value)
+    its Sequential child fuses each stage of it on its own. Under a root that runs as written,
+    an inline chain's ops are the root's children, each fused alone, a Sequential or wrapper
+    chain is fused on its own, and a counting block whose state the root reads is left whole."""
+    if chain.boundary is None and (root_untraced is None or chain.packaging == INLINE):
+        return _lower_chain_ops(
+            graph, index, chain, value, UNTRACED_CALLER if root_untraced else None
+        )
     if chain.loop is not None and not chain.layer_read:
         _lower_stages(graph, index, chain)
         return graph.add(_Node("value", [value]))
     opaque = None
     if chain.boundary in GUARDED and chain.packaging == INLINE:
-        opaque = "called from the forward of a module FX cannot trace"
+        opaque = UNTRACED_CALLER
     if chain.boundary == HOOK_READS_MODULE:  # its hook would be handed the fused module
         opaque = "inside a module whose hook reads it"
     if (
@@ -244,6 +263,8 @@ def _lower_chain(graph: _Graph, index: int, chain: Chain, value: _Node) -> _Node
         opaque = "inside a module whose code hands itself to a function"
     if chain.layer_read:  # a fold inside would change the weight the root module's code reads
         opaque = "inside a module run as written, whose layer weight the model's code reads"
+    if chain.boundary == COUNTS_CALLS and root_untraced == ROOT_READS_STATE:
+        opaque = "inside a module the untraced root's code uses other than by calling it"
     start = len(graph.nodes)
     inner_output = _lower_chain_ops(graph, index, chain, graph.add(_Node("input")), opaque)
     if chain.boundary == AUTOCAST:  # what the chain lowered to runs inside it
@@ -267,7 +288,7 @@ def _lower_stages(graph: _Graph, index: int, chain: Chain) -> None:
         if chain.loop == LOOP_INSPECTS:
             opaque = "in a Sequential whose elements an untraceable module's code inspects"
         elif len(paths[positions[0]]) == 1:  # the stage is the op itself, not a nested Sequential
-            opaque = "called from the forward of a module FX cannot trace"
+            opaque = UNTRACED_CALLER
         value = graph.add(_Node("input"))
         for position in positions:
             value = _lower_op(graph, chain.ops[position], names[position], value, opaque)
@@ -300,11 +321,13 @@ def _lower_chain_ops(
     return value
 
 
-def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -> _Node:
+def _lower_two_calls(
+    graph: _Graph, index: int, block: TwoCalls, value: _Node, opaque: str | None = None
+) -> _Node:
     names = two_calls_names(index, block)
     first = graph.layer(block.layer, names.layer, value)
     for norm, name in zip(block.first_norms, names.first_norms, strict=True):
-        first = graph.norm(norm, name, first)
+        first = graph.norm(norm, name, first, opaque)
     second_layer = block.layer
     if block.second == FUNCTIONAL:  # reads the module's weight; the module's hooks do not run
         second_layer = replace(
@@ -315,7 +338,7 @@ def _lower_two_calls(graph: _Graph, index: int, block: TwoCalls, value: _Node) -
     second = graph.layer(second_layer, names.second_layer, value)
     second_norms = block.first_norms if block.second_norms is None else block.second_norms
     for norm, name in zip(second_norms, names.second_norms, strict=True):
-        second = graph.norm(norm, name, second)
+        second = graph.norm(norm, name, second, opaque)
     return graph.add(_Node("value", [first, second]))
 
 

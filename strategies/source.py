@@ -27,10 +27,13 @@ from strategies.spec import (
     HOOK_READS_MODULE,
     HOOKED,
     INLINE,
+    LAST_MEAN,
     LOOP_INSPECTS,
     NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
+    ROOT_RANK_GUARD,
+    ROOT_READS_STATE,
     SEQUENTIAL,
     SHRINKING,
     SPIKE,
@@ -467,6 +470,8 @@ class _Renderer:
             parts.append(f"\nGAIN = {GAIN_EXPONENT}\nSPIKE = {SPIKE!r}\n")
         parts += [*(HELPERS[name] for name in helper_order), *self.classes]
         forward = self.root_forward + self.weight_reads
+        if self.spec.root_untraced == ROOT_RANK_GUARD:
+            forward = [*RANK_GUARD, *forward]
         parts.append(self._class("Net", "The drawn network.", self.root_init, forward))
         parts.append(RANDOMIZE.replace("{other_norms}", self._other_norms()))
         parts.append(self._make_network())
@@ -635,6 +640,9 @@ class _Renderer:
                 else:  # a list it appends to (each call's output shape), its count the length
                     init = [*init, f"self.{CALL_COUNTER} = []"]
                     forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]
+                if self.spec.root_untraced == ROOT_READS_STATE:  # what the root reads of it
+                    init = [*init, f"self.{LAST_MEAN} = torch.zeros(())"]
+                    forward = [*forward, f"self.{LAST_MEAN} = x.detach().mean()"]
             elif chain.boundary == NO_GRAD:
                 name = f"NoGrad{index}"
                 doc = "Runs its chain under torch.no_grad(), which FX runs but does not record."
@@ -656,6 +664,9 @@ class _Renderer:
                     self.weight_reads.append(f"x = x + {read}  # reads the BN's weight")
         else:
             self._place(index, module)
+        if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_READS_STATE:
+            read = f"self.b{index}.{LAST_MEAN} * 0.5"
+            self.weight_reads.append(f"x = x + {read}  # what b{index} keeps of its last call")
         if chain.layer_read:
             name = chain_names(index, chain)[readable_layer(chain.ops)]
             read = f"{_attribute_path(name)}.weight.mean() * 0.5"

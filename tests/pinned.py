@@ -22,6 +22,19 @@ __all__ = [
     "TwoCalls",
 ]
 
+#: A 2-in, 2-out 1x1 conv, for pins whose point is the structure around it.
+CONV_1X1 = Layer(
+    kind="conv",
+    spatial_dims=2,
+    input_ndim=4,
+    in_channels=2,
+    out_channels=2,
+    kernel_size=(1, 1),
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+)
+
 PINNED: dict[str, NetSpec] = {
     # conv -> bn: the smallest foldable network (a deepcopy "fuser" fails completeness here).
     "conv1d_then_bn": NetSpec(
@@ -2090,6 +2103,20 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
         seed=5,
+    ),
+    # A root reading what its counting block keeps of its last call (`self.b2.last_mean`) runs as
+    # written. A fuser tracing it anyway (the mutant `frozen_state_reads_traced`) keeps the value
+    # the trace read: on the suite's one set of inputs that is the live value, so the outputs agree,
+    # but the root's own conv and BN were folded (report_agrees_with_oracle). Pinned so that the
+    # mutant is caught in seconds rather than after every other property's random networks.
+    "root_reading_what_its_counting_block_keeps": NetSpec(
+        input_shape=(2, 2, 3, 3),
+        blocks=(
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2))),
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), packaging="sequential"),
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), boundary="counts_calls"),
+        ),
+        root_untraced="reads_state",
     ),
 }
 

@@ -48,6 +48,7 @@ __all__ = [
     "container_writes_traced_through",
     "frozen_batch_norm_not_recognised",
     "frozen_batch_norm_refused_in_training_mode",
+    "frozen_state_reads_traced",
     "functional_bn_not_recognised",
     "functional_training_bn_folded",
     "global_module_hooks_ignored",
@@ -551,6 +552,18 @@ def layer_tensors_read_around_a_running_module_ignored(
     Caught by: the report agrees with the oracle; fused output matches the original.
     """
     patches = {"fuser.fuse.layer_tensors_read": lambda gm: []}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def frozen_state_reads_traced(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: code that reads the state of a module the traced graph runs as written
+    (``self.b3.last_mean``, which that module sets on every call) is traced anyway: FX reads the
+    value once and the graph keeps it. Needs a root reading what its counting block keeps
+    (``NetSpec.root_untraced``, ``net_specs(untraced_root=True)``). On the suite's one set of
+    inputs the kept value is the live one, so the outputs agree. Caught by: the report agrees
+    with the oracle (the root's own layers and norms folded as if it were traced).
+    """
+    patches = {"fuser.tracing.frozen_state_readers": lambda *args: []}
     return fuse_patched(model, example_inputs, patches)
 
 
