@@ -1626,6 +1626,37 @@ class CallsEachNamedChild(_ReflectsAroundACountingChild):
         return x
 
 
+class AddsItsParameterSum(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        total = sum(parameter.sum() for parameter in self.parameters())
+        return self.child(self.stem(x)) + total * 0.01
+
+
+class CallsASubmoduleByPath(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        return self.get_submodule("child")(self.stem(x))
+
+
+class ReadsASubmoduleByPath(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        return self.child(self.stem(x)) * len(self.get_submodule("child").seen)
+
+
+class ReadsNamedChildrenOutsideALoop(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        children = dict(self.named_children())
+        return self.child(self.stem(x)) * len(children["child"].seen)
+
+
+class ReadsNamedChildrenAsPairs(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        y = self.child(self.stem(x))
+        for pair in self.named_children():
+            if pair[0] == "child":
+                y = y * len(pair[1].seen)
+        return y
+
+
 class ReflectsOnlyInAMethodForwardNeverCalls(_ReflectsAroundACountingChild):
     def forward(self, x):
         return self.child(self.stem(x))
@@ -1647,6 +1678,11 @@ class ReflectsInAHelperForwardCalls(_ReflectsAroundACountingChild):
     [
         (CallsEachChild, True),
         (CallsEachNamedChild, True),
+        (AddsItsParameterSum, True),
+        (CallsASubmoduleByPath, True),
+        (ReadsASubmoduleByPath, False),
+        (ReadsNamedChildrenOutsideALoop, False),
+        (ReadsNamedChildrenAsPairs, False),
         (ReflectsOnlyInAMethodForwardNeverCalls, True),
         (ReflectsInAHelperForwardCalls, False),
     ],
@@ -1660,6 +1696,9 @@ def test_reflection_that_only_calls_or_never_runs_leaves_the_model_traced(make, 
 
     untraced = {module.name: module.error for module in report.untraced}
     assert ("<model>" not in untraced) is traced, report
+    assert traced or untraced["<model>"].startswith("FrozenStateRead: its code has no source"), (
+        report
+    )
     assert report.site("stem.1").folded is traced, report
     for call in (1, 2):
         assert_equivalent(model, fused, image(call))
