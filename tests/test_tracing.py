@@ -1657,20 +1657,24 @@ class ReadsNamedChildrenAsPairs(_ReflectsAroundACountingChild):
         return y
 
 
-class ReflectsOnlyInAMethodForwardNeverCalls(_ReflectsAroundACountingChild):
+class _CountsByReflection(_ReflectsAroundACountingChild):
+    def count_calls(self) -> int:
+        return sum(len(m.seen) for m in self.modules() if isinstance(m, CountsAndBranches))
+
+
+class ReflectsOnlyInAMethodForwardNeverCalls(_CountsByReflection):
     def forward(self, x):
         return self.child(self.stem(x))
 
-    def count_calls(self) -> int:
-        return sum(len(m.seen) for m in self.modules() if isinstance(m, CountsAndBranches))
 
-
-class ReflectsInAHelperForwardCalls(_ReflectsAroundACountingChild):
+class ReflectsInAHelperForwardCalls(_CountsByReflection):
     def forward(self, x):
         return self.child(self.stem(x)) * self.count_calls()
 
-    def count_calls(self) -> int:
-        return sum(len(m.seen) for m in self.modules() if isinstance(m, CountsAndBranches))
+
+class ReflectsInAHelperForwardCallsThroughSuper(_CountsByReflection):
+    def forward(self, x):
+        return self.child(self.stem(x)) * super().count_calls()
 
 
 @pytest.mark.parametrize(
@@ -1685,6 +1689,7 @@ class ReflectsInAHelperForwardCalls(_ReflectsAroundACountingChild):
         (ReadsNamedChildrenAsPairs, False),
         (ReflectsOnlyInAMethodForwardNeverCalls, True),
         (ReflectsInAHelperForwardCalls, False),
+        (ReflectsInAHelperForwardCallsThroughSuper, False),
     ],
     ids=lambda value: getattr(value, "__name__", str(value)),
 )
