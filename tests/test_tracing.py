@@ -1657,6 +1657,28 @@ class ReadsNamedChildrenAsPairs(_ReflectsAroundACountingChild):
         return y
 
 
+def _counted_through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module.child(x) * len(module.child.seen)
+
+
+class HandsItselfToAFunction(_ReflectsAroundACountingChild):
+    def forward(self, x):
+        return _counted_through(self, self.stem(x))
+
+
+class CallsEachOfItsElements(nn.Sequential):
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+
+def calls_each_of_its_elements() -> nn.Module:
+    return CallsEachOfItsElements(
+        collections.OrderedDict(stem=conv_bn(4), child=CountsAndBranches())
+    )
+
+
 class _CountsByReflection(_ReflectsAroundACountingChild):
     def count_calls(self) -> int:
         return sum(len(m.seen) for m in self.modules() if isinstance(m, CountsAndBranches))
@@ -1682,6 +1704,8 @@ class ReflectsInAHelperForwardCallsThroughSuper(_CountsByReflection):
     [
         (CallsEachChild, True),
         (CallsEachNamedChild, True),
+        (calls_each_of_its_elements, True),
+        (HandsItselfToAFunction, False),
         (AddsItsParameterSum, True),
         (CallsASubmoduleByPath, True),
         (ReadsASubmoduleByPath, False),
