@@ -1804,3 +1804,39 @@ def test_a_running_child_handed_to_a_function_is_not_traced_around():
     assert "FrozenStateRead: its code uses self.child other" in untraced["<model>"], report
     for call in (1, 2):
         assert_equivalent(model, fused, image(call))
+
+
+class InspectsItsChildren(nn.Module):
+    """Reaches its children by reflection and asks their type: not only calls, but nothing inside
+    it runs as written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(4)
+
+    def forward(self, x):
+        for module in self.children():
+            if isinstance(module, nn.Sequential):
+                x = module(x)
+        return x
+
+
+class ReflectiveBlockBesideARunningChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = InspectsItsChildren()
+        self.child = CountsAndBranches()
+
+    def forward(self, x):
+        return self.child(self.stem(x))
+
+
+def test_reflection_in_a_module_holding_no_running_module_is_traced_through():
+    # What a reflective module reads is not known, but only a running module's state could
+    # go stale: with none inside it, it is traced like any other.
+    model = prepared(ReflectiveBlockBesideARunningChild())
+    fused, report = fuse_with_report(model)
+
+    assert {module.name for module in report.untraced} == {"child"}, report
+    assert report.site("stem.body.1").folded, report
+    assert_equivalent(model, fused, image())
