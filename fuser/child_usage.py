@@ -8,6 +8,10 @@ methods (all but ``__init__``, which only runs at construction) are parsed, and 
 ``self.NAME`` is classified. Code that reaches its children other than by name (``self.modules()``,
 ``self.parameters()``, ``getattr(self, name)``, ``self`` handed to a function) would see the fused
 children wherever they are, so a class with such code keeps all of them as they are.
+
+``attribute_chains`` reads the same source for traced modules (``fuser/frozen_reads.py``): what
+their code reads of a child that runs as written would be frozen by a trace. There reflection is
+harmless where it only calls what it finds, or sits in a method ``forward`` never reaches.
 """
 
 from __future__ import annotations
