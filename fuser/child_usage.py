@@ -7,7 +7,9 @@ would crash on the swapped-in GraphModule or, worse, silently reach a folded lay
 methods (all but ``__init__``, which only runs at construction) are parsed, and every use of
 ``self.NAME`` is classified. Code that reaches its children other than by name (``self.modules()``,
 ``self.parameters()``, ``getattr(self, name)``, ``self`` handed to a function) would see the fused
-children wherever they are, so a class with such code keeps all of them as they are.
+children wherever they are, so a class with such code keeps all of them as they are, unless all it
+does is call its own children (``for m in self.children(): x = m(x)``): it calls the fused ones
+just as well, in the same order.
 
 ``attribute_chains`` reads the same source for traced modules (``fuser/frozen_reads.py``): what
 their code reads of a child that runs as written would be frozen by a trace. There reflection is
@@ -31,6 +33,9 @@ OTHER = "other"  # anything else, or no source: leave the child as it is
 NEUTRAL = "neutral"  # ``is None`` checks: true of the fused module exactly when of the original
 
 _ITERATION_WRAPPERS = frozenset({"enumerate", "reversed", "zip", "list", "iter"})
+#: The key under which a class's uses of all its children, reached by reflection, are kept (no
+#: attribute can be named so).
+EVERY_CHILD = "<every child>"
 
 
 def child_usage(module: nn.Module) -> dict[str, str]:
@@ -44,7 +49,10 @@ def child_usage(module: nn.Module) -> dict[str, str]:
             return {name: OTHER for name, _ in module.named_children()}
         for name, kinds in class_uses.items():
             uses[name] |= kinds
-    return {name: _verdict(uses.get(name, set())) for name, _ in module.named_children()}
+    every_child = uses.get(EVERY_CHILD, set())
+    return {
+        name: _verdict(uses.get(name, set()) | every_child) for name, _ in module.named_children()
+    }
 
 
 #: How a method reaches past one child: the attribute names (and constant indices) read after
@@ -164,12 +172,16 @@ _MODULE_ITERATORS = frozenset({"children", "modules", "values"})
 _NAMED_MODULE_ITERATORS = frozenset({"named_children", "named_modules", "items"})
 #: Members yielding a module's parameters and buffers themselves, which FX reads live.
 _TENSOR_ITERATORS = frozenset({"parameters", "buffers", "named_parameters", "named_buffers"})
+#: Members reaching past a module's own children, or into their tensors: where children are
+#: swapped for fused ones, what they yield changes (``_uses_by_class``).
+_PAST_THE_CHILDREN = _TENSOR_ITERATORS | {"modules", "named_modules", "get_submodule"}
 
 
-def _reflects_beyond_calls(method: ast.AST, parents: dict) -> bool:
+def _reflects_beyond_calls(method: ast.AST, parents: dict, children_only: bool = False) -> bool:
     """Whether ``method`` reaches modules by reflection (``_reflects_on_self``) and may do more
     with them than call them: ``for layer in self.children(): x = layer(x)``,
-    ``getattr(self, name)(x)`` and a loop over the parameters do not; anything else does."""
+    ``getattr(self, name)(x)`` and a loop over the parameters do not; anything else does.
+    ``children_only``: nor may it reach past its own children (``_PAST_THE_CHILDREN``)."""
     for node in ast.walk(method):
         if not (isinstance(node, ast.Name) and node.id == "self"):
             continue
@@ -178,6 +190,8 @@ def _reflects_beyond_calls(method: ast.AST, parents: dict) -> bool:
             if parent.attr in _REFLECTIVE_MEMBERS and not _reflection_only_calls(
                 parent, parents, method
             ):
+                return True
+            if children_only and parent.attr in _PAST_THE_CHILDREN:
                 return True
         elif _is_called_getattr(parent, node, parents) or _is_harmless_call(parent, node):
             continue
@@ -264,9 +278,10 @@ def _uses_in_class(cls: type) -> dict[str, frozenset[str]] | None:
 
 @functools.lru_cache(maxsize=256)
 def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
-    """Qualified class name -> attribute name -> kinds of use, for every class in ``text``;
-    None for a class whose code reaches its children other than by name (``_reflects_on_self``),
-    and for a name defined more than once (in two branches of an ``if``, or redefined): which
+    """Qualified class name -> attribute name -> kinds of use, for every class in ``text``
+    (``EVERY_CHILD``: what reflection does with all of them); None for a class whose code
+    reaches its children other than by name (``_reflects_on_self``) beyond calling its own
+    children, and for a name defined more than once (in two branches of an ``if``, or redefined): which
     definition the live class is cannot be told from the text (``inspect.getsource`` takes the
     first; a redefinition is the second)."""
     classes: dict[str, dict[str, frozenset[str]] | None] = {}
@@ -275,10 +290,13 @@ def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
             classes[qualname] = None
             continue
         methods = _methods(node)
-        if any(_reflects_on_self(method) for method in methods):
+        reflective = [method for method in methods if _reflects_on_self(method)]
+        if any(_reflects_beyond_calls(m, parent_map(m), children_only=True) for m in reflective):
             classes[qualname] = None
             continue
         uses: dict[str, set[str]] = defaultdict(set)
+        if reflective:  # ``for m in self.children(): x = m(x)``: every child is called
+            uses[EVERY_CHILD].add(CALLED)
         for method in methods:
             _classify_method(method, uses)
         classes[qualname] = {name: frozenset(kinds) for name, kinds in uses.items()}
