@@ -22,6 +22,8 @@ from strategies import NetSpec, net_specs
 from strategies.fuser_under_test import FuserUnderTest
 from strategies.global_hooks import GLOBAL_HOOK_KINDS
 from strategies.properties import (
+    COMPLETENESS_TRIAL_CHECKS,
+    SOUNDNESS_TRIAL_CHECKS,
     OutOfRange,
     PropertyViolation,
     Trial,
@@ -170,11 +172,8 @@ def test_a_model_whose_top_level_runs_as_written_is_fused_soundly(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
     trial = trial_on(device, spec, fuser_under_test)
-    check_input_model_untouched(trial)  # first: the others run the model as it was built
-    check_fused_matches_original(trial)
-    check_output_signature_preserved(trial)
-    check_idempotent(trial)
-    check_survives_copy_and_save(trial)
+    for check in SOUNDNESS_TRIAL_CHECKS:
+        check(trial)
 
 
 @pytest.mark.completeness
@@ -184,9 +183,8 @@ def test_a_model_whose_top_level_runs_as_written_is_fused_completely(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
     trial = trial_on(device, spec, fuser_under_test, with_report=True)
-    check_no_foldable_batchnorm_remains(trial)
-    check_report_agrees_with_oracle(trial)
-    check_no_dead_state(trial)
+    for check in COMPLETENESS_TRIAL_CHECKS:
+        check(trial)
 
 
 def _pinned_cases(completeness: bool = False) -> list:
@@ -212,11 +210,8 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
     """Every network that ever exposed a bug, replayed on every run."""
     spec = PINNED[name]
     trial = run_trial(spec, fuser_under_test)
-    check_input_model_untouched(trial)
-    check_fused_matches_original(trial)
-    check_output_signature_preserved(trial)
-    check_idempotent(trial)
-    check_survives_copy_and_save(trial)
+    for check in SOUNDNESS_TRIAL_CHECKS:
+        check(trial)
     check_training_model_refused_or_equivalent(spec, fuser_under_test, built=trial)
 
 
@@ -224,9 +219,8 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
 @pytest.mark.parametrize("name", _pinned_cases(completeness=True))
 def test_pinned_network_is_fused_completely(fuser_under_test: FuserUnderTest, name: str) -> None:
     trial = run_trial(PINNED[name], fuser_under_test, with_report=True)
-    check_no_foldable_batchnorm_remains(trial)
-    check_report_agrees_with_oracle(trial)
-    check_no_dead_state(trial)
+    for check in COMPLETENESS_TRIAL_CHECKS:
+        check(trial)
 
 
 @pytest.mark.soundness
