@@ -2068,17 +2068,7 @@ PINNED: dict[str, NetSpec] = {
         blocks=(
             Chain(
                 ops=(
-                    Layer(
-                        kind="conv",
-                        spatial_dims=2,
-                        input_ndim=4,
-                        in_channels=2,
-                        out_channels=2,
-                        kernel_size=(1, 1),
-                        stride=(1, 1),
-                        padding=(0, 0),
-                        dilation=(1, 1),
-                    ),
+                    CONV_1X1,
                     Norm(input_ndim=4, num_features=2),
                 ),
                 packaging="sequential",
@@ -2087,17 +2077,7 @@ PINNED: dict[str, NetSpec] = {
             ),
             Chain(
                 ops=(
-                    Layer(
-                        kind="conv",
-                        spatial_dims=2,
-                        input_ndim=4,
-                        in_channels=2,
-                        out_channels=2,
-                        kernel_size=(1, 1),
-                        stride=(1, 1),
-                        padding=(0, 0),
-                        dilation=(1, 1),
-                    ),
+                    CONV_1X1,
                     Norm(input_ndim=4, num_features=2),
                 ),
             ),
