@@ -61,12 +61,15 @@ def child_usage(module: nn.Module) -> dict[str, str]:
 Chain = tuple[tuple[str | int, ...], bool]
 
 
-def attribute_chains(cls: type) -> dict[str, frozenset[Chain]] | None:
+def attribute_chains(cls: type, entry: str = "forward") -> dict[str, frozenset[Chain]] | None:
     """For each ``self.NAME`` the methods of ``cls`` (and of its non-torch bases) use other than
     by calling it or its elements, the attribute chains they read through it; None where no
-    use is known: no source, or code that runs when the module is called (``forward`` and the
-    methods it reaches through ``self``) reaching children by reflection other than to call them
-    (``for layer in self.children(): x = layer(x)`` is such a call)."""
+    use is known: no source, or the code that runs from ``entry`` (``forward`` when the module
+    is called; a method or property that another module's traced code reaches through it) and
+    the methods it reaches through ``self`` reaching children by reflection other than to call
+    them (``for layer in self.children(): x = layer(x)`` is such a call). An ``entry`` other than
+    ``forward`` that no class in the source defines (a function assigned in the class body) is
+    code unknown too."""
     chains: dict[str, set[Chain]] = defaultdict(set)
     reflective: set[str] = set()
     reaches: dict[str, set[str]] = defaultdict(set)
@@ -82,7 +85,9 @@ def attribute_chains(cls: type) -> dict[str, frozenset[Chain]] | None:
         reflective |= found.reflective
         for method, names in found.reaches.items():
             reaches[method] |= names
-    if _reached_from("forward", reaches) & reflective:
+    if entry != "forward" and entry not in reaches:
+        return None
+    if _reached_from(entry, reaches) & reflective:
         return None
     return {name: frozenset(reads) for name, reads in chains.items()}
 
@@ -136,7 +141,9 @@ def _reads_by_class(text: str) -> dict[str, _ClassReads | None]:
             parents = parent_map(method)
             for use in ast.walk(method):
                 name = _self_attribute(use)
-                if name is not None and _classify_use(use, parents, method) == OTHER:
+                if name is None or _classify_use(use, parents, method) != OTHER:
+                    continue
+                if not _children_only_called(use, parents, method):
                     chains[name].add(_chain(use, parents))
             if _reflects_beyond_calls(method, parents):
                 reflective.add(method.name)
@@ -149,6 +156,18 @@ def _reads_by_class(text: str) -> dict[str, _ClassReads | None]:
             reaches,
         )
     return classes
+
+
+def _children_only_called(use: ast.Attribute, parents: dict, method: ast.AST) -> bool:
+    """``for m in self.NAME.children(): x = m(x)`` (or ``values()``, ``named_children()``,
+    ``items()``): the loop only calls what it reaches, and reads nothing of it."""
+    member = parents.get(use)
+    return (
+        isinstance(member, ast.Attribute)
+        and member.value is use
+        and member.attr in _CHILD_ITERATORS
+        and _reflection_only_calls(member, parents, method)
+    )
 
 
 def _names_read_through_self(method: ast.AST):
@@ -170,6 +189,8 @@ def _names_read_through_self(method: ast.AST):
 #: only calls what they yield reads no module's state.
 _MODULE_ITERATORS = frozenset({"children", "modules", "values"})
 _NAMED_MODULE_ITERATORS = frozenset({"named_children", "named_modules", "items"})
+#: Those of them yielding a module's own children only.
+_CHILD_ITERATORS = frozenset({"children", "values", "named_children", "items"})
 #: Members yielding a module's parameters and buffers themselves, which FX reads live.
 _TENSOR_ITERATORS = frozenset({"parameters", "buffers", "named_parameters", "named_buffers"})
 #: Members reaching past a module's own children, or into their tensors: where children are

@@ -12,14 +12,17 @@ than its parameters and buffers (which FX reads live) or by calling it, is not t
 code then runs as written and reads the state as it is. So is a module holding a running module
 whose code has no source, or reaches its children by reflection other than to call them
 (``for m in self.children(): y = y * len(m.seen)``) in ``forward`` or a method ``forward``
-reaches through ``self``: what it reads is not known.
+reaches through ``self``: what it reads is not known. Code the traced code runs through another
+module is followed too: a method, property or ``__getattr__`` of that module's class
+(``self.block.rescale(y)`` runs ``rescale`` inline in the trace) is read as ``forward`` is, and
+nn.Module's reflection on it (``self.block.children()``) counts as reading every module in it.
 """
 
 from __future__ import annotations
 
 from torch import fx, nn
 
-from .child_usage import attribute_chains
+from .child_usage import _REFLECTIVE_MEMBERS, _TENSOR_ITERATORS, attribute_chains
 
 
 def frozen_state_readers(
@@ -44,11 +47,20 @@ def _outermost(readers: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, st
     return [(module, why) for module, why in readers if id(module) not in inner]
 
 
-def _reads_running_state(module: nn.Module, runs_as_written: set[int]) -> str | None:
-    """Why ``module``'s own code may read what a running module changes, or None."""
+def _reads_running_state(
+    module: nn.Module,
+    runs_as_written: set[int],
+    entry: str = "forward",
+    checking: set[tuple[int, str]] | None = None,
+) -> str | None:
+    """Why ``module``'s own code, run from ``entry`` (see ``attribute_chains``), may read what a
+    running module changes, or None. ``checking``: the (module id, entry) pairs being checked
+    further up, whose code reaching itself again adds nothing."""
     if isinstance(module, fx.GraphModule):  # generated code: calls and live tensor reads only
         return None
-    chains = attribute_chains(type(module))
+    checking = set() if checking is None else checking
+    checking.add((id(module), entry))
+    chains = attribute_chains(type(module), entry)
     if chains is None:  # no source, or reflection beyond calls: what it reads is not known
         running = _first_running_in(module, runs_as_written)
         if running is None:
@@ -59,14 +71,20 @@ def _reads_running_state(module: nn.Module, runs_as_written: set[int]) -> str | 
         )
     for name, reads in chains.items():
         for names, called in reads:
-            why = _chain_reads_running_state(module, (name, *names), called, runs_as_written)
+            why = _chain_reads_running_state(
+                module, (name, *names), called, runs_as_written, checking
+            )
             if why is not None:
                 return why
     return None
 
 
 def _chain_reads_running_state(
-    module: nn.Module, names: tuple[str | int, ...], called: bool, runs_as_written: set[int]
+    module: nn.Module,
+    names: tuple[str | int, ...],
+    called: bool,
+    runs_as_written: set[int],
+    checking: set[tuple[int, str]],
 ) -> str | None:
     current: object = module
     read = "self"
@@ -77,6 +95,10 @@ def _chain_reads_running_state(
             live = key in current._parameters or key in current._buffers
             if not live and key not in current._modules:
                 return f"its code reads {read}{step}, and {read} runs as written"
+        elif isinstance(current, nn.Module) and isinstance(name, str):
+            why = _code_reached_reads_running_state(current, name, runs_as_written, checking)
+            if why is not None:
+                return f"its code reaches {read}{step} ({why})"
         if name == "[i]":  # an index the text does not give: any element
             current = _any_running_element(current, runs_as_written)
             if current is None:
@@ -92,6 +114,41 @@ def _chain_reads_running_state(
         if running is not None:
             return f"its code uses {read} other than by calling it, and {running} runs as written"
     return None
+
+
+def _code_reached_reads_running_state(
+    module: nn.Module, name: str, runs_as_written: set[int], checking: set[tuple[int, str]]
+) -> str | None:
+    """Why the code that reading ``module.NAME`` runs inline in the trace may read what a running
+    module changes, or None: a method or property of its class (``self.block.rescale(y)``: its
+    code is traced as the caller's), its ``__getattr__``, or nn.Module's reflection
+    (``self.block.children()``, ``self.block._modules``), whose modules the trace reads once.
+    A child, tensor or plain value is read, not run (the chain goes on through it)."""
+    state = module.__dict__
+    if name in _REFLECTIVE_MEMBERS and name not in _TENSOR_ITERATORS:
+        running = _first_running_in(module, runs_as_written)
+        if running is None:
+            return None
+        return f"reflection over its modules, and {running} runs as written"
+    if name in state or any(name in state[d] for d in ("_modules", "_parameters", "_buffers")):
+        return None
+    owner = next((cls for cls in type(module).__mro__ if name in cls.__dict__), None)
+    if owner is None:  # not found: the class's own __getattr__, if it has one, runs
+        name = "__getattr__"
+        owner = next(cls for cls in type(module).__mro__ if name in cls.__dict__)
+    if owner in (nn.Module, object) or owner.__module__.startswith("torch."):
+        return None  # nn.Module's own methods, bar the reflection above
+    if not _runs_code(owner.__dict__[name]):
+        return None  # a class constant
+    if (id(module), name) in checking:
+        return None
+    return _reads_running_state(module, runs_as_written, name, checking)
+
+
+def _runs_code(value: object) -> bool:
+    """Whether a class attribute is code that reading it through an instance may run: a method,
+    a property or any other descriptor."""
+    return callable(value) or hasattr(value, "__get__")
 
 
 def _first_running_in(module: nn.Module, runs_as_written: set[int]) -> str | None:
