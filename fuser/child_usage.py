@@ -131,14 +131,15 @@ def _reads_by_class(text: str) -> dict[str, _ClassReads | None]:
     """``_uses_by_class``'s companion: for every class in ``text``, the chains of every use it
     would call ``OTHER`` and how its methods reach each other; None for a class defined twice."""
     classes: dict[str, _ClassReads | None] = {}
-    for qualname, node in _classes_in(text):
+    parsed = _parsed(text)
+    parents = parsed.parents
+    for qualname, node in parsed.classes:
         if qualname in classes:
             classes[qualname] = None
             continue
         chains: dict[str, set[Chain]] = defaultdict(set)
         reflective, reaches = set(), {}
         for method in _methods(node):
-            parents = parent_map(method)
             for use in ast.walk(method):
                 name = _self_attribute(use)
                 if name is None or _classify_use(use, parents, method) != OTHER:
@@ -306,20 +307,22 @@ def _uses_by_class(text: str) -> dict[str, dict[str, frozenset[str]] | None]:
     definition the live class is cannot be told from the text (``inspect.getsource`` takes the
     first; a redefinition is the second)."""
     classes: dict[str, dict[str, frozenset[str]] | None] = {}
-    for qualname, node in _classes_in(text):
+    parsed = _parsed(text)
+    parents = parsed.parents
+    for qualname, node in parsed.classes:
         if qualname in classes:
             classes[qualname] = None
             continue
         methods = _methods(node)
-        reflective = [method for method in methods if _reflects_on_self(method)]
-        if any(_reflects_beyond_calls(m, parent_map(m), children_only=True) for m in reflective):
+        reflective = [method for method in methods if _reflects_on_self(method, parents)]
+        if any(_reflects_beyond_calls(m, parents, children_only=True) for m in reflective):
             classes[qualname] = None
             continue
         uses: dict[str, set[str]] = defaultdict(set)
         if reflective:  # ``for m in self.children(): x = m(x)``: every child is called
             uses[EVERY_CHILD].add(CALLED)
         for method in methods:
-            _classify_method(method, uses)
+            _classify_method(method, parents, uses)
         classes[qualname] = {name: frozenset(kinds) for name, kinds in uses.items()}
     return classes
 
@@ -354,13 +357,12 @@ _REFLECTIVE_MEMBERS = frozenset(
 )
 
 
-def _reflects_on_self(method: ast.AST) -> bool:
+def _reflects_on_self(method: ast.AST, parents: dict) -> bool:
     """Whether ``method`` uses ``self`` other than by reading a named attribute: through a
     reflective ``nn.Module`` member, or ``self`` itself handed on (``getattr(self, name)``,
     ``vars(self)``, ``helper(self)``, ``self[0]``, ``for m in self``). ``super(Cls, self)``,
     ``type(self)``, ``isinstance(self, ...)`` and text (``repr(self)``, ``print(self)``) are no
     such use: they reach no child's values."""
-    parents = parent_map(method)
     for node in ast.walk(method):
         if not (isinstance(node, ast.Name) and node.id == "self"):
             continue
@@ -391,17 +393,36 @@ def parent_map(tree: ast.AST) -> dict[ast.AST, ast.AST]:
     return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
 
-def _classes_in(text: str) -> list[tuple[str, ast.ClassDef]]:
-    """(qualified name, ClassDef) for every class of a file's text; none if it does not parse."""
+@dataclass(frozen=True)
+class _ParsedSource:
+    """A file's text parsed once for both readings of it (``_uses_by_class``, ``_reads_by_class``):
+    (qualified name, ClassDef) for every class, and the parent of every node in it (which is
+    the same node whether the map is made for the file, a class or a method)."""
+
+    classes: list[tuple[str, ast.ClassDef]]
+    parents: dict[ast.AST, ast.AST]
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str) -> _ParsedSource:
+    """``text`` parsed; no classes if it does not parse."""
     try:
-        return list(_class_definitions(ast.parse(text), ""))
+        tree = ast.parse(text)
     except (SyntaxError, ValueError):
-        return []
+        return _ParsedSource([], {})
+    return _ParsedSource(list(_class_definitions(tree, "")), parent_map(tree))
+
+
+#: The nodes a class definition can sit in: statements, and the parts of ``try`` and ``match``
+#: that hold them. Expressions hold none (a lambda's body is an expression), so they are skipped.
+_STATEMENT_HOLDERS = (ast.stmt, ast.excepthandler, ast.match_case)
 
 
 def _class_definitions(node: ast.AST, prefix: str):
     """(qualified name, ClassDef) for every class under ``node``, in source order."""
     for child in ast.iter_child_nodes(node):
+        if not isinstance(child, _STATEMENT_HOLDERS):
+            continue
         if isinstance(child, ast.ClassDef):
             qualname = prefix + child.name
             yield qualname, child
@@ -439,8 +460,7 @@ def _self_attribute(node: ast.AST) -> str | None:
     return None
 
 
-def _classify_method(method: ast.AST, uses: dict[str, set[str]]) -> None:
-    parents = parent_map(method)
+def _classify_method(method: ast.AST, parents: dict, uses: dict[str, set[str]]) -> None:
     for node in ast.walk(method):
         name = _self_attribute(node)
         if name is not None:
