@@ -1,6 +1,6 @@
 """The property suite's own speed: random networks checked per second per core, and where it goes.
 
-Three measurements:
+Four measurements:
 
 1. Throughput: ``strategies.properties.check_random_networks`` draws, builds, fuses and checks N
    random networks with every property (the body of the property suite, without pytest). The rate
@@ -10,7 +10,13 @@ Three measurements:
 2. Where the time goes: the same run with timers around the suite's and the fuser's stages. Time
    is charged to the innermost stage running (a fuse's trace counts as ``fuse: trace``, not also
    as ``fuse: rest``); what runs outside the body of the check is Hypothesis drawing specs.
-3. The ``ci`` profile: ``pytest tests/test_properties.py`` with ``HYPOTHESIS_PROFILE=ci`` and
+3. The floor: what checking one network costs at the least, whatever the suite's own code does.
+   Every network is fused (``fused_matches_original``), its fused model fused again
+   (``idempotent``), deep-copied and saved and loaded (``survives_copy_and_save``), and drawn by
+   Hypothesis; on the smallest network the strategy draws (one conv and its BN), those calls
+   alone are timed, for our fuser and for a fuser that did nothing but one FX trace. The rate
+   they allow is the most the suite could reach on this machine with these properties.
+4. The ``ci`` profile: ``pytest tests/test_properties.py`` with ``HYPOTHESIS_PROFILE=ci`` and
    ``-n 1`` / ``-n 2`` (pytest-xdist), in a subprocess, wall time.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import importlib
 import os
@@ -32,7 +39,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from hypothesis import given, seed, settings
+from interleave import interleaved_medians
 from tables import environment_header, fix_threads, markdown_table
+from torch import fx, nn
 
 from fuser import fuse, fuse_with_report
 from strategies import properties
@@ -240,6 +249,63 @@ def breakdown(networks: int, seed: int) -> tuple[StageClock, list[str]]:
     return clock, missing
 
 
+class SmallestNetwork(nn.Module):
+    """One conv and its BN: the least a drawn network holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def floor_costs(repeats: int = 50) -> dict[str, float]:
+    """Median CPU seconds of the calls every checked network makes at the least, on
+    ``SmallestNetwork`` (interleaved, ``interleave.py``)."""
+    model = SmallestNetwork().eval()
+    fused = fuse(model)
+    calls = {
+        "fx.symbolic_trace": lambda: fx.symbolic_trace(model),
+        "fuse": lambda: fuse(model),
+        "fuse of the fused model": lambda: fuse(fused),
+        "copy.deepcopy of the fused model": lambda: copy.deepcopy(fused),
+        "torch.save then torch.load of the fused model": lambda: properties._saved_and_loaded(
+            fused
+        ),
+    }
+    return interleaved_medians(calls, repeats=repeats, warmup=3, clock="cpu")
+
+
+def floor_table(costs: dict[str, float], draw_seconds: float) -> tuple[list[list], list[list]]:
+    """Rows of the floor's two tables: each cost with the property needing it, and the floor
+    of our fuser and of a fuser that only traces (its own fuse and re-fuse one FX trace each)."""
+    needs = {
+        "fx.symbolic_trace": "(the least any FX fuser does, once per fuse)",
+        "fuse": "fused_matches_original",
+        "fuse of the fused model": "idempotent",
+        "copy.deepcopy of the fused model": "survives_copy_and_save",
+        "torch.save then torch.load of the fused model": "survives_copy_and_save",
+    }
+    cost_rows = [[name, f"{1e3 * seconds:.2f}", needs[name]] for name, seconds in costs.items()]
+    cost_rows.append([DRAW_STAGE + " (mean, from the breakdown)", f"{1e3 * draw_seconds:.2f}", ""])
+    shared = (
+        costs["copy.deepcopy of the fused model"]
+        + costs["torch.save then torch.load of the fused model"]
+        + draw_seconds
+    )
+    floors = {
+        "our fuser": costs["fuse"] + costs["fuse of the fused model"] + shared,
+        "a fuser that only traces": 2 * costs["fx.symbolic_trace"] + shared,
+    }
+    floor_rows = [
+        [who, f"{1e3 * seconds:.2f}", f"{1 / seconds:.0f}", f"{1e3 / TARGET_RATE:.0f}"]
+        for who, seconds in floors.items()
+    ]
+    return cost_rows, floor_rows
+
+
 def pytest_run(workers: int, profile: str) -> tuple[float, int | None, str]:
     """Wall seconds, networks checked and pytest's summary line for ``-n workers``.
 
@@ -319,6 +385,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown_table(headers, stage_rows))
     if missing:
         print(f"\nNot timed (no longer found): {', '.join(missing)}")
+
+    draw_seconds = clock.totals.get(DRAW_STAGE, 0.0) / checked
+    cost_rows, floor_rows = floor_table(floor_costs(), draw_seconds)
+    print(
+        "\n#### The floor: the least one network costs (smallest network, median of 50 "
+        "interleaved rounds, CPU time)\n"
+    )
+    print(markdown_table(("call", "ms", "needed by"), cost_rows))
+    print()
+    headers = ("fuser", "floor ms per network", "most networks/s/core", "target's ms per network")
+    print(markdown_table(headers, floor_rows))
 
     if args.workers:
         print(f"\n#### The {args.profile} profile under pytest (wall time, one run each)\n")
