@@ -63,7 +63,8 @@ Chain = tuple[tuple[str | int, ...], bool]
 
 def attribute_chains(cls: type, entry: str = "forward") -> dict[str, frozenset[Chain]] | None:
     """For each ``self.NAME`` the methods of ``cls`` (and of its non-torch bases) use other than
-    by calling it or its elements, the attribute chains they read through it; None where no
+    by calling its elements, the attribute chains they read through it (``((), True)`` where it
+    is called: a module runs live, a function or lambda runs inline in the trace); None where no
     use is known: no source, or the code that runs from ``entry`` (``forward`` when the module
     is called; a method or property that another module's traced code reaches through it) and
     the methods it reaches through ``self`` reaching children by reflection other than to call
@@ -142,9 +143,12 @@ def _reads_by_class(text: str) -> dict[str, _ClassReads | None]:
         for method in _methods(node):
             for use in ast.walk(method):
                 name = _self_attribute(use)
-                if name is None or _classify_use(use, parents, method) != OTHER:
+                if name is None:
                     continue
-                if not _children_only_called(use, parents, method):
+                kind = _classify_use(use, parents, method)
+                if kind == CALLED:  # a module runs live; other code runs inline in the trace
+                    chains[name].add(((), True))
+                elif kind == OTHER and not _children_only_called(use, parents, method):
                     chains[name].add(_chain(use, parents))
             if _reflects_beyond_calls(method, parents):
                 reflective.add(method.name)

@@ -16,10 +16,19 @@ reaches through ``self``: what it reads is not known. Code the traced code runs 
 module is followed too: a method, property or ``__getattr__`` of that module's class
 (``self.block.rescale(y)`` runs ``rescale`` inline in the trace) is read as ``forward`` is, and
 nn.Module's reflection on it (``self.block.children()``) counts as reading every module in it.
+Code and values that are no module are not read: a function, lambda or partial the traced code
+calls, or a plain object whose attribute or method it reads, is a reader wherever it holds
+(in its closure, defaults, attributes or elements) a running module, or a module outside the
+traced tree, whose state the trace cannot vouch for.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
 from torch import fx, nn
 
 from .child_usage import _REFLECTIVE_MEMBERS, _TENSOR_ITERATORS, attribute_chains
@@ -32,13 +41,28 @@ def frozen_state_readers(
     root) whose code reads the state of a module in ``runs_as_written`` (ids)."""
     if not runs_as_written:
         return []
+    running = _Running(runs_as_written, {id(m) for m in root.modules()})
     readers = []
     for module in root.modules():
         if id(module) in traced:
-            why = _reads_running_state(module, runs_as_written)
+            why = _reads_running_state(module, running)
             if why is not None:
                 readers.append((module, why))
     return _outermost(readers)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """The modules of the traced tree that run as written (ids), and all its modules (ids): a
+    module the trace reaches outside the tree, through a function's closure (``copy.deepcopy``
+    keeps functions as they are, so a lambda in the fuser's copy still holds the caller's
+    modules), may run as written too, as far as this trace can tell."""
+
+    ids: set[int]
+    in_model: set[int]
+
+    def __contains__(self, module_id: int) -> bool:
+        return module_id in self.ids
 
 
 def _outermost(readers: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str]]:
@@ -49,7 +73,7 @@ def _outermost(readers: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, st
 
 def _reads_running_state(
     module: nn.Module,
-    runs_as_written: set[int],
+    runs_as_written: _Running,
     entry: str = "forward",
     checking: set[tuple[int, str]] | None = None,
 ) -> str | None:
@@ -83,7 +107,7 @@ def _chain_reads_running_state(
     module: nn.Module,
     names: tuple[str | int, ...],
     called: bool,
-    runs_as_written: set[int],
+    runs_as_written: _Running,
     checking: set[tuple[int, str]],
 ) -> str | None:
     current: object = module
@@ -95,10 +119,15 @@ def _chain_reads_running_state(
             live = key in current._parameters or key in current._buffers
             if not live and key not in current._modules:
                 return f"its code reads {read}{step}, and {read} runs as written"
-        elif isinstance(current, nn.Module) and isinstance(name, str):
+        elif isinstance(current, nn.Module) and isinstance(name, str) and current is not module:
+            # (the reader's own members are its class's code, read from ``entry`` already)
             why = _code_reached_reads_running_state(current, name, runs_as_written, checking)
             if why is not None:
                 return f"its code reaches {read}{step} ({why})"
+        elif not isinstance(current, nn.Module) and isinstance(name, str):
+            held = _running_module_held_by(current, runs_as_written)
+            if held is not None:  # its methods, or the element read, may read that module
+                return f"its code reads {read}{step}, and {read} (no module) holds {held}"
         if name == "[i]":  # an index the text does not give: any element
             current = _any_running_element(current, runs_as_written)
             if current is None:
@@ -109,15 +138,21 @@ def _chain_reads_running_state(
             except Exception:  # set later, or a property that fails: the read is not known
                 return None
         read += step
-    if isinstance(current, nn.Module) and not called:
-        running = _first_running_in(current, runs_as_written)
+    if isinstance(current, nn.Module):
+        running = None if called else _first_running_in(current, runs_as_written)
         if running is not None:
             return f"its code uses {read} other than by calling it, and {running} runs as written"
+        return None
+    if isinstance(current, types.MethodType) and isinstance(current.__self__, nn.Module):
+        return None  # a module's method: its code was read at the last step
+    held = _running_module_held_by(current, runs_as_written)
+    if held is not None:  # a function's closure, a plain object handed on: what it reads is unknown
+        return f"its code uses {read} (no module), which holds {held}"
     return None
 
 
 def _code_reached_reads_running_state(
-    module: nn.Module, name: str, runs_as_written: set[int], checking: set[tuple[int, str]]
+    module: nn.Module, name: str, runs_as_written: _Running, checking: set[tuple[int, str]]
 ) -> str | None:
     """Why the code that reading ``module.NAME`` runs inline in the trace may read what a running
     module changes, or None: a method or property of its class (``self.block.rescale(y)``: its
@@ -151,7 +186,72 @@ def _runs_code(value: object) -> bool:
     return callable(value) or hasattr(value, "__get__")
 
 
-def _first_running_in(module: nn.Module, runs_as_written: set[int]) -> str | None:
+#: Values that hold no module: ``_running_module_held_by`` looks no further into them.
+_HOLD_NO_MODULE = (
+    torch.Tensor, str, bytes, int, float, complex, bool, type(None), type, types.ModuleType,
+    torch.dtype, torch.device,
+)  # fmt: skip
+#: How deep ``_running_module_held_by`` follows references (a helper's list of its modules is 2).
+_HELD_DEPTH = 6
+
+
+def _running_module_held_by(value: object, runs_as_written: _Running) -> str | None:
+    """``"ClassName that runs as written"`` for the first module running as written that
+    ``value``, not itself a module, reaches through its attributes, elements, a function's
+    closure and defaults, or a bound method's object (a helper ``Tally(self.counter)``, a lambda
+    over it); or None. Code the trace runs through such a value may read that module's state,
+    and the text of its class, when it has one, is not read."""
+    seen: set[int] = set()
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if id(item) in seen or depth > _HELD_DEPTH or isinstance(item, _HOLD_NO_MODULE):
+            continue
+        seen.add(id(item))
+        if isinstance(item, nn.Module):
+            if id(item) not in runs_as_written.in_model:
+                return f"{type(item).__name__}, a module outside the model traced"
+            for module in item.modules():
+                if id(module) in runs_as_written:
+                    return f"{type(module).__name__}, which runs as written"
+            continue
+        pending += [(part, depth + 1) for part in _references(item)]
+    return None
+
+
+def _references(item: object) -> list[object]:
+    """What ``item`` holds: a container's elements, a function's closure and defaults, a bound
+    method's object and function, a partial's function and arguments, an object's attributes."""
+    if isinstance(item, dict):
+        return list(item.values())
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return list(item)
+    if isinstance(item, types.MethodType):
+        return [item.__self__, item.__func__]
+    if isinstance(item, types.FunctionType):
+        cells = []
+        for cell in item.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                continue
+        return [*cells, *(item.__defaults__ or ()), *(item.__kwdefaults__ or {}).values()]
+    if isinstance(item, functools.partial):
+        return [item.func, *item.args, *item.keywords.values()]
+    try:
+        attributes = list(vars(item).values())
+    except TypeError:  # no __dict__
+        attributes = []
+    slots = {n for cls in type(item).__mro__ for n in _slot_names(cls)}
+    return attributes + [getattr(item, n) for n in slots if hasattr(item, n)]
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _first_running_in(module: nn.Module, runs_as_written: _Running) -> str | None:
     """``"it"`` if ``module`` runs as written, else ``"its a.b"`` for the first module in it that
     does, or None."""
     for path, m in module.named_modules():
@@ -160,7 +260,7 @@ def _first_running_in(module: nn.Module, runs_as_written: set[int]) -> str | Non
     return None
 
 
-def _any_running_element(container: object, runs_as_written: set[int]) -> nn.Module | None:
+def _any_running_element(container: object, runs_as_written: _Running) -> nn.Module | None:
     """For ``container[i]``: a module element that runs as written or holds one, if any."""
     if not isinstance(container, nn.Module):
         return None
