@@ -47,7 +47,7 @@ from strategies.spec import (
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     ROOT_RANK_GUARD,
-    ROOT_READS_STATE,
+    ROOT_READERS,
     SEQUENTIAL,
     SHRINKING,
     SYNC,
@@ -248,7 +248,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops, untraced_root) -> Net
     root_untraced = None
     if untraced_root:
         counted = isinstance(blocks[-1], Chain) and blocks[-1].boundary == COUNTS_CALLS
-        root_untraced = ROOT_READS_STATE if counted else ROOT_RANK_GUARD
+        root_untraced = draw(one_of_values(ROOT_READERS)) if counted else ROOT_RANK_GUARD
     input_shape = (batch, channels, *spatial)
     return NetSpec(
         input_shape,

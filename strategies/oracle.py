@@ -241,7 +241,8 @@ def _lower_chain(
     nor in one whose layer weight the root's code reads (``layer_read``). A guard looping over
     its Sequential child fuses each stage of it on its own. Under a root that runs as written,
     an inline chain's ops are the root's children, each fused alone, a Sequential or wrapper
-    chain is fused on its own, and a counting block whose state the root reads is left whole."""
+    chain is fused on its own, and a counting block whose state the root's code reads is left
+    whole (one the root only calls, asking a keeper for its state, is fused on its own)."""
     if chain.boundary is None and (root_untraced is None or chain.packaging == INLINE):
         return _lower_chain_ops(
             graph, index, chain, value, UNTRACED_CALLER if root_untraced else None

@@ -27,12 +27,15 @@ from strategies.spec import (
     HOOK_READS_MODULE,
     HOOKED,
     INLINE,
+    KEEPER,
     LAST_MEAN,
     LOOP_INSPECTS,
     NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
+    ROOT_ASKS_A_KEEPER,
     ROOT_RANK_GUARD,
+    ROOT_READERS,
     ROOT_READS_STATE,
     SEQUENTIAL,
     SHRINKING,
@@ -71,6 +74,16 @@ import torch.nn.functional as F
 '''
 
 HELPERS = {
+    "Keeper": f'''
+class Keeper:
+    """A plain object holding a module, whose method reads what that module keeps."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def kept(self):
+        return self.block.{LAST_MEAN}
+''',
     "Tally": '''
 class Tally:
     """A plain object counting the calls of its method: a module holding ``tick`` holds no
@@ -640,7 +653,7 @@ class _Renderer:
                 else:  # a list it appends to (each call's output shape), its count the length
                     init = [*init, f"self.{CALL_COUNTER} = []"]
                     forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]
-                if self.spec.root_untraced == ROOT_READS_STATE:  # what the root reads of it
+                if self.spec.root_untraced in ROOT_READERS:  # what the root reads of it
                     init = [*init, f"self.{LAST_MEAN} = torch.zeros(())"]
                     forward = [*forward, f"self.{LAST_MEAN} = x.detach().mean()"]
             elif chain.boundary == NO_GRAD:
@@ -667,6 +680,11 @@ class _Renderer:
         if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_READS_STATE:
             read = f"self.b{index}.{LAST_MEAN} * 0.5"
             self.weight_reads.append(f"x = x + {read}  # what b{index} keeps of its last call")
+        if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_ASKS_A_KEEPER:
+            self.helpers.add("Keeper")
+            self.root_init.append(f"self.{KEEPER} = Keeper(self.b{index})  # no module")
+            read = f"self.{KEEPER}.kept() * 0.5"
+            self.weight_reads.append(f"x = x + {read}  # what b{index} keeps, asked of a keeper")
         if chain.layer_read:
             name = chain_names(index, chain)[readable_layer(chain.ops)]
             read = f"{_attribute_path(name)}.weight.mean() * 0.5"

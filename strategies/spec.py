@@ -51,9 +51,14 @@ CALL_COUNTER = "calls"
 LAST_MEAN = "last_mean"
 
 #: ``NetSpec.root_untraced``: the root's forward checks its input's rank in Python first, or reads
-#: what its counting last block keeps of its last call.
+#: what its counting last block keeps of its last call, itself or through a plain object's method.
 ROOT_RANK_GUARD = "rank_guard"
 ROOT_READS_STATE = "reads_state"
+ROOT_ASKS_A_KEEPER = "asks_a_keeper"
+#: The roots that read what their counting last block keeps.
+ROOT_READERS = (ROOT_READS_STATE, ROOT_ASKS_A_KEEPER)
+#: The root's attribute holding the plain object it asks (``ROOT_ASKS_A_KEEPER``).
+KEEPER = "keeper"
 
 #: How an untraceable module runs a Sequential child (``Chain.loop``): a loop calling each element
 #: of it, and one that also asks each element's type.
@@ -430,11 +435,15 @@ class NetSpec:
     for its caller does; the block runs as written (it counts its calls), so a trace would read
     that mean once, as it found it, and keep it (README, models FX cannot trace whole). On the
     suite's one set of inputs that kept mean is the live one, so only the report, which the
-    oracle checks, shows such a trace. Either way the root runs as written and each of its
-    children is fused on its own: an inline block's layers and norms are the root's own
-    children, each alone, so nothing folds among them; a Sequential or wrapper block is fused
-    whole; and the counting block the root reads is left whole (code using a child other than by
-    calling it). Drawn only by ``net_specs(untraced_root=True)``.
+    oracle checks, shows such a trace. ``asks_a_keeper`` (the same blocks): the root holds a
+    plain object (no module), ``self.keeper = Keeper(self.b3)``, and ends with
+    ``x = x + self.keeper.kept() * 0.5``, whose method reads the block's mean: the same read,
+    through code that is not the root's and an object no module tree shows. Either way the root
+    runs as written and each of its children is fused on its own: an inline block's layers and
+    norms are the root's own children, each alone, so nothing folds among them; a Sequential or
+    wrapper block is fused whole; and the counting block the root reads is left whole (code using
+    a child other than by calling it), but fused on its own as any counting block is where the
+    root only calls it and asks the keeper. Drawn only by ``net_specs(untraced_root=True)``.
     """
 
     input_shape: tuple[int, ...]

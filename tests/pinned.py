@@ -2098,6 +2098,18 @@ PINNED: dict[str, NetSpec] = {
         ),
         root_untraced="reads_state",
     ),
+    # The same read through a plain object's method, `self.keeper.kept()` (`Keeper(self.b2)`): the
+    # mutant `frozen_state_reads_through_plain_objects_traced` traces it, folding the root's own
+    # conv and BN, which only the report shows.
+    "root_asking_a_keeper_what_its_counting_block_keeps": NetSpec(
+        input_shape=(2, 2, 3, 3),
+        blocks=(
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2))),
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), packaging="sequential"),
+            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), boundary="counts_calls"),
+        ),
+        root_untraced="asks_a_keeper",
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(
