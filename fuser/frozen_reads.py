@@ -196,11 +196,12 @@ _HELD_DEPTH = 6
 
 
 def _running_module_held_by(value: object, runs_as_written: _Running) -> str | None:
-    """``"ClassName that runs as written"`` for the first module running as written that
-    ``value``, not itself a module, reaches through its attributes, elements, a function's
-    closure and defaults, or a bound method's object (a helper ``Tally(self.counter)``, a lambda
-    over it); or None. Code the trace runs through such a value may read that module's state,
-    and the text of its class, when it has one, is not read."""
+    """What makes ``value`` (no module) unsafe to trace through, or None: the first module it
+    reaches through its attributes, elements, a function's closure and defaults, or a bound
+    method's object (a helper ``Keeper(self.block)``, a lambda over a module) that runs as
+    written, is or holds one, or lies outside the traced tree (``"Counted3, which runs as
+    written"``). Code the trace runs through such a value may read that module's state, and the
+    text of its class, when it has one, is not read."""
     seen: set[int] = set()
     pending = [(value, 0)]
     while pending:
