@@ -19,7 +19,8 @@ nn.Module's reflection on it (``self.block.children()``) counts as reading every
 Code and values that are no module are not read: a function, lambda or partial the traced code
 calls, or a plain object whose attribute or method it reads, is a reader wherever it holds
 (in its closure, defaults, attributes or elements) a running module, or a module outside the
-traced tree, whose state the trace cannot vouch for.
+traced tree, whose state the trace cannot vouch for. Module-level state shared with a running
+module's code (a list it appends to, a name it rebinds) is ``fuser/global_state.py``'s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from .child_usage import _REFLECTIVE_MEMBERS, _TENSOR_ITERATORS, attribute_chains
+from .global_state import StateKey, shared_state_read_by, state_changed_by
 
 
 def frozen_state_readers(
@@ -42,13 +44,34 @@ def frozen_state_readers(
     if not runs_as_written:
         return []
     running = _Running(runs_as_written, {id(m) for m in root.modules()})
+    changed = state_changed_by([m for m in root.modules() if id(m) in runs_as_written])
+    shared_by_class: dict[type, str | None] = {}
     readers = []
     for module in root.modules():
-        if id(module) in traced:
-            why = _reads_running_state(module, running)
-            if why is not None:
-                readers.append((module, why))
+        if id(module) not in traced:
+            continue
+        cls = type(module)
+        if cls not in shared_by_class:
+            shared_by_class[cls] = _reads_shared_module_state(module, changed)
+        why = _reads_running_state(module, running) or shared_by_class[cls]
+        if why is not None:
+            readers.append((module, why))
     return _outermost(readers)
+
+
+def _reads_shared_module_state(module: nn.Module, changed: dict[StateKey, nn.Module]) -> str | None:
+    """Why the code of ``module``'s class may read module-level state that the code of a running
+    module may change (``fuser/global_state.py``), or None."""
+    if isinstance(module, fx.GraphModule) or not changed:
+        return None
+    shared = shared_state_read_by(type(module), changed)
+    if shared is None:
+        return None
+    name, other = shared
+    return (
+        f"its code names the module-level {name}, which the code of {type(other).__name__} "
+        "(running as written) may change"
+    )
 
 
 @dataclass(frozen=True)

@@ -1828,6 +1828,119 @@ def test_code_and_objects_holding_a_running_module_are_not_traced_around(make, t
         assert len(fused.child.seen) == len(model.child.seen) == call
 
 
+#: Module-level state that a running module, or a hook, sets on every call and traced code reads.
+KEPT: dict[str, float] = {"mean": 0.0}
+SETTINGS = {"scale": 0.5}
+
+
+def _kept_mean() -> float:
+    return KEPT["mean"]
+
+
+class KeepsItsMeanAtModuleLevel(nn.Module):
+    """Untraceable (it branches on data); keeps its input's mean in a module-level dict."""
+
+    def forward(self, x):
+        KEPT["mean"] = float(x.detach().mean())
+        return x if x.sum() > 0 else -x
+
+
+LAST_MEAN = 0.0
+
+
+class RebindsAModuleLevelName(nn.Module):
+    """Untraceable (it branches on data); rebinds a module-level name to its input's mean."""
+
+    def forward(self, x):
+        global LAST_MEAN
+        LAST_MEAN = float(x.detach().mean())
+        return x if x.sum() > 0 else -x
+
+
+def _keep_mean(module, args, output):
+    KEPT["mean"] = float(output.detach().mean())
+
+
+class _BesideAModuleLevelKeeper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = KeepsItsMeanAtModuleLevel()
+
+
+class ReadsTheModuleLevelDict(_BesideAModuleLevelKeeper):
+    def forward(self, x):
+        return self.child(self.stem(x)) * KEPT["mean"]
+
+
+class ReadsTheDictThroughAFunction(_BesideAModuleLevelKeeper):
+    def forward(self, x):
+        return self.child(self.stem(x)) * _kept_mean()
+
+
+class ReadsWhatAHookKeeps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.hooked = nn.Conv2d(4, 4, 1)
+        self.hooked.register_forward_hook(_keep_mean)
+
+    def forward(self, x):
+        return self.hooked(self.stem(x)) * KEPT["mean"]
+
+
+class ReadsTheReboundName(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = RebindsAModuleLevelName()
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * LAST_MEAN
+
+
+class NamesTheDictOnlyWhereNoCallReaches(_BesideAModuleLevelKeeper):
+    def forward(self, x):
+        return self.child(self.stem(x))
+
+    def describe(self) -> str:
+        return f"last mean kept: {KEPT['mean']}"
+
+
+class ReadsAModuleLevelSetting(_BesideAModuleLevelKeeper):
+    def forward(self, x):
+        return self.child(self.stem(x)) * SETTINGS["scale"]
+
+
+@pytest.mark.parametrize(
+    ("make", "traced"),
+    [
+        (ReadsTheModuleLevelDict, False),
+        (ReadsTheDictThroughAFunction, False),
+        (ReadsWhatAHookKeeps, False),
+        (ReadsTheReboundName, False),
+        (NamesTheDictOnlyWhereNoCallReaches, True),
+        (ReadsAModuleLevelSetting, True),
+    ],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_module_level_state_a_running_module_changes_is_read_live(make, traced):
+    # A running module (or a hook) keeps the mean of what it saw in a module-level dict on every
+    # call, and the code around it reads it; traced, that code kept the mean the trace saw, and
+    # every later input was scaled by it (10 to 12 off reading the dict, up to 0.8 through the
+    # function, 6 to 7 off reading what the hook keeps, 9 to 12 reading a rebound name). Code no
+    # call reaches, and a module-level value no running code names, leave the model traced.
+    model = prepared(make())
+    fused, report = fuse_with_report(model)
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert ("<model>" not in untraced) is traced, report
+    assert traced or "names the module-level" in untraced["<model>"], report
+    assert report.site("stem.1").folded, report
+    for call in (1, 2, 3):
+        assert_equivalent(model, fused, image(call))
+
+
 class ReadsTheCountOfAnElementByAVariableIndex(nn.Module):
     """Calls each block of a ModuleList by index, then reads the count the untraceable one
     keeps, by the loop's index: which element is read is not in the text."""

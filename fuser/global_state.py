@@ -1,0 +1,160 @@
+"""Module-level state that traced code reads and code running as written changes.
+
+A module that runs as written (untraceable, hooked, kept) may change a module-level list, dict or
+object on every call (``SEEN.append(1)``), or rebind a module-level name (``global COUNT;
+COUNT += 1``); traced code reading it (``y * len(SEEN)``) reads it once, as the trace found it,
+and the graph keeps that value (``fuser/frozen_reads.py`` has the same
+for module attributes). No source is parsed here: a function's code object names every global it
+loads (``co_names``), and its nested functions', lambdas' and comprehensions' code objects sit in
+its constants. Both sides are followed into the module-level functions they call, a few calls
+deep; a name that is also an attribute name only makes the answer more cautious.
+"""
+
+from __future__ import annotations
+
+import dis
+import logging
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+#: Module-level values that cannot change, that traced code reads live, or whose changes no
+#: output depends on (a logger): what they hold is not state a trace could freeze.
+_NOT_STATE = (
+    types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, str, bytes, int,
+    float, complex, bool, type(None), tuple, frozenset, range, torch.Tensor, torch.dtype,
+    torch.device, logging.Logger, logging.LoggerAdapter,
+)  # fmt: skip
+#: How many module-level function calls deep the globals a function names are followed.
+_CALL_DEPTH = 3
+
+
+#: What a piece of module-level state is known by: ``("value", id)`` for a mutable value (found
+#: under any name, in any module that imported it), ``("name", id(namespace), name)`` for a name
+#: that code rebinds (``global COUNT; COUNT += 1``: the value is new each time, the name is not).
+StateKey = tuple
+
+
+def state_changed_by(running: list[nn.Module]) -> dict[StateKey, nn.Module]:
+    """The module-level state the code of the modules in ``running`` (their classes', and their
+    hooks') may change, each mapped to the first such module: every mutable value it names, and
+    every name it rebinds."""
+    changed: dict[StateKey, nn.Module] = {}
+    for module in running:
+        functions = [*_class_functions(type(module)), *_hook_functions(module)]
+        for _, key, rebound in _module_level_names(functions):
+            if key[0] == "value" or rebound:
+                changed.setdefault(key, module)
+    return changed
+
+
+def shared_state_read_by(
+    cls: type, changed: dict[StateKey, nn.Module]
+) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` for module-level state the code of ``cls`` names that the code of
+    ``module`` may change (``state_changed_by``), or None."""
+    for name, key, _ in _module_level_names(_class_functions(cls)):
+        if key in changed:
+            return name, changed[key]
+    return None
+
+
+def _class_functions(cls: type) -> list[types.FunctionType]:
+    """The functions of ``cls`` (and its bases outside torch) that a call of the module runs:
+    ``forward``, and the methods, static and class methods and properties' accessors named in
+    the code it runs (``self.helper(x)`` names ``helper``), not ``__init__`` or an
+    ``init_weights`` that no call reaches."""
+    members: dict[str, list[types.FunctionType]] = {}
+    for base in reversed(cls.__mro__):
+        if base is object or base.__module__.startswith("torch."):
+            continue
+        for name, value in vars(base).items():
+            members[name] = list(_functions_of(value))  # a subclass's member hides its base's
+    reached: list[types.FunctionType] = []
+    pending = ["forward"]
+    done: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in done:
+            continue
+        done.add(name)
+        for function in members.get(name, ()):
+            reached.append(function)
+            pending += [n for n in _names_used(function.__code__) if n in members]
+    return reached
+
+
+def _functions_of(member: object) -> Iterator[types.FunctionType]:
+    """The Python functions a class member runs: a method's, a static or class method's, a
+    property's accessors."""
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    if isinstance(member, property):
+        yield from (f for f in (member.fget, member.fset) if isinstance(f, types.FunctionType))
+    elif isinstance(member, types.FunctionType):
+        yield member
+
+
+def _hook_functions(module: nn.Module) -> Iterator[types.FunctionType]:
+    """The Python functions among the hooks registered on ``module`` itself."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for hook in hooks.values():
+            function = getattr(hook, "__func__", hook)
+            if isinstance(function, types.FunctionType):
+                yield function
+
+
+def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
+    """``(name, key, rebound)`` for each module-level name the functions use, directly or through
+    the module-level functions they call (``_CALL_DEPTH`` deep): its ``("name", ...)`` key, and
+    also its ``("value", id)`` key where it holds a mutable value; ``rebound`` where the code
+    assigns or deletes it."""
+    seen: set[int] = set()
+    pending = [(function, 0) for function in functions]
+    while pending:
+        function, depth = pending.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        namespace = function.__globals__
+        rebound = set(_names_rebound(function.__code__))
+        for name in set(_names_used(function.__code__)):
+            value = namespace.get(name, _ABSENT)
+            if isinstance(value, types.FunctionType):
+                if depth < _CALL_DEPTH and not _from_torch(value):
+                    pending.append((value, depth + 1))
+                continue
+            if value is _ABSENT and name not in rebound:
+                continue  # an attribute name, or a builtin
+            yield name, ("name", id(namespace), name), name in rebound
+            if value is not _ABSENT and not isinstance(value, _NOT_STATE):
+                yield name, ("value", id(value)), name in rebound
+
+
+_ABSENT = object()
+
+
+def _from_torch(function: types.FunctionType) -> bool:
+    """Torch's own functions: the state they keep (caches, registries) is not the model's."""
+    return (function.__module__ or "").startswith("torch")
+
+
+def _names_used(code: types.CodeType) -> Iterator[str]:
+    """Every name ``code`` and the code nested in it (functions, lambdas, comprehensions) load,
+    store or delete as globals, or read as attributes."""
+    yield from code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _names_used(constant)
+
+
+def _names_rebound(code: types.CodeType) -> Iterator[str]:
+    """The module-level names ``code`` (and the code nested in it) assigns or deletes."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            yield instruction.argval
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _names_rebound(constant)
