@@ -14,8 +14,9 @@ taking a view listed below are followed, with the methods that may return the te
 (``.to()``, ``.contiguous()``); a result of any other operation is a new tensor.
 
 The same vocabulary tells, without running the graph, which values are tensors for certain (the
-module's own tensors and single-tensor views of them), so that their ``op=`` can be written as the
-in-place method it runs (``tensor_augmented_assignments_as_methods``).
+module's own tensors and single-tensor views of them, and what torch's layers and functions return),
+so that their ``op=`` can be written as the in-place method it runs
+(``tensor_augmented_assignments_as_methods``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from .patterns import fetch_attr
+from .patterns import fetch_attr, has_hooks, own_call_code, submodule
 from .tracing import AUGMENTED_ASSIGNMENTS
 
 #: Methods and attributes that may return the tensor itself or a view sharing its memory.
@@ -154,8 +155,10 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
     call loads as the method call, and the named methods also script (``_SCRIPTABLE_IN_PLACE``).
     Numbers have no such methods, so only tensors are rewritten: values that shape propagation
     saw produce one (``meta["type"]``), and, with or without it, the module's own tensors and
-    their views (``_state_tensors``: ``self.w.data *= -1``). The others keep the operator, which
-    is exact until pickled. So does ``x @= w``: a tensor has no in-place matmul (no
+    their views (``_state_tensors``: ``self.w.data *= -1``) and what torch's layers and functions
+    return (``_torch_tensor_results``: ``y = self.fc(x); y += x``, which loaded as ``y = y + x``
+    returned float32 where it returned bfloat16 under autocast). The others keep the operator,
+    which is exact until pickled. So does ``x @= w``: a tensor has no in-place matmul (no
     ``__imatmul__``), and Python runs ``x = x @ w``, which is also what the saved code loads as.
     """
     methods = {
@@ -163,15 +166,54 @@ def tensor_augmented_assignments_as_methods(gm: fx.GraphModule) -> None:
         for name, function in AUGMENTED_ASSIGNMENTS.items()
         if hasattr(torch.Tensor, name)
     }
-    state_tensors = _state_tensors(gm)
+    known = _torch_tensor_results(gm, _state_tensors(gm))
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in methods:
             continue
         target = node.args[0]
         value_type = target.meta.get("type") if isinstance(target, fx.Node) else None
         seen_tensor = isinstance(value_type, type) and issubclass(value_type, torch.Tensor)
-        if seen_tensor or target in state_tensors:
+        if seen_tensor or target in known:
             node.op, node.target = "call_method", methods[node.target]
+
+
+def _torch_tensor_results(gm: fx.GraphModule, state_tensors: set[fx.Node]) -> set[fx.Node]:
+    """``state_tensors`` and the other nodes whose value is a tensor whenever the graph runs,
+    without shape propagation: calls of torch.nn layers and of torch.nn.functional functions that
+    torch annotates as returning a tensor (``nn.Linear``, ``F.relu``: on anything else they
+    raise), unhooked and running their class's ``forward``; ``nn.Identity`` passes on what it is
+    given, and ``x op= y`` gives ``x`` (or, for ``@=``, ``x @ y``), so they count only on a known
+    tensor."""
+    known = set(state_tensors)
+    augmented = set(AUGMENTED_ASSIGNMENTS.values())
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in augmented:
+            if node.args and node.args[0] in known:
+                known.add(node)
+        elif node.op == "call_module":
+            try:
+                module = submodule(gm, node.target)
+            except AttributeError:
+                continue
+            if has_hooks(module) or own_call_code(module) is not None:
+                continue
+            if isinstance(module, nn.Identity):
+                if node.args and node.args[0] in known:
+                    known.add(node)
+            elif _annotated_tensor(type(module).forward, "torch.nn.modules."):
+                known.add(node)
+        elif node.op == "call_function" and _annotated_tensor(node.target, "torch.nn.functional"):
+            known.add(node)
+    return known
+
+
+def _annotated_tensor(function: object, torch_module: str) -> bool:
+    """Whether ``function`` is torch's own (defined in ``torch_module``) and annotated to return
+    a tensor."""
+    if not (getattr(function, "__module__", None) or "").startswith(torch_module):
+        return False
+    returned = getattr(function, "__annotations__", {}).get("return")
+    return returned is torch.Tensor or returned in ("Tensor", "torch.Tensor")
 
 
 def _state_tensors(gm: fx.GraphModule) -> set[fx.Node]:

@@ -2110,6 +2110,68 @@ PINNED: dict[str, NetSpec] = {
         ),
         root_untraced="asks_a_keeper",
     ),
+    # Found by the thorough profile (seed 2026112906): fused without example inputs, the wrapper
+    # under autocast kept `fc2 += relu` as `operator.iadd`, which torch.save writes as `x += y`
+    # and torch.load traces back as `x = x + y`: bfloat16 plus float32 became float32 after
+    # loading (survives_copy_and_save). The Linear's output is now known to be a tensor without
+    # shape propagation, so the add is written as `fc2.add_(relu)`, which loads as it is.
+    "augmented_assignment_on_a_layer_output_under_autocast_without_inputs": NetSpec(
+        input_shape=(2, 1),
+        blocks=(
+            Chain(ops=(Act(kind="relu"), Act(kind="identity"))),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        functional=True,
+                    ),
+                    Norm(
+                        input_ndim=2,
+                        num_features=1,
+                        eps=1.0,
+                        style="functional",
+                        computed="weight",
+                    ),
+                )
+            ),
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=1, eps=1.0),
+                    Act(kind="identity"),
+                )
+            ),
+            Chain(
+                ops=(
+                    Act(kind="tanh"),
+                    Norm(input_ndim=2, num_features=1, eps=1.0, style="traced_subclass"),
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=1,
+                        out_channels=1,
+                        bias=False,
+                    ),
+                ),
+                packaging="wrapper",
+                tap=Tap(after=1, kind="add", in_place=True),
+                boundary="autocast",
+            ),
+        ),
+        example_inputs=False,
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(

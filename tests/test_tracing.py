@@ -23,7 +23,7 @@ from fuser import FuserError, fuse_with_report
 from fuser.fidelity import ForwardReference
 from fuser.in_place import tensor_augmented_assignments_as_methods
 from fuser.shapes import deterministic_kernels
-from fuser.tracing import AUGMENTED_ASSIGNMENTS
+from fuser.tracing import AUGMENTED_ASSIGNMENTS, trace_with_opaque_submodules
 
 
 def conv_bn(channels: int) -> nn.Sequential:
@@ -1256,6 +1256,43 @@ def test_a_tensor_augmented_assignment_runs_as_it_does_in_eager_code(name):
     fused_x = a.clone()
     fused_result = gm(fused_x, b)
     assert torch.equal(fused_result, eager_result) and torch.equal(fused_x, eager_x)
+
+
+class AddsToALayerOutput(nn.Module):
+    """``y += ...`` on a Linear's output, on an Identity's of it, and on an Identity's of a
+    number: only the first two are tensors whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.same = nn.Identity()
+
+    def forward(self, x):
+        y = self.fc(x)
+        y += x
+        z = self.same(y)
+        z *= 2.0
+        n = self.same(x.shape[1])
+        n += 1
+        return z * n
+
+
+def test_augmented_assignments_on_what_torch_layers_return_become_methods_without_inputs():
+    # Without example inputs nothing says a value is a tensor but what returns one for certain:
+    # torch's layers and functional calls annotated so. Left as `y += x`, a saved and loaded
+    # model ran `y = y + x` (under autocast, float32 where the original returned bfloat16).
+    gm = trace_with_opaque_submodules(AddsToALayerOutput(), "").graph_module
+    tensor_augmented_assignments_as_methods(gm)
+    gm.recompile()
+
+    methods = [n.target for n in gm.graph.nodes if n.op == "call_method"]
+    operators = [n.target for n in gm.graph.nodes if n.target in AUGMENTED_ASSIGNMENTS.values()]
+    assert methods.count("add_") == 1 and methods.count("mul_") == 1, gm.code
+    assert operators == [operator.iadd], gm.code  # the number's
+    x = torch.randn(2, 4)
+    module = AddsToALayerOutput()
+    module.load_state_dict(gm.state_dict())
+    torch.testing.assert_close(pickle.loads(pickle.dumps(gm))(x), module(x), rtol=0, atol=0)
 
 
 def _first_of(values, x):

@@ -29,6 +29,7 @@ __all__ = [
     "hooks_lost_on_copy",
     "hooks_lost_on_save",
     "in_place_activations_made_out_of_place",
+    "layer_output_augmented_assignments_left_as_operators",
     "own_tensor_augmented_assignments_left_as_operators",
     "range_refusals_retried_once",
     "requires_grad_dropped",
@@ -325,6 +326,20 @@ def own_tensor_augmented_assignments_left_as_operators(
     ``weight_negated_in_place_through_data_then_saved``). Caught by: survives copy and save.
     """
     patches = {"fuser.in_place._state_tensors": lambda gm: set()}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def layer_output_augmented_assignments_left_as_operators(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: fused without example inputs, ``op=`` on what a torch layer returns (``y =
+    self.fc(x); y += tap``) keeps FX's ``operator.iadd``, saved as ``y += tap`` and traced again
+    by ``torch.load`` as ``y = y + tap``: under autocast a bfloat16 output plus a float32 tap
+    becomes float32 once loaded. Needs an in-place tap on a layer's output in a network fused
+    without example inputs (pinned: ``augmented_assignment_on_a_layer_output_under_autocast_
+    without_inputs``). Caught by: survives copy and save.
+    """
+    patches = {"fuser.in_place._torch_tensor_results": lambda gm, state: set(state)}
     return fuse_patched(model, example_inputs, patches)
 
 
