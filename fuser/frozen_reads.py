@@ -19,7 +19,8 @@ nn.Module's reflection on it (``self.block.children()``) counts as reading every
 Code and values that are no module are not read: a function, lambda or partial the traced code
 calls, or a plain object whose attribute or method it reads, is a reader wherever it holds
 (in its closure, defaults, attributes or elements) a running module, or a module outside the
-traced tree, whose state the trace cannot vouch for. Module-level state shared with a running
+traced tree, whose state the trace cannot vouch for; so is an object that a running module holds
+or whose method is its hook (``self.recorder.last``). Module-level state shared with a running
 module's code (a list it appends to, a name it rebinds) is ``fuser/global_state.py``'s.
 """
 
@@ -43,8 +44,13 @@ def frozen_state_readers(
     root) whose code reads the state of a module in ``runs_as_written`` (ids)."""
     if not runs_as_written:
         return []
-    running = _Running(runs_as_written, {id(m) for m in root.modules()})
-    changed = state_changed_by([m for m in root.modules() if id(m) in runs_as_written])
+    running_modules = [m for m in root.modules() if id(m) in runs_as_written]
+    running = _Running(
+        runs_as_written,
+        {id(m) for m in root.modules()},
+        _objects_of_running_code(running_modules),
+    )
+    changed = state_changed_by(running_modules)
     shared_by_class: dict[type, str | None] = {}
     readers = []
     for module in root.modules():
@@ -83,6 +89,7 @@ class _Running:
 
     ids: set[int]
     in_model: set[int]
+    objects: set[int]  # ``_objects_of_running_code``
 
     def __contains__(self, module_id: int) -> bool:
         return module_id in self.ids
@@ -150,7 +157,7 @@ def _chain_reads_running_state(
         elif not isinstance(current, nn.Module) and isinstance(name, str):
             held = _running_module_held_by(current, runs_as_written)
             if held is not None:  # its methods, or the element read, may read that module
-                return f"its code reads {read}{step}, and {read} (no module) holds {held}"
+                return f"its code reads {read}{step}, and {read} (no module) reaches {held}"
         if name == "[i]":  # an index the text does not give: any element
             current = _any_running_element(current, runs_as_written)
             if current is None:
@@ -170,7 +177,7 @@ def _chain_reads_running_state(
         return None  # a module's method: its code was read at the last step
     held = _running_module_held_by(current, runs_as_written)
     if held is not None:  # a function's closure, a plain object handed on: what it reads is unknown
-        return f"its code uses {read} (no module), which holds {held}"
+        return f"its code uses {read} (no module), which reaches {held}"
     return None
 
 
@@ -223,8 +230,9 @@ def _running_module_held_by(value: object, runs_as_written: _Running) -> str | N
     reaches through its attributes, elements, a function's closure and defaults, or a bound
     method's object (a helper ``Keeper(self.block)``, a lambda over a module) that runs as
     written, is or holds one, or lies outside the traced tree (``"Counted3, which runs as
-    written"``). Code the trace runs through such a value may read that module's state, and the
-    text of its class, when it has one, is not read."""
+    written"``); or an object that code running as written holds (``_objects_of_running_code``).
+    Code the trace runs through such a value may read that module's state, and the text of its
+    class, when it has one, is not read."""
     seen: set[int] = set()
     pending = [(value, 0)]
     while pending:
@@ -232,6 +240,8 @@ def _running_module_held_by(value: object, runs_as_written: _Running) -> str | N
         if id(item) in seen or depth > _HELD_DEPTH or isinstance(item, _HOLD_NO_MODULE):
             continue
         seen.add(id(item))
+        if id(item) in runs_as_written.objects:
+            return f"a {type(item).__name__} that code running as written holds"
         if isinstance(item, nn.Module):
             if id(item) not in runs_as_written.in_model:
                 return f"{type(item).__name__}, a module outside the model traced"
@@ -241,6 +251,30 @@ def _running_module_held_by(value: object, runs_as_written: _Running) -> str | N
             continue
         pending += [(part, depth + 1) for part in _references(item)]
     return None
+
+
+def _objects_of_running_code(running: list[nn.Module]) -> set[int]:
+    """Ids of the objects, other than modules and tensors, that the modules in ``running`` hold
+    as attributes or through their hooks (a bound method's object, a closure's cells), and what
+    those hold: what their code may change as it runs (``self.recorder.last``, set by a hook of
+    ``self.recorder``'s). Parameters, buffers and children are not walked: tensors are read live,
+    and modules are judged as modules."""
+    objects: set[int] = set()
+    pending = [
+        (value, 0)
+        for module in running
+        for name, value in vars(module).items()
+        if name not in ("_modules", "_parameters", "_buffers")
+    ]
+    while pending:
+        item, depth = pending.pop()
+        if id(item) in objects or depth > _HELD_DEPTH:
+            continue
+        if isinstance(item, (*_HOLD_NO_MODULE, nn.Module)):
+            continue
+        objects.add(id(item))
+        pending += [(part, depth + 1) for part in _references(item)]
+    return objects
 
 
 def _references(item: object) -> list[object]:

@@ -1823,6 +1823,26 @@ class ScalesByARegistryEntry(_ReflectsAroundACountingChild):
         return self.child(self.stem(x)) * len(self.registry["counted"].seen)
 
 
+class Recorder:
+    """A plain object whose bound method is a forward hook: it keeps the mean of each output."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def record(self, module, args, output) -> None:
+        self.last = float(output.detach().mean())
+
+
+class ScalesByWhatAHookObjectRecords(_ReflectsAroundACountingChild):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorder = Recorder()
+        self.child.register_forward_hook(self.recorder.record)
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * self.recorder.last
+
+
 class ReadsPlainValuesAndCallsAPlainList(_ReflectsAroundACountingChild):
     """Code and values that reach no running module's state: an activation function, a config
     object, and a plain list holding the counting child, called by index."""
@@ -1844,6 +1864,7 @@ class ReadsPlainValuesAndCallsAPlainList(_ReflectsAroundACountingChild):
         (ScalesByALambda, False),
         (ScalesByAPartial, False),
         (ScalesByARegistryEntry, False),
+        (ScalesByWhatAHookObjectRecords, False),
         (ReadsPlainValuesAndCallsAPlainList, True),
     ],
     ids=lambda value: getattr(value, "__name__", str(value)),
@@ -1851,8 +1872,9 @@ class ReadsPlainValuesAndCallsAPlainList(_ReflectsAroundACountingChild):
 def test_code_and_objects_holding_a_running_module_are_not_traced_around(make, traced):
     # A plain object's method, a lambda or partial over the counting child, and a dict holding
     # it: what the trace runs through them reads the child's count once (5.2 to 5.3 off on the
-    # first call, 13 to 16 on the third, traced), and the text of a lambda is not read. Values
-    # that hold no running module, and calls of one through a plain list, stay traced.
+    # first call, 13 to 16 on the third, traced), and the text of a lambda is not read. So is
+    # the object whose bound method is the child's hook (0.5 to 0.6 off, traced). Values that hold no running module, and calls of one through a plain list, stay
+    # traced.
     model = prepared(make())
     fused, report = fuse_with_report(model)
 
