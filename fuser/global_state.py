@@ -1,8 +1,8 @@
 """Module-level state that traced code reads and code running as written changes.
 
 A module that runs as written (untraceable, hooked, kept) may change a module-level list, dict or
-object on every call (``SEEN.append(1)``), or rebind a module-level name (``global COUNT;
-COUNT += 1``); traced code reading it (``y * len(SEEN)``) reads it once, as the trace found it,
+object on every call (``SEEN.append(1)``), rebind a module-level name (``global COUNT;
+COUNT += 1``) or set a class attribute (``type(self).last = x``); traced code reading it (``y * len(SEEN)``) reads it once, as the trace found it,
 and the graph keeps that value (``fuser/frozen_reads.py`` has the same
 for module attributes). No source is parsed here: a function's code object names every global it
 loads (``co_names``), and its nested functions', lambdas' and comprehensions' code objects sit in
@@ -33,14 +33,16 @@ _CALL_DEPTH = 3
 
 #: What a piece of module-level state is known by: ``("value", id)`` for a mutable value (found
 #: under any name, in any module that imported it), ``("name", id(namespace), name)`` for a name
-#: that code rebinds (``global COUNT; COUNT += 1``: the value is new each time, the name is not).
+#: that code rebinds (``global COUNT; COUNT += 1``: the value is new each time, the name is not),
+#: ``("attribute", name)`` for an attribute of a module-level class that code may set (by its
+#: name alone: ``type(self).last = x`` does not say which class).
 StateKey = tuple
 
 
 def state_changed_by(running: list[nn.Module]) -> dict[StateKey, nn.Module]:
     """The module-level state the code of the modules in ``running`` (their classes', and their
-    hooks') may change, each mapped to the first such module: every mutable value it names, and
-    every name it rebinds."""
+    hooks') may change, each mapped to the first such module: every mutable value it names,
+    every name it rebinds, every attribute name it sets."""
     changed: dict[StateKey, nn.Module] = {}
     for module in running:
         functions = [*_class_functions(type(module)), *_hook_functions(module)]
@@ -120,7 +122,8 @@ def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
         seen.add(id(function))
         namespace = function.__globals__
         rebound = set(_names_rebound(function.__code__))
-        for name in set(_names_used(function.__code__)):
+        used = set(_names_used(function.__code__))
+        for name in used:
             value = namespace.get(name, _ABSENT)
             if isinstance(value, types.FunctionType):
                 if depth < _CALL_DEPTH and not _from_torch(value):
@@ -131,6 +134,11 @@ def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
             yield name, ("name", id(namespace), name), name in rebound
             if value is not _ABSENT and not isinstance(value, _NOT_STATE):
                 yield name, ("value", id(value)), name in rebound
+            if isinstance(value, type) and not value.__module__.startswith(("torch", "builtins")):
+                for attribute in used & _class_attributes(value):  # ``Counter.last``
+                    yield f"{name}.{attribute}", ("attribute", attribute), False
+        for attribute in _attributes_stored(function.__code__):  # ``type(self).last = x``
+            yield f".{attribute}", ("attribute", attribute), True
 
 
 _ABSENT = object()
@@ -148,6 +156,28 @@ def _names_used(code: types.CodeType) -> Iterator[str]:
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
             yield from _names_used(constant)
+
+
+def _class_attributes(cls: type) -> set[str]:
+    """The names ``cls`` and its bases outside torch (but ``object``) define in their class
+    bodies."""
+    return {
+        name
+        for base in cls.__mro__
+        if base is not object and not base.__module__.startswith("torch")
+        for name in vars(base)
+    }
+
+
+def _attributes_stored(code: types.CodeType) -> Iterator[str]:
+    """The attribute names ``code`` (and the code nested in it) assigns or deletes, on any
+    object: ``self.calls += 1``, ``type(self).last = x``."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("STORE_ATTR", "DELETE_ATTR"):
+            yield instruction.argval
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _attributes_stored(constant)
 
 
 def _names_rebound(code: types.CodeType) -> Iterator[str]:

@@ -1958,6 +1958,26 @@ class ReadsTheReboundName(nn.Module):
         return self.child(self.stem(x)) * LAST_MEAN
 
 
+class KeepsItsMeanOnItsClass(nn.Module):
+    """Untraceable (it branches on data); keeps its input's mean as a class attribute."""
+
+    last_mean = 0.0
+
+    def forward(self, x):
+        type(self).last_mean = float(x.detach().mean())
+        return x if x.sum() > 0 else -x
+
+
+class ReadsTheClassAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = KeepsItsMeanOnItsClass()
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * KeepsItsMeanOnItsClass.last_mean
+
+
 class NamesTheDictOnlyWhereNoCallReaches(_BesideAModuleLevelKeeper):
     def forward(self, x):
         return self.child(self.stem(x))
@@ -1978,6 +1998,7 @@ class ReadsAModuleLevelSetting(_BesideAModuleLevelKeeper):
         (ReadsTheDictThroughAFunction, False),
         (ReadsWhatAHookKeeps, False),
         (ReadsTheReboundName, False),
+        (ReadsTheClassAttribute, False),
         (NamesTheDictOnlyWhereNoCallReaches, True),
         (ReadsAModuleLevelSetting, True),
     ],
@@ -1987,7 +2008,8 @@ def test_module_level_state_a_running_module_changes_is_read_live(make, traced):
     # A running module (or a hook) keeps the mean of what it saw in a module-level dict on every
     # call, and the code around it reads it; traced, that code kept the mean the trace saw, and
     # every later input was scaled by it (10 to 12 off reading the dict, up to 0.8 through the
-    # function, 6 to 7 off reading what the hook keeps, 9 to 12 reading a rebound name). Code no
+    # function, 6 to 7 off reading what the hook keeps, 9 to 12 reading a rebound name, 10 to 11
+    # a class attribute). Code no
     # call reaches, and a module-level value no running code names, leave the model traced.
     model = prepared(make())
     fused, report = fuse_with_report(model)
