@@ -121,7 +121,7 @@ def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
             continue
         seen.add(id(function))
         namespace = function.__globals__
-        rebound = set(_names_rebound(function.__code__))
+        rebound = _names_rebound(function.__code__)
         used = set(_names_used(function.__code__))
         for name in used:
             value = namespace.get(name, _ABSENT)
@@ -169,22 +169,23 @@ def _class_attributes(cls: type) -> set[str]:
     }
 
 
-def _attributes_stored(code: types.CodeType) -> Iterator[str]:
+def _attributes_stored(code: types.CodeType) -> set[str]:
     """The attribute names ``code`` (and the code nested in it) assigns or deletes, on any
     object: ``self.calls += 1``, ``type(self).last = x``."""
-    for instruction in dis.get_instructions(code):
-        if instruction.opname in ("STORE_ATTR", "DELETE_ATTR"):
-            yield instruction.argval
-    for constant in code.co_consts:
-        if isinstance(constant, types.CodeType):
-            yield from _attributes_stored(constant)
+    return set(_names_taken_by(code, ("STORE_ATTR", "DELETE_ATTR")))
 
 
-def _names_rebound(code: types.CodeType) -> Iterator[str]:
+def _names_rebound(code: types.CodeType) -> set[str]:
     """The module-level names ``code`` (and the code nested in it) assigns or deletes."""
+    return set(_names_taken_by(code, ("STORE_GLOBAL", "DELETE_GLOBAL")))
+
+
+def _names_taken_by(code: types.CodeType, opnames: tuple[str, ...]) -> Iterator[str]:
+    """The names that ``code``'s instructions (and the nested code's) of the kinds ``opnames``
+    take."""
     for instruction in dis.get_instructions(code):
-        if instruction.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+        if instruction.opname in opnames:
             yield instruction.argval
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
-            yield from _names_rebound(constant)
+            yield from _names_taken_by(constant, opnames)

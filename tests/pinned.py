@@ -35,6 +35,14 @@ CONV_1X1 = Layer(
     dilation=(1, 1),
 )
 
+#: Inline, Sequential and counting conv/BN blocks: the networks of the pins whose root reads what
+#: its counting last block keeps.
+_COUNTING_LAST_BLOCK = (
+    Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2))),
+    Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), packaging="sequential"),
+    Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), boundary="counts_calls"),
+)
+
 PINNED: dict[str, NetSpec] = {
     # conv -> bn: the smallest foldable network (a deepcopy "fuser" fails completeness here).
     "conv1d_then_bn": NetSpec(
@@ -2090,25 +2098,13 @@ PINNED: dict[str, NetSpec] = {
     # but the root's own conv and BN were folded (report_agrees_with_oracle). Pinned so that the
     # mutant is caught in seconds rather than after every other property's random networks.
     "root_reading_what_its_counting_block_keeps": NetSpec(
-        input_shape=(2, 2, 3, 3),
-        blocks=(
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2))),
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), packaging="sequential"),
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), boundary="counts_calls"),
-        ),
-        root_untraced="reads_state",
+        input_shape=(2, 2, 3, 3), blocks=_COUNTING_LAST_BLOCK, root_untraced="reads_state"
     ),
     # The same read through a plain object's method, `self.keeper.kept()` (`Keeper(self.b2)`): the
     # mutant `frozen_state_reads_through_plain_objects_traced` traces it, folding the root's own
     # conv and BN, which only the report shows.
     "root_asking_a_keeper_what_its_counting_block_keeps": NetSpec(
-        input_shape=(2, 2, 3, 3),
-        blocks=(
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2))),
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), packaging="sequential"),
-            Chain(ops=(CONV_1X1, Norm(input_ndim=4, num_features=2)), boundary="counts_calls"),
-        ),
-        root_untraced="asks_a_keeper",
+        input_shape=(2, 2, 3, 3), blocks=_COUNTING_LAST_BLOCK, root_untraced="asks_a_keeper"
     ),
     # Found by the thorough profile (seed 2026112906): fused without example inputs, the wrapper
     # under autocast kept `fc2 += relu` as `operator.iadd`, which torch.save writes as `x += y`

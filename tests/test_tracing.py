@@ -1772,6 +1772,22 @@ def test_reflection_that_only_calls_or_never_runs_leaves_the_model_traced(make, 
         assert_equivalent(model, fused, image(call))
 
 
+def _fused_reader(make, traced: bool, reason: str) -> tuple[nn.Module, nn.Module]:
+    """Fuse ``make()`` without example inputs: its top level is traced, or (``traced`` False)
+    runs as written for a reason holding ``reason``; its stem folds either way, and the fused
+    model computes what the original does on three calls in turn. Returns both models."""
+    model = prepared(make())
+    fused, report = fuse_with_report(model)
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert ("<model>" not in untraced) is traced, report
+    assert traced or reason in untraced["<model>"], report
+    assert report.site("stem.1").folded, report
+    for call in (1, 2, 3):
+        assert_equivalent(model, fused, image(call))
+    return model, fused
+
+
 def _count_of(module: nn.Module) -> int:
     return len(module.seen)
 
@@ -1873,18 +1889,10 @@ def test_code_and_objects_holding_a_running_module_are_not_traced_around(make, t
     # A plain object's method, a lambda or partial over the counting child, and a dict holding
     # it: what the trace runs through them reads the child's count once (5.2 to 5.3 off on the
     # first call, 13 to 16 on the third, traced), and the text of a lambda is not read. So is
-    # the object whose bound method is the child's hook (0.5 to 0.6 off, traced). Values that hold no running module, and calls of one through a plain list, stay
-    # traced.
-    model = prepared(make())
-    fused, report = fuse_with_report(model)
-
-    untraced = {module.name: module.error for module in report.untraced}
-    assert ("<model>" not in untraced) is traced, report
-    assert traced or "(no module)" in untraced["<model>"], report
-    assert report.site("stem.1").folded, report
-    for call in (1, 2, 3):
-        assert_equivalent(model, fused, image(call))
-        assert len(fused.child.seen) == len(model.child.seen) == call
+    # the object whose bound method is the child's hook (0.5 to 0.6 off, traced). Values that
+    # hold no running module, and calls of one through a plain list, stay traced.
+    model, fused = _fused_reader(make, traced, "(no module)")
+    assert len(fused.child.seen) == len(model.child.seen) == 3
 
 
 #: Module-level state that a running module, or a hook, sets on every call and traced code reads.
@@ -2009,17 +2017,9 @@ def test_module_level_state_a_running_module_changes_is_read_live(make, traced):
     # call, and the code around it reads it; traced, that code kept the mean the trace saw, and
     # every later input was scaled by it (10 to 12 off reading the dict, up to 0.8 through the
     # function, 6 to 7 off reading what the hook keeps, 9 to 12 reading a rebound name, 10 to 11
-    # a class attribute). Code no
-    # call reaches, and a module-level value no running code names, leave the model traced.
-    model = prepared(make())
-    fused, report = fuse_with_report(model)
-
-    untraced = {module.name: module.error for module in report.untraced}
-    assert ("<model>" not in untraced) is traced, report
-    assert traced or "names the module-level" in untraced["<model>"], report
-    assert report.site("stem.1").folded, report
-    for call in (1, 2, 3):
-        assert_equivalent(model, fused, image(call))
+    # a class attribute). Code no call reaches, and a module-level value no running code names,
+    # leave the model traced.
+    _fused_reader(make, traced, "names the module-level")
 
 
 class ReadsTheCountOfAnElementByAVariableIndex(nn.Module):
@@ -2231,18 +2231,8 @@ class DoublesByTheBlocksMethod(_CallsACountingBlock):
 )
 def test_code_another_module_reaches_through_a_traced_block_is_followed(make, traced):
     # A method, property or __getattr__ of a block, or nn.Module's reflection on it, runs inline
-    # in the caller's trace: traced, each of the first six kept the count the trace saw (5.3 to 5.5
-    # off on the first call, 16 on the third). A method that only computes, or a loop that only calls
-    # the block's children, stays traced.
-    model = prepared(make())
-    fused, report = fuse_with_report(model)
-
-    untraced = {module.name: module.error for module in report.untraced}
-    assert ("<model>" not in untraced) is traced, report
-    assert traced or untraced["<model>"].startswith(
-        "FrozenStateRead: its code reaches self.block"
-    ), report
-    assert report.site("stem.1").folded, report  # the stem is only called: fused either way
-    for call in (1, 2, 3):
-        assert_equivalent(model, fused, image(call))
-        assert len(fused.block.child.seen) == len(model.block.child.seen) == call
+    # in the caller's trace: traced, each of the first six kept the count the trace saw (5.3 to
+    # 5.5 off on the first call, 16 on the third). A method that only computes, or a loop that
+    # only calls the block's children, stays traced. (The stem is only called: fused either way.)
+    model, fused = _fused_reader(make, traced, "FrozenStateRead: its code reaches self.block")
+    assert len(fused.block.child.seen) == len(model.block.child.seen) == 3
