@@ -2,12 +2,13 @@
 
 A module that runs as written (untraceable, hooked, kept) may change a module-level list, dict or
 object on every call (``SEEN.append(1)``), rebind a module-level name (``global COUNT;
-COUNT += 1``) or set a class attribute (``type(self).last = x``); traced code reading it (``y * len(SEEN)``) reads it once, as the trace found it,
-and the graph keeps that value (``fuser/frozen_reads.py`` has the same
-for module attributes). No source is parsed here: a function's code object names every global it
-loads (``co_names``), and its nested functions', lambdas' and comprehensions' code objects sit in
-its constants. Both sides are followed into the module-level functions they call, a few calls
-deep; a name that is also an attribute name only makes the answer more cautious.
+COUNT += 1``) or set a class attribute (``type(self).last = x``); traced code reading it
+(``y * len(SEEN)``) reads it once, as the trace found it, and the graph keeps that value
+(``fuser/frozen_reads.py`` has the same for module attributes). No source is parsed here: a
+function's code object names every global it loads (``co_names``) and the ones it assigns
+(``STORE_GLOBAL``, ``STORE_ATTR``), and its nested functions', lambdas' and comprehensions' code
+objects sit in its constants. Both sides are followed into the module-level functions they call,
+a few calls deep; a name that is also an attribute name only makes the answer more cautious.
 """
 
 from __future__ import annotations
