@@ -14,6 +14,7 @@ a few calls deep; a name that is also an attribute name only makes the answer mo
 from __future__ import annotations
 
 import dis
+import functools
 import logging
 import types
 from collections.abc import Iterator
@@ -114,21 +115,11 @@ def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
     the module-level functions they call (``_CALL_DEPTH`` deep): its ``("name", ...)`` key, and
     also its ``("value", id)`` key where it holds a mutable value; ``rebound`` where the code
     assigns or deletes it."""
-    seen: set[int] = set()
-    pending = [(function, 0) for function in functions]
-    while pending:
-        function, depth = pending.pop()
-        if id(function) in seen:
-            continue
-        seen.add(id(function))
-        namespace = function.__globals__
+    for function, namespace, used in _functions_reached(functions):
         rebound = _names_rebound(function.__code__)
-        used = set(_names_used(function.__code__))
         for name in used:
             value = namespace.get(name, _ABSENT)
             if isinstance(value, types.FunctionType):
-                if depth < _CALL_DEPTH and not _from_torch(value):
-                    pending.append((value, depth + 1))
                 continue
             if value is _ABSENT and name not in rebound:
                 continue  # an attribute name, or a builtin
@@ -142,6 +133,129 @@ def _module_level_names(functions) -> Iterator[tuple[str, StateKey, bool]]:
             yield f".{attribute}", ("attribute", attribute), True
 
 
+def _functions_reached(functions) -> Iterator[tuple[types.FunctionType, dict, set[str]]]:
+    """``(function, its module's namespace, the names it uses)`` for the functions and the
+    module-level functions they call, ``_CALL_DEPTH`` deep (torch's own are not followed)."""
+    seen: set[int] = set()
+    pending = [(function, 0) for function in functions]
+    while pending:
+        function, depth = pending.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        namespace = function.__globals__
+        used = _names_used(function.__code__)
+        yield function, namespace, used
+        if depth < _CALL_DEPTH:
+            for name in used:
+                value = namespace.get(name)
+                if isinstance(value, types.FunctionType) and not _from_torch(value):
+                    pending.append((value, depth + 1))
+
+
+class ModuleLevelSnapshot:
+    """The module-level state the code of a module tree names (mutable values it names, and names
+    its code rebinds), taken before a trace, to see and undo what running ``forward`` on proxies
+    did to it. FX runs ``KEPT["last"] = x.mean()`` and records none of it: traced, the fused
+    model would never set it, and the caller's dict would keep a proxy of the trace. Contents are
+    compared by identity, one level deep (a dict's values, a list's elements, an object's
+    attributes)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.namers: dict[tuple, list[tuple[nn.Module, str]]] = {}
+        self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow contents)
+        self.names: dict[tuple[int, str], tuple[dict, object]] = {}  # rebound names
+        for module in root.modules():
+            if isinstance(module, torch.jit.ScriptModule):  # compiled: no Python code
+                continue
+            for function, namespace, used in _functions_reached(_class_functions(type(module))):
+                for name in used & _names_rebound(function.__code__):
+                    key = (id(namespace), name)
+                    self.names.setdefault(key, (namespace, namespace.get(name, _ABSENT)))
+                    self.namers.setdefault(("name", *key), []).append((module, name))
+                for name in used:
+                    value = namespace.get(name, _ABSENT)
+                    contents = _contents(value)
+                    if contents is not None:
+                        self.values.setdefault(id(value), (value, contents))
+                        self.namers.setdefault(("value", id(value)), []).append((module, name))
+
+    def changed(self) -> list[tuple[nn.Module, str, str]]:
+        """``(module, name, what)`` for each changed piece of state and each module whose code
+        names it, for ``tracing._refuse_unrecorded_state_changes``."""
+        keys = [("value", k) for k, (v, c) in self.values.items() if _contents(v) != c]
+        keys += [
+            ("name", *k) for k, (ns, v) in self.names.items() if ns.get(k[1], _ABSENT) is not v
+        ]
+        return [
+            (module, f"module-level {name}", "module-level state")
+            for key in keys
+            for module, name in dict.fromkeys(self.namers[key])
+        ]
+
+    def restore(self) -> None:
+        for value, contents in self.values.values():
+            if _contents(value) != contents:
+                _put_back(value, contents)
+        for (_, name), (namespace, saved) in self.names.items():
+            if saved is _ABSENT:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = saved
+
+
+def _contents(value: object) -> tuple | None:
+    """What a mutable module-level value holds, as a tuple of ``id``s with the things themselves
+    (so that two snapshots compare by identity), or None for a value that is not state."""
+    if isinstance(value, (*_NOT_STATE, nn.Module)) or value is _ABSENT:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, set)):
+        items = list(value)
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = list(vars(value).items())
+    else:
+        return None
+    return tuple(_Same(item) for item in items)
+
+
+class _Same:
+    """Compares equal to another holding the very same objects (a dict item's key and value)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, held: object) -> None:
+        self.held = held
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        a, b = self.held, other.held
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+        return a is b
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _put_back(value: object, contents: tuple) -> None:
+    """Refill a dict, list, set or object with the contents ``_contents`` took."""
+    held = [same.held for same in contents]
+    if isinstance(value, dict):
+        value.clear()
+        value.update(held)
+    elif isinstance(value, list):
+        value[:] = held
+    elif isinstance(value, set):
+        value.clear()
+        value.update(held)
+    else:
+        state = vars(value)
+        state.clear()
+        state.update(held)
+
+
 _ABSENT = object()
 
 
@@ -150,13 +264,12 @@ def _from_torch(function: types.FunctionType) -> bool:
     return (function.__module__ or "").startswith("torch")
 
 
-def _names_used(code: types.CodeType) -> Iterator[str]:
+@functools.lru_cache(maxsize=4096)
+def _names_used(code: types.CodeType) -> frozenset[str]:
     """Every name ``code`` and the code nested in it (functions, lambdas, comprehensions) load,
     store or delete as globals, or read as attributes."""
-    yield from code.co_names
-    for constant in code.co_consts:
-        if isinstance(constant, types.CodeType):
-            yield from _names_used(constant)
+    nested = (_names_used(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    return frozenset(code.co_names).union(*nested)
 
 
 def _class_attributes(cls: type) -> set[str]:
@@ -170,15 +283,17 @@ def _class_attributes(cls: type) -> set[str]:
     }
 
 
-def _attributes_stored(code: types.CodeType) -> set[str]:
+@functools.lru_cache(maxsize=4096)
+def _attributes_stored(code: types.CodeType) -> frozenset[str]:
     """The attribute names ``code`` (and the code nested in it) assigns or deletes, on any
     object: ``self.calls += 1``, ``type(self).last = x``."""
-    return set(_names_taken_by(code, ("STORE_ATTR", "DELETE_ATTR")))
+    return frozenset(_names_taken_by(code, ("STORE_ATTR", "DELETE_ATTR")))
 
 
-def _names_rebound(code: types.CodeType) -> set[str]:
+@functools.lru_cache(maxsize=4096)
+def _names_rebound(code: types.CodeType) -> frozenset[str]:
     """The module-level names ``code`` (and the code nested in it) assigns or deletes."""
-    return set(_names_taken_by(code, ("STORE_GLOBAL", "DELETE_GLOBAL")))
+    return frozenset(_names_taken_by(code, ("STORE_GLOBAL", "DELETE_GLOBAL")))
 
 
 def _names_taken_by(code: types.CodeType, opnames: tuple[str, ...]) -> Iterator[str]:

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .errors import FuserError
 from .frozen_reads import frozen_state_readers
+from .global_state import ModuleLevelSnapshot
 from .patterns import (
     batch_norm_module_behaves_as_base,
     call_overridden,
@@ -231,6 +232,7 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
     with (
         _attributes_restored(module) as saved,
         _tensors_restored(module) as tensors,
+        _module_level_state_restored(module) as module_level,
         _autocast_refused(),
         _grad_mode_changes_refused(),
         _augmented_assignments_recorded(),
@@ -239,7 +241,8 @@ def _trace_with(tracer: FoldTracer, module: nn.Module) -> TracedGraphModule:
         with _module_state_writes_refused() as machinery_writes:
             graph = tracer.trace(module)
         changed = [c for c in changed_state(saved) if (id(c[0]), c[1]) not in machinery_writes]
-        _refuse_unrecorded_state_changes(tracer, module, changed + tensors.changed())
+        changed += tensors.changed() + module_level.changed()
+        _refuse_unrecorded_state_changes(tracer, module, changed)
         # FX records the tracer's class so that unpickling can trace the generated code again.
         # Ours needs arguments and this package; FX's own Tracer retraces that code just as well,
         # and a fused model saved whole then loads with torch alone.
@@ -607,6 +610,18 @@ def _tensors_restored(module: nn.Module) -> Iterator[_TensorSnapshot]:
     finally:
         snapshot.restore()
         snapshot.refuse_changed_parameters()
+
+
+@contextlib.contextmanager
+def _module_level_state_restored(module: nn.Module) -> Iterator[ModuleLevelSnapshot]:
+    """A ``ModuleLevelSnapshot`` of the module-level state ``module``'s code names, for the
+    duration of a trace: on the way out what the trace changed is put back (a proxy left in the
+    caller's dict would break whatever reads it next)."""
+    snapshot = ModuleLevelSnapshot(module)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
 
 
 def _version(tensor: torch.Tensor) -> int | None:

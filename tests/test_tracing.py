@@ -2022,6 +2022,45 @@ def test_module_level_state_a_running_module_changes_is_read_live(make, traced):
     _fused_reader(make, traced, "names the module-level")
 
 
+#: What ``WritesItsMeanAtModuleLevel`` leaves for code outside the model to read.
+WRITTEN: dict[str, torch.Tensor] = {"mean": torch.zeros(())}
+
+
+class WritesItsMeanAtModuleLevel(nn.Module):
+    """Traceable, but sets a module-level dict on every call: a side effect FX runs and does not
+    record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        WRITTEN["mean"] = x.detach().mean()
+        return x
+
+
+def test_code_changing_module_level_state_runs_as_written_and_the_trace_leaves_none_behind():
+    # Traced, the fused model never set WRITTEN again, and the trace left one of its proxies in
+    # it, which broke the next read. Now the writer runs as written (its own block still folds,
+    # fused on its own) and fusing leaves the dict as it found it.
+    model = prepared(nn.Sequential(conv_bn(4), WritesItsMeanAtModuleLevel()))
+    model(image())
+    before = WRITTEN["mean"]
+    fused, report = fuse_with_report(model)
+
+    assert WRITTEN["mean"] is before
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "module-level WRITTEN" in untraced["1"], report
+    assert report.site("0.1").folded and report.site("1.block.1").folded, report
+    for call in (1, 2):
+        model(image(call))
+        expected = WRITTEN["mean"]
+        assert_equivalent(model, fused, image(call))
+        fused(image(call))
+        torch.testing.assert_close(WRITTEN["mean"], expected)
+
+
 class ReadsTheCountOfAnElementByAVariableIndex(nn.Module):
     """Calls each block of a ModuleList by index, then reads the count the untraceable one
     keeps, by the loop's index: which element is read is not in the text."""
