@@ -162,7 +162,8 @@ class ModuleLevelSnapshot:
     attributes)."""
 
     def __init__(self, root: nn.Module) -> None:
-        self.namers: dict[tuple, list[tuple[nn.Module, str]]] = {}
+        self.root = root
+        self.writers: dict[tuple, list[tuple[nn.Module, str]]] = {}
         self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow contents)
         self.names: dict[tuple[int, str], tuple[dict, object]] = {}  # rebound names
         for module in root.modules():
@@ -172,26 +173,37 @@ class ModuleLevelSnapshot:
                 for name in used & _names_rebound(function.__code__):
                     key = (id(namespace), name)
                     self.names.setdefault(key, (namespace, namespace.get(name, _ABSENT)))
-                    self.namers.setdefault(("name", *key), []).append((module, name))
+                    self.writers.setdefault(("name", *key), []).append((module, name))
+                writes = _may_write_into(function.__code__)
                 for name in used:
                     value = namespace.get(name, _ABSENT)
                     contents = _contents(value)
                     if contents is not None:
                         self.values.setdefault(id(value), (value, contents))
-                        self.namers.setdefault(("value", id(value)), []).append((module, name))
+                        if writes:
+                            key = ("value", id(value))
+                            self.writers.setdefault(key, []).append((module, name))
 
     def changed(self) -> list[tuple[nn.Module, str, str]]:
         """``(module, name, what)`` for each changed piece of state and each module whose code
-        names it, for ``tracing._refuse_unrecorded_state_changes``."""
+        may have changed it (names it, and rebinds it or writes into something: ``KEPT[k] =``,
+        ``.append``), for ``tracing._refuse_unrecorded_state_changes``; the traced module itself
+        where no such code is known."""
         keys = [("value", k) for k, (v, c) in self.values.items() if _contents(v) != c]
         keys += [
             ("name", *k) for k, (ns, v) in self.names.items() if ns.get(k[1], _ABSENT) is not v
         ]
-        return [
-            (module, f"module-level {name}", "module-level state")
-            for key in keys
-            for module, name in dict.fromkeys(self.namers[key])
-        ]
+        changed = []
+        for key in keys:
+            writers = self.writers.get(key) or [(self.root, self._name_of(key))]
+            changed += [
+                (module, f"module-level {name}", "module-level state")
+                for module, name in dict.fromkeys(writers)
+            ]
+        return changed
+
+    def _name_of(self, key: tuple) -> str:
+        return key[2] if key[0] == "name" else type(self.values[key[1]][0]).__name__
 
     def restore(self) -> None:
         for value, contents in self.values.values():
@@ -202,6 +214,25 @@ class ModuleLevelSnapshot:
                 namespace.pop(name, None)
             else:
                 namespace[name] = saved
+
+
+#: Methods that change the list, dict or set they are called on.
+_MUTATING_METHODS = frozenset(
+    {"append", "extend", "insert", "pop", "popitem", "remove", "clear", "update", "setdefault",
+     "add", "discard", "sort", "reverse", "__setitem__", "__delitem__"}
+)  # fmt: skip
+#: Instructions that write into an object: ``d[k] = v``, ``del d[k]``, ``o.a = v``.
+_WRITING_INSTRUCTIONS = ("STORE_SUBSCR", "DELETE_SUBSCR", "STORE_ATTR", "DELETE_ATTR")
+
+
+@functools.lru_cache(maxsize=4096)
+def _may_write_into(code: types.CodeType) -> bool:
+    """Whether ``code`` (or the code nested in it) may change an object it names: it writes an
+    item or attribute, or calls a method that changes a list, dict or set. Code that only reads
+    a module-level dict is then not blamed for what another module's code wrote into it."""
+    if _names_used(code) & _MUTATING_METHODS:
+        return True
+    return any(True for _ in _names_taken_by(code, _WRITING_INSTRUCTIONS))
 
 
 def _contents(value: object) -> tuple | None:

@@ -2061,6 +2061,29 @@ def test_code_changing_module_level_state_runs_as_written_and_the_trace_leaves_n
         torch.testing.assert_close(WRITTEN["mean"], expected)
 
 
+class ReadsWhatItsChildWrites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(4)
+        self.child = WritesItsMeanAtModuleLevel()
+
+    def forward(self, x):
+        return self.child(self.stem(x)) * WRITTEN["mean"]
+
+
+def test_the_code_that_writes_module_level_state_is_the_one_blamed_for_it():
+    # The root only reads WRITTEN: the trace's write is its child's, which runs as written; the
+    # root then runs as written for reading what a running module changes, not for writing it.
+    model = prepared(ReadsWhatItsChildWrites())
+    fused, report = fuse_with_report(model)
+
+    untraced = {module.name: module.error for module in report.untraced}
+    assert untraced["<model>"].startswith("FrozenStateRead"), report
+    assert "module-level WRITTEN" in untraced["child"], report
+    for call in (1, 2):
+        assert_equivalent(model, fused, image(call))
+
+
 class ReadsTheCountOfAnElementByAVariableIndex(nn.Module):
     """Calls each block of a ModuleList by index, then reads the count the untraceable one
     keeps, by the loop's index: which element is read is not in the text."""
