@@ -30,12 +30,14 @@ from strategies.spec import (
     KEEPER,
     LAST_MEAN,
     LOOP_INSPECTS,
+    MODULE_STATE,
     NO_GRAD,
     OPAQUE_SUBCLASS,
     REPLACED_FORWARD,
     ROOT_ASKS_A_KEEPER,
     ROOT_RANK_GUARD,
     ROOT_READERS,
+    ROOT_READS_MODULE_STATE,
     ROOT_READS_STATE,
     SEQUENTIAL,
     SHRINKING,
@@ -74,6 +76,10 @@ import torch.nn.functional as F
 '''
 
 HELPERS = {
+    MODULE_STATE: f'''
+#: What the counting block keeps of its last call, at module level (no module holds it).
+{MODULE_STATE} = {{"{LAST_MEAN}": torch.zeros(())}}
+''',
     "Keeper": f'''
 class Keeper:
     """A plain object holding a module, whose method reads what that module keeps."""
@@ -653,7 +659,10 @@ class _Renderer:
                 else:  # a list it appends to (each call's output shape), its count the length
                     init = [*init, f"self.{CALL_COUNTER} = []"]
                     forward = [*forward, f"self.{CALL_COUNTER}.append(x.shape)"]
-                if self.spec.root_untraced in ROOT_READERS:  # what the root reads of it
+                if self.spec.root_untraced == ROOT_READS_MODULE_STATE:  # kept at module level
+                    self.helpers.add(MODULE_STATE)
+                    forward = [*forward, f'{MODULE_STATE}["{LAST_MEAN}"] = x.detach().mean()']
+                elif self.spec.root_untraced in ROOT_READERS:  # what the root reads of it
                     init = [*init, f"self.{LAST_MEAN} = torch.zeros(())"]
                     forward = [*forward, f"self.{LAST_MEAN} = x.detach().mean()"]
             elif chain.boundary == NO_GRAD:
@@ -680,6 +689,9 @@ class _Renderer:
         if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_READS_STATE:
             read = f"self.b{index}.{LAST_MEAN} * 0.5"
             self.weight_reads.append(f"x = x + {read}  # what b{index} keeps of its last call")
+        if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_READS_MODULE_STATE:
+            read = f'{MODULE_STATE}["{LAST_MEAN}"] * 0.5'
+            self.weight_reads.append(f"x = x + {read}  # what b{index} keeps at module level")
         if chain.boundary == COUNTS_CALLS and self.spec.root_untraced == ROOT_ASKS_A_KEEPER:
             self.helpers.add("Keeper")
             self.root_init.append(f"self.{KEEPER} = Keeper(self.b{index})  # no module")

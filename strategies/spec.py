@@ -55,10 +55,13 @@ LAST_MEAN = "last_mean"
 ROOT_RANK_GUARD = "rank_guard"
 ROOT_READS_STATE = "reads_state"
 ROOT_ASKS_A_KEEPER = "asks_a_keeper"
+ROOT_READS_MODULE_STATE = "reads_module_state"
 #: The roots that read what their counting last block keeps.
-ROOT_READERS = (ROOT_READS_STATE, ROOT_ASKS_A_KEEPER)
+ROOT_READERS = (ROOT_READS_STATE, ROOT_ASKS_A_KEEPER, ROOT_READS_MODULE_STATE)
 #: The root's attribute holding the plain object it asks (``ROOT_ASKS_A_KEEPER``).
 KEEPER = "keeper"
+#: The module-level dict a counting block keeps its last mean in (``ROOT_READS_MODULE_STATE``).
+MODULE_STATE = "KEPT"
 
 #: How an untraceable module runs a Sequential child (``Chain.loop``): a loop calling each element
 #: of it, and one that also asks each element's type.
@@ -438,12 +441,16 @@ class NetSpec:
     oracle checks, shows such a trace. ``asks_a_keeper`` (the same blocks): the root holds a
     plain object (no module), ``self.keeper = Keeper(self.b3)``, and ends with
     ``x = x + self.keeper.kept() * 0.5``, whose method reads the block's mean: the same read,
-    through code that is not the root's and an object no module tree shows. Either way the root
+    through code that is not the root's and an object no module tree shows.
+    ``reads_module_state``: the block keeps the mean in a module-level dict instead,
+    ``KEPT["last_mean"] = x.detach().mean()``, and the root ends with
+    ``x = x + KEPT["last_mean"] * 0.5``: state no module holds at all. Either way the root
     runs as written and each of its children is fused on its own: an inline block's layers and
     norms are the root's own children, each alone, so nothing folds among them; a Sequential or
     wrapper block is fused whole; and the counting block the root reads is left whole (code using
     a child other than by calling it), but fused on its own as any counting block is where the
-    root only calls it and asks the keeper. Drawn only by ``net_specs(untraced_root=True)``.
+    root only calls it (asking the keeper, or reading the dict). Drawn only by
+    ``net_specs(untraced_root=True)``.
     """
 
     input_shape: tuple[int, ...]

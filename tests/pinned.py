@@ -2106,6 +2106,13 @@ PINNED: dict[str, NetSpec] = {
     "root_asking_a_keeper_what_its_counting_block_keeps": NetSpec(
         input_shape=(2, 2, 3, 3), blocks=_COUNTING_LAST_BLOCK, root_untraced="asks_a_keeper"
     ),
+    # The same read from a module-level dict the block sets (`KEPT["last_mean"]`): the mutant
+    # `module_level_state_reads_traced` traces the root, keeping the value it found.
+    "root_reading_module_level_state_its_counting_block_sets": NetSpec(
+        input_shape=(2, 2, 3, 3),
+        blocks=_COUNTING_LAST_BLOCK,
+        root_untraced="reads_module_state",
+    ),
     # Found by the thorough profile (seed 2026112906): fused without example inputs, the wrapper
     # under autocast kept `fc2 += relu` as `operator.iadd`, which torch.save writes as `x += y`
     # and torch.load traces back as `x = x + y`: bfloat16 plus float32 became float32 after

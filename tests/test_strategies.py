@@ -38,9 +38,8 @@ from strategies.spec import (
     IN_PLACE_FORMS,
     METADATA_ATTRIBUTES,
     METADATA_TAPS,
-    ROOT_ASKS_A_KEEPER,
     ROOT_RANK_GUARD,
-    ROOT_READS_STATE,
+    ROOT_READERS,
     literal,
 )
 from tests import pinned
@@ -398,16 +397,17 @@ def test_half_precision_networks_often_keep_their_batch_norms_float32():
 
 
 def test_networks_whose_root_runs_as_written_hold_folds_and_both_kinds_of_root():
-    """``net_specs(untraced_root=True)``: a root reading its counting block's state (itself, or
-    asking a plain object holding the block) where the last block counts its calls, a rank check
-    elsewhere; sites left because the root's own code calls them, and folds inside the
+    """``net_specs(untraced_root=True)``: a root reading its counting block's state (itself,
+    asking a plain object holding the block, or from a module-level dict) where the last block
+    counts its calls, a rank check elsewhere; sites left because the root's own code calls them, and folds inside the
     Sequential and wrapper children it calls."""
-    # Measured: 18 of 200 read state, 16 ask a keeper, 166 check the rank; 75 of 628 sites fold,
-    # 160 are called from code that runs as written (a guard's or the root's).
+    # Measured: 11 of 200 read state, 15 ask a keeper, 8 read module-level state, 166 check the
+    # rank; 75 of 628 sites fold, 162 are called from code that runs as written (a guard's or
+    # the root's).
     sample = draw_sample(net_specs(untraced_root=True), 200, seeds=20)
     kinds = Counter(spec.root_untraced for spec in sample)
-    assert kinds[ROOT_READS_STATE] >= 0.05 * len(sample)
-    assert kinds[ROOT_ASKS_A_KEEPER] >= 0.05 * len(sample)
+    for reader in ROOT_READERS:
+        assert kinds[reader] >= 0.03 * len(sample), reader
     assert kinds[ROOT_RANK_GUARD] >= 0.5 * len(sample)
     sites = [site for spec in sample for site in foldable_sites(spec)]
     assert sum(site.foldable for site in sites) >= 0.08 * len(sites)

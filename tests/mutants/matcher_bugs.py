@@ -67,6 +67,7 @@ __all__ = [
     "metadata_users_block_folds",
     "missing_running_stats_taken_as_identity",
     "module_hook_reading_it_ignored",
+    "module_level_state_reads_traced",
     "module_state_writes_traced_through",
     "other_users_of_layer_output_ignored",
     "replaced_forward_ignored",
@@ -579,6 +580,17 @@ def frozen_state_reads_through_plain_objects_traced(
     outputs agree on the suite's one set of inputs. Caught by: the report agrees with the oracle.
     """
     patches = {"fuser.frozen_reads._running_module_held_by": lambda *args: None}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def module_level_state_reads_traced(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: code naming module-level state that a running module's code changes
+    (``KEPT["last_mean"]``, set by a counting block) is traced anyway, so the graph keeps the
+    value the trace found. Needs a root reading what its counting block keeps at module level
+    (``NetSpec.root_untraced``, ``reads_module_state``). Caught by: the report agrees with the
+    oracle, and idempotence (fusing the traced root again folds more).
+    """
+    patches = {"fuser.frozen_reads._reads_shared_module_state": lambda *args: None}
     return fuse_patched(model, example_inputs, patches)
 
 
