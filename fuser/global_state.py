@@ -166,10 +166,14 @@ class ModuleLevelSnapshot:
         self.writers: dict[tuple, list[tuple[nn.Module, str]]] = {}
         self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow contents)
         self.names: dict[tuple[int, str], tuple[dict, object]] = {}  # rebound names
+        reached: dict[type, list] = {}  # modules of one class run the same code
         for module in root.modules():
             if isinstance(module, torch.jit.ScriptModule):  # compiled: no Python code
                 continue
-            for function, namespace, used in _functions_reached(_class_functions(type(module))):
+            cls = type(module)
+            if cls not in reached:
+                reached[cls] = list(_functions_reached(_class_functions(cls)))
+            for function, namespace, used in reached[cls]:
                 for name in used & _names_rebound(function.__code__):
                     key = (id(namespace), name)
                     self.names.setdefault(key, (namespace, namespace.get(name, _ABSENT)))
