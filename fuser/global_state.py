@@ -158,13 +158,15 @@ class ModuleLevelSnapshot:
     its code rebinds), taken before a trace, to see and undo what running ``forward`` on proxies
     did to it. FX runs ``KEPT["last"] = x.mean()`` and records none of it: traced, the fused
     model would never set it, and the caller's dict would keep a proxy of the trace. Contents are
-    compared by identity, one level deep (a dict's values, a list's elements, an object's
-    attributes)."""
+    compared by identity (a dict's items, a list's elements, an object's attributes), in the
+    value and in the lists, dicts, sets and objects it holds directly (``KEPT["history"]
+    .append(x)``)."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
         self.writers: dict[tuple, list[tuple[nn.Module, str]]] = {}
         self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow contents)
+        self.holder: dict[int, int] = {}  # a held container's id -> its module-level value's
         self.names: dict[tuple[int, str], tuple[dict, object]] = {}  # rebound names
         reached: dict[type, list] = {}  # modules of one class run the same code
         for module in root.modules():
@@ -183,22 +185,38 @@ class ModuleLevelSnapshot:
                     value = namespace.get(name, _ABSENT)
                     contents = _contents(value)
                     if contents is not None:
-                        self.values.setdefault(id(value), (value, contents))
+                        self._take(value, contents)
                         if writes:
                             key = ("value", id(value))
                             self.writers.setdefault(key, []).append((module, name))
+
+    def _take(self, value: object, contents: tuple) -> None:
+        """Snapshot a module-level value and the containers it holds directly."""
+        if id(value) in self.values:
+            return
+        self.values[id(value)] = (value, contents)
+        for same in contents:
+            held = same.held[1] if isinstance(value, dict) or _is_object(value) else same.held
+            inner = _contents(held)
+            if inner is not None and id(held) not in self.values:
+                self.values[id(held)] = (held, inner)
+                self.holder[id(held)] = id(value)
 
     def changed(self) -> list[tuple[nn.Module, str, str]]:
         """``(module, name, what)`` for each changed piece of state and each module whose code
         may have changed it (names it, and rebinds it or writes into something: ``KEPT[k] =``,
         ``.append``), for ``tracing._refuse_unrecorded_state_changes``; the traced module itself
         where no such code is known."""
-        keys = [("value", k) for k, (v, c) in self.values.items() if _contents(v) != c]
+        keys = [
+            ("value", self.holder.get(k, k))
+            for k, (v, c) in self.values.items()
+            if _contents(v) != c
+        ]
         keys += [
             ("name", *k) for k, (ns, v) in self.names.items() if ns.get(k[1], _ABSENT) is not v
         ]
         changed = []
-        for key in keys:
+        for key in dict.fromkeys(keys):
             writers = self.writers.get(key) or [(self.root, self._name_of(key))]
             changed += [
                 (module, f"module-level {name}", "module-level state")
@@ -206,7 +224,7 @@ class ModuleLevelSnapshot:
             ]
         return changed
 
-    def _name_of(self, key: tuple) -> str:
+    def _name_of(self, key: tuple) -> str:  # for a change no known code writes
         return key[2] if key[0] == "name" else type(self.values[key[1]][0]).__name__
 
     def restore(self) -> None:
@@ -237,6 +255,11 @@ def _may_write_into(code: types.CodeType) -> bool:
     if _names_used(code) & _MUTATING_METHODS:
         return True
     return any(True for _ in _names_taken_by(code, _WRITING_INSTRUCTIONS))
+
+
+def _is_object(value: object) -> bool:
+    """A plain object whose attributes ``_contents`` takes (as ``(name, value)`` pairs)."""
+    return not isinstance(value, (dict, list, set)) and hasattr(value, "__dict__")
 
 
 def _contents(value: object) -> tuple | None:

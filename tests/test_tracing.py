@@ -2061,6 +2061,39 @@ def test_code_changing_module_level_state_runs_as_written_and_the_trace_leaves_n
         torch.testing.assert_close(WRITTEN["mean"], expected)
 
 
+#: A module-level dict holding a list that ``AppendsToAModuleLevelHistory`` fills.
+HISTORY: dict[str, list] = {"means": []}
+
+
+class AppendsToAModuleLevelHistory(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        HISTORY["means"].append(x.detach().mean())
+        return x
+
+
+def test_a_list_held_in_module_level_state_is_watched_and_put_back_too():
+    # One level further in: the trace appended a proxy to the list the dict holds, and the
+    # fused model would never append again.
+    model = prepared(nn.Sequential(conv_bn(4), AppendsToAModuleLevelHistory()))
+    means = HISTORY["means"]
+    means.clear()
+    fused, report = fuse_with_report(model)
+
+    assert HISTORY["means"] is means and means == [], means
+    untraced = {module.name: module.error for module in report.untraced}
+    assert "module-level HISTORY" in untraced["1"], report
+    assert report.site("0.1").folded and report.site("1.block.1").folded, report
+    model(image())
+    fused(image())
+    assert len(means) == 2
+    torch.testing.assert_close(means[1], means[0])
+
+
 class ReadsWhatItsChildWrites(nn.Module):
     def __init__(self) -> None:
         super().__init__()
