@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from .child_usage import _REFLECTIVE_MEMBERS, _TENSOR_ITERATORS, attribute_chains
 from .global_state import StateKey, shared_state_read_by, state_changed_by
+from .shapes import _EMPTY_CELL, _cell_contents
 
 
 def frozen_state_readers(
@@ -287,12 +288,7 @@ def _references(item: object) -> list[object]:
     if isinstance(item, types.MethodType):
         return [item.__self__, item.__func__]
     if isinstance(item, types.FunctionType):
-        cells = []
-        for cell in item.__closure__ or ():
-            try:
-                cells.append(cell.cell_contents)
-            except ValueError:  # a cell not filled yet
-                continue
+        cells = [c for c in map(_cell_contents, item.__closure__ or ()) if c is not _EMPTY_CELL]
         return [*cells, *(item.__defaults__ or ()), *(item.__kwdefaults__ or {}).values()]
     if isinstance(item, functools.partial):
         return [item.func, *item.args, *item.keywords.values()]

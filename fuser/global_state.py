@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .shapes import restore_shallow_state, shallow_state, shallow_state_changed
+
 #: Module-level values that cannot change, that traced code reads live, or whose changes no
 #: output depends on (a logger): what they hold is not state a trace could freeze.
 _NOT_STATE = (
@@ -158,14 +160,14 @@ class ModuleLevelSnapshot:
     its code rebinds), taken before a trace, to see and undo what running ``forward`` on proxies
     did to it. FX runs ``KEPT["last"] = x.mean()`` and records none of it: traced, the fused
     model would never set it, and the caller's dict would keep a proxy of the trace. Contents are
-    compared by identity (a dict's items, a list's elements, an object's attributes), in the
-    value and in the lists, dicts, sets and objects it holds directly (``KEPT["history"]
-    .append(x)``)."""
+    compared by identity (``shapes.shallow_state``: a dict's items, a list's elements, an object's
+    attributes), in the value and in the lists, dicts, sets and objects it holds directly
+    (``KEPT["history"].append(x)``)."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
         self.writers: dict[tuple, list[tuple[nn.Module, str]]] = {}
-        self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow contents)
+        self.values: dict[int, tuple[object, object]] = {}  # id -> (value, shallow_state)
         self.holder: dict[int, int] = {}  # a held container's id -> its module-level value's
         self.names: dict[tuple[int, str], tuple[dict, object]] = {}  # rebound names
         reached: dict[type, list] = {}  # modules of one class run the same code
@@ -183,21 +185,20 @@ class ModuleLevelSnapshot:
                 writes = _may_write_into(function.__code__)
                 for name in used:
                     value = namespace.get(name, _ABSENT)
-                    contents = _contents(value)
+                    contents = _state_of(value)
                     if contents is not None:
                         self._take(value, contents)
                         if writes:
                             key = ("value", id(value))
                             self.writers.setdefault(key, []).append((module, name))
 
-    def _take(self, value: object, contents: tuple) -> None:
+    def _take(self, value: object, contents: list | dict | set) -> None:
         """Snapshot a module-level value and the containers it holds directly."""
         if id(value) in self.values:
             return
         self.values[id(value)] = (value, contents)
-        for same in contents:
-            held = same.held[1] if isinstance(value, dict) or _is_object(value) else same.held
-            inner = _contents(held)
+        for held in contents.values() if isinstance(contents, dict) else contents:
+            inner = _state_of(held)
             if inner is not None and id(held) not in self.values:
                 self.values[id(held)] = (held, inner)
                 self.holder[id(held)] = id(value)
@@ -210,7 +211,7 @@ class ModuleLevelSnapshot:
         keys = [
             ("value", self.holder.get(k, k))
             for k, (v, c) in self.values.items()
-            if _contents(v) != c
+            if shallow_state_changed(v, c)
         ]
         keys += [
             ("name", *k) for k, (ns, v) in self.names.items() if ns.get(k[1], _ABSENT) is not v
@@ -229,8 +230,8 @@ class ModuleLevelSnapshot:
 
     def restore(self) -> None:
         for value, contents in self.values.values():
-            if _contents(value) != contents:
-                _put_back(value, contents)
+            if shallow_state_changed(value, contents):
+                restore_shallow_state(value, contents)
         for (_, name), (namespace, saved) in self.names.items():
             if saved is _ABSENT:
                 namespace.pop(name, None)
@@ -257,61 +258,12 @@ def _may_write_into(code: types.CodeType) -> bool:
     return any(True for _ in _names_taken_by(code, _WRITING_INSTRUCTIONS))
 
 
-def _is_object(value: object) -> bool:
-    """A plain object whose attributes ``_contents`` takes (as ``(name, value)`` pairs)."""
-    return not isinstance(value, (dict, list, set)) and hasattr(value, "__dict__")
-
-
-def _contents(value: object) -> tuple | None:
-    """What a mutable module-level value holds, as a tuple of ``id``s with the things themselves
-    (so that two snapshots compare by identity), or None for a value that is not state."""
-    if isinstance(value, (*_NOT_STATE, nn.Module)) or value is _ABSENT:
+def _state_of(value: object) -> list | dict | set | None:
+    """``shapes.shallow_state`` of a mutable module-level value (a list, dict or set, or a plain
+    object that is not callable), or None for a value that is not state."""
+    if isinstance(value, (*_NOT_STATE, nn.Module)) or value is _ABSENT or callable(value):
         return None
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, set)):
-        items = list(value)
-    elif hasattr(value, "__dict__") and not callable(value):
-        items = list(vars(value).items())
-    else:
-        return None
-    return tuple(_Same(item) for item in items)
-
-
-class _Same:
-    """Compares equal to another holding the very same objects (a dict item's key and value)."""
-
-    __slots__ = ("held",)
-
-    def __init__(self, held: object) -> None:
-        self.held = held
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Same):
-            return NotImplemented
-        a, b = self.held, other.held
-        if isinstance(a, tuple) and isinstance(b, tuple):
-            return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-        return a is b
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _put_back(value: object, contents: tuple) -> None:
-    """Refill a dict, list, set or object with the contents ``_contents`` took."""
-    held = [same.held for same in contents]
-    if isinstance(value, dict):
-        value.clear()
-        value.update(held)
-    elif isinstance(value, list):
-        value[:] = held
-    elif isinstance(value, set):
-        value.clear()
-        value.update(held)
-    else:
-        state = vars(value)
-        state.clear()
-        state.update(held)
+    return shallow_state(value)
 
 
 _ABSENT = object()

@@ -178,6 +178,33 @@ def restore_attributes(saved: list) -> None:
                     del cell.cell_contents
 
 
+def shallow_state(value: object) -> list | dict | set | None:
+    """What a list, dict or set holds, or a plain object's attributes (``_is_plain_object``),
+    for ``shallow_state_changed`` and ``restore_shallow_state``; None for anything else. The same
+    one-level snapshot ``attributes_of`` takes of what a module keeps, for values held elsewhere
+    (``global_state``'s module-level state)."""
+    if isinstance(value, _CONTAINERS):
+        return _copy_of(value)
+    if type(value) not in _ATOMS and _is_plain_object(value):
+        return dict(value.__dict__)
+    return None
+
+
+def shallow_state_changed(value: object, saved: list | dict | set) -> bool:
+    """Whether ``value`` holds other objects (by identity) than when ``shallow_state`` took
+    ``saved``."""
+    if isinstance(value, _CONTAINERS):
+        return not _same_contents(value, saved)
+    return bool(_rebound(value.__dict__, saved))
+
+
+def restore_shallow_state(value: object, saved: list | dict | set) -> None:
+    if isinstance(value, _CONTAINERS):
+        _refill(value, saved)
+    else:
+        _restore_dict(value.__dict__, saved)
+
+
 def _restore_dict(now: dict, then: dict) -> None:
     now.clear()
     now.update(then)
