@@ -388,6 +388,10 @@ def _module_batch_norm_problem(module: nn.Module) -> str | None:
         return f"{type(module).__name__} overrides forward"
     if has_hooks(module):
         return "the BatchNorm module has hooks"
+    if parametrize.is_parametrized(module):
+        # Its weight, bias or statistics are computed on every call (README rule 1): a value
+        # read once at fusing time need not be what later calls compute.
+        return "the BatchNorm module's tensors are parametrized (torch.nn.utils.parametrize)"
     if module.training and not is_frozen_batch_norm(module):
         return "the BatchNorm module is in training mode"
     if module.running_mean is None or module.running_var is None:

@@ -45,6 +45,7 @@ from strategies.spec import (
     MODULE,
     NO_GRAD,
     OPAQUE_SUBCLASS,
+    PARAMETRIZED,
     REPLACED_FORWARD,
     ROOT_RANK_GUARD,
     ROOT_READERS,
@@ -335,7 +336,8 @@ def _tensors_changeable_in_place(op: Op) -> tuple[str, ...]:
             return ()
         return ("weight", "bias") if op.bias else ("weight",)
     if isinstance(op, Norm):
-        if not op.affine or op.module_class == FROZEN or op.gain is not None:
+        parametrized = op.defect == PARAMETRIZED
+        if not op.affine or op.module_class == FROZEN or op.gain is not None or parametrized:
             return ()
         return () if op.computed is not None else ("weight", "bias")
     return ()
@@ -834,6 +836,8 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
     defect = None
     if style in (MODULE, FUNCTIONAL) and draw(chance(1, 4)):
         module_defects = (TRAINING, FORWARD_HOOK, FORWARD_PRE_HOOK, REPLACED_FORWARD)
+        if affine or track:  # a tensor to parametrize: the weight, else the running variance
+            module_defects += (PARAMETRIZED,)
         defects = module_defects if style == MODULE else (TRAINING,)
         defect = draw(one_of_values(defects))
     if gain is not None:

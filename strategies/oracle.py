@@ -43,6 +43,7 @@ from strategies.spec import (
     METADATA_TAPS,
     MODULE,
     OPAQUE_SUBCLASS,
+    PARAMETRIZED,
     REPLACED_FORWARD,
     ROOT_READS_STATE,
     SHRINKING,
@@ -184,6 +185,8 @@ def _unfoldable_reason(norm: Norm) -> str | None:
         return f"has a {norm.defect.replace('_', ' ')}"
     if norm.defect == REPLACED_FORWARD:
         return "its forward is replaced on the instance"
+    if norm.defect == PARAMETRIZED:
+        return "a parametrization computes its tensors on every call"
     if norm.computed is not None:
         return f"its {norm.computed} is computed when it runs, not a module constant"
     if norm.changed_in_place is not None:  # rule 6: a fold would keep its value at fusing time

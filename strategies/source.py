@@ -33,6 +33,7 @@ from strategies.spec import (
     MODULE_STATE,
     NO_GRAD,
     OPAQUE_SUBCLASS,
+    PARAMETRIZED,
     REPLACED_FORWARD,
     ROOT_ASKS_A_KEEPER,
     ROOT_RANK_GUARD,
@@ -193,6 +194,24 @@ def shift_forward(module):
 
 def shifted_forward(self, x):
     return type(self).forward(self, x) + 0.25
+''',
+    "reverse_channels_on_read": '''
+class ChannelsReversed(nn.Module):
+    """A parametrization: the module reads its stored tensor in reverse channel order."""
+
+    def forward(self, stored):
+        return stored.flip(0)
+
+    def right_inverse(self, value):
+        return value.flip(0)
+
+
+def reverse_channels_on_read(bn):
+    """Store a BatchNorm's weight (its running variance when it has none) in reverse channel
+    order, reversed back by a parametrization on every read: the module computes what it did,
+    but the tensor is computed on every call, and the stored one is not what it reads."""
+    name = "weight" if bn.weight is not None else "running_var"
+    torch.nn.utils.parametrize.register_parametrization(bn, name, ChannelsReversed())
 ''',
     "scale_input": '''
 def scale_input(module, args):
@@ -588,6 +607,9 @@ class _Renderer:
             if op.defect == REPLACED_FORWARD:
                 self.helpers.add("shift_forward")
                 self.setup.append(f"shift_forward({_submodule(qualname)})")
+            if op.defect == PARAMETRIZED:
+                self.helpers.add("reverse_channels_on_read")
+                self.setup.append(f"reverse_channels_on_read({_submodule(qualname)})")
 
     def _block(self, index: int, block: Block) -> None:
         if isinstance(block, Chain):

@@ -24,6 +24,7 @@ TRAINING = "training"
 FORWARD_HOOK = "forward_hook"
 FORWARD_PRE_HOOK = "forward_pre_hook"
 REPLACED_FORWARD = "replaced_forward"
+PARAMETRIZED = "parametrized"
 
 INLINE = "inline"
 SEQUENTIAL = "sequential"
@@ -166,8 +167,13 @@ class Norm:
     ReLU, like timm's ``BatchNormAct2d``) or ``opaque_subclass`` (a subclass whose forward calls
     ``super().forward(x)`` and adds a constant: FX cannot trace it). ``defect`` makes a site
     unfoldable on purpose: ``training`` (a training-mode module, or ``training=True`` in the
-    functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values), or
-    ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output). A
+    functional call), ``forward_hook`` or ``forward_pre_hook`` (hooks that change values),
+    ``replaced_forward`` (a ``forward`` on the instance that shifts the class's output) or
+    ``parametrized`` (a module whose weight, or running variance when it has no affine
+    parameters, a ``torch.nn.utils.parametrize`` parametrization computes on every call: the
+    stored tensor holds the channels in reverse order and the parametrization reverses them, so
+    the module computes what it did, while a fuser reading the stored tensor folds wrong channels;
+    README rule 1 folds no computed tensor, so it is left). A
     functional call with ``torch_call`` is ``torch.batch_norm`` (which ``F.batch_norm`` calls: the
     affine parameters first, every argument positional) instead of ``F.batch_norm``. A functional
     call's ``computed`` argument (``weight`` or ``bias``, of an affine BN) is computed from the

@@ -2175,6 +2175,51 @@ PINNED: dict[str, NetSpec] = {
         ),
         example_inputs=False,
     ),
+    # Parametrized BatchNorms (bug 15): a parametrization computes the weight (the running
+    # variance of the one without affine parameters) on every call, so none folds. Folded
+    # with the values read at fusing time, a call-counting parametrization came out 3.6 off on
+    # the second call; a fuser reading the stored tensor folds the channels reversed.
+    "parametrized_batch_norms_on_both_sides_of_a_conv": NetSpec(
+        input_shape=(2, 3, 4, 4),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=4, num_features=3, affine=False, defect="parametrized"),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(1, 1),
+                        stride=(1, 1),
+                        padding=(0, 0),
+                        dilation=(1, 1),
+                    ),
+                    Norm(input_ndim=4, num_features=3, defect="parametrized"),
+                    Act(kind="relu"),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=2,
+                        input_ndim=4,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(3, 3),
+                        stride=(1, 1),
+                        padding=(1, 1),
+                        dilation=(1, 1),
+                    ),
+                    Norm(
+                        input_ndim=4,
+                        num_features=3,
+                        defect="parametrized",
+                        module_class="FrozenBatchNorm2d",
+                    ),
+                ),
+                packaging="wrapper",
+            ),
+        ),
+    ),
 }
 
 SOUNDNESS_ONLY = frozenset(

@@ -1023,6 +1023,46 @@ def test_conv_with_a_parametrized_weight_is_folded_correctly_or_left_never_an_er
     assert site.folded or site.reason, report
 
 
+class CountedScale(nn.Module):
+    """A parametrization that scales by how often it has been read: the tensor a module reads
+    differs on every call, as a parametrization's result may."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("reads", torch.zeros(()))
+
+    def forward(self, stored):
+        self.reads += 1
+        return stored * self.reads
+
+
+@pytest.mark.parametrize(
+    ("make_bn", "tensor"),
+    [
+        (lambda: nn.BatchNorm2d(4), "weight"),
+        (lambda: nn.BatchNorm2d(4), "running_var"),
+        (lambda: nn.BatchNorm2d(4, affine=False), "running_mean"),
+        (lambda: FrozenBatchNorm2d(4), "bias"),
+    ],
+    ids=["weight", "running_var", "running_mean-no-affine", "frozen-bias"],
+)
+@pytest.mark.parametrize("side", [OUTPUT_SIDE, INPUT_SIDE])
+def test_a_batchnorm_whose_tensors_a_parametrization_computes_is_left(make_bn, tensor, side):
+    """README rule 1: a parametrized BN's weight, bias or statistics are computed on every call,
+    so none is a module constant. Folded with what they were at fusing time, this BN came out
+    3.6 off the original on the second call and 7.1 on the third (bug 15)."""
+    conv = nn.Conv2d(4, 4, 1)
+    model = Chain(bn=make_bn(), conv=conv) if side == INPUT_SIDE else Chain(conv=conv, bn=make_bn())
+    model = prepared(model)
+    nn.utils.parametrize.register_parametrization(model.bn, tensor, CountedScale())
+
+    fused, report = fuse_with_report(model)
+    x = image(2, 4, 3, 3)
+    for _ in range(3):  # left, the BN runs as written: bit for bit, on every call
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    assert_left(report, "bn", because=("parametrized",))
+
+
 def test_conv_and_batchnorm_inside_a_hooked_container_fold_and_the_hook_still_fires():
     class HookedBlock(nn.Module):
         def __init__(self):

@@ -302,6 +302,7 @@ REQUIRED = [
     "bn defect forward_hook",
     "bn defect forward_pre_hook",
     "bn defect replaced_forward",
+    "bn defect parametrized",
     "layer forward replaced",
     "layer class overrides __call__",
     "hooked layer",

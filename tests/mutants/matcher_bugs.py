@@ -70,6 +70,7 @@ __all__ = [
     "module_level_state_reads_traced",
     "module_state_writes_traced_through",
     "other_users_of_layer_output_ignored",
+    "parametrized_batch_norm_folded_with_stored_tensors",
     "replaced_forward_ignored",
     "state_set_around_setattr_ignored",
     "sync_batch_norm_taken_for_a_subclass",
@@ -320,6 +321,35 @@ def bn_hooks_ignored(model: nn.Module, example_inputs: tuple | None = None) -> F
     matches the original.
     """
     patches = {"fuser.patterns._module_batch_norm_problem": _module_problem_ignoring_hooks}
+    return fuse_patched(model, example_inputs, patches)
+
+
+#: ``torch.nn.utils.parametrize`` as a matcher blind to parametrizations sees it.
+_NOTHING_PARAMETRIZED = types.SimpleNamespace(is_parametrized=lambda module, name=None: False)
+
+
+def parametrized_batch_norm_folded_with_stored_tensors(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a BN module whose tensors a parametrization computes on every call is folded, with
+    the tensors it stores (``parametrizations.weight.original``, where a fuser reading the state
+    dict finds them) instead of those the parametrization computes. Needs parametrized BNs
+    (``Norm.defect`` ``parametrized``: the stored tensor holds the channels reversed). Caught by:
+    fused output matches the original.
+    """
+
+    def describe_with_stored_tensors(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+        with mock.patch("fuser.patterns.parametrize", _NOTHING_PARAMETRIZED):
+            call = describe_batch_norm(gm, node)
+        if call is None or call.module_target is None or call.not_foldable is not None:
+            return call
+        module = patterns.submodule(gm, call.module_target)
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            if torch.nn.utils.parametrize.is_parametrized(module, name):
+                setattr(call, name, module.parametrizations[name].original)
+        return call
+
+    patches = {"fuser.fold_pass.describe_batch_norm": describe_with_stored_tensors}
     return fuse_patched(model, example_inputs, patches)
 
 
