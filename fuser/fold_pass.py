@@ -53,6 +53,7 @@ from .patterns import (
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
+from .run_time_writes import own_tensors_of_running_modules
 from .sharing import storage_of
 
 
@@ -79,6 +80,7 @@ def fold_batch_norms(
     shared: frozenset[int] = frozenset(),
     private_storages: frozenset[int] = frozenset(),
     under_autocast: bool = False,
+    changed_as_it_runs: dict[int, str] | None = None,
 ) -> list[SiteReport]:
     """Fold every foldable BN of ``gm`` in place; report every BN call site, in graph order.
 
@@ -90,8 +92,12 @@ def fold_batch_norms(
     written into them, instead of into a new tensor the size of the weight.
     ``under_autocast``: ``gm`` runs inside a module's ``torch.autocast`` region, where its layers
     return the autocast dtype whatever their weights' dtype.
+    ``changed_as_it_runs``: the storages that code running as written (not in any graph: hooks,
+    untraced modules, training-mode layers) may change in place, with who may (see
+    ``run_time_writes``); a fold reading one is left.
     """
-    return _FoldPass(gm, path, shared, private_storages, under_autocast).run()
+    changed = changed_as_it_runs or {}
+    return _FoldPass(gm, path, shared, private_storages, under_autocast, changed).run()
 
 
 class _FoldPass:
@@ -102,6 +108,7 @@ class _FoldPass:
         shared: frozenset[int],
         private: frozenset[int],
         under_autocast: bool = False,
+        changed_as_it_runs: dict[int, str] | None = None,
     ) -> None:
         self.gm = gm
         self.under_autocast = under_autocast
@@ -109,6 +116,10 @@ class _FoldPass:
         self.path = path
         self.usage = UsageCounts(gm, shared)
         self.changed_in_place = tensors_changed_in_place(gm)  # read before any fold edits
+        self.changed_as_it_runs = {
+            **own_tensors_of_running_modules(gm),
+            **(changed_as_it_runs or {}),
+        }
         self.private_storages = private
         self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
 
@@ -288,6 +299,12 @@ class _FoldPass:
                     f"the model's code changes {what} in place as it runs ({change}); a fold "
                     "would compute with its value at fusing time on every call"
                 )
+            writer = self._changed_as_it_runs(tensor)
+            if writer is not None:
+                raise _Left(
+                    f"code that runs as written may change {what} in place ({writer} holds it); "
+                    "a fold would compute with its value at fusing time on every call"
+                )
         devices = {t.device for t in named.values() if t is not None}
         if any(device.type == "meta" for device in devices):
             raise _Left(
@@ -409,6 +426,14 @@ class _FoldPass:
             return False
         copy_rounded(weight, product)
         return True
+
+    def _changed_as_it_runs(self, tensor: torch.Tensor | None) -> str | None:
+        if tensor is None or not self.changed_as_it_runs:
+            return None
+        try:
+            return self.changed_as_it_runs.get(storage_of(tensor))
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+            return None
 
     def _original_name(self, target: str) -> str:
         return self.copied_from.get(target, target)

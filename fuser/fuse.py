@@ -25,6 +25,7 @@ from .hook_usage import hook_reading_its_module
 from .in_place import tensor_augmented_assignments_as_methods
 from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
+from .run_time_writes import storages_changed_as_it_runs
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
 from .tracing import (
@@ -77,7 +78,8 @@ def _fuse_with_report(
     report = FusionReport()
     parts = ModelParts.of(working_copy)
     shared = parts.held_twice() | parts.shared_with(callers)
-    fuser = _Fuser(recorded, report, shared, parts.private_storages(callers))
+    changed = storages_changed_as_it_runs(working_copy, parts.storages_copied_from(callers))
+    fuser = _Fuser(recorded, report, shared, parts.private_storages(callers), changed)
     fused = fuser.fuse_module(working_copy, "")
     report.sites = _numbered_across_graphs(report.sites)
     return fused, report
@@ -204,11 +206,13 @@ class _Fuser:
         report: FusionReport,
         shared: frozenset[int],
         private: frozenset[int],
+        changed_as_it_runs: dict[int, str],
     ) -> None:
         self.inputs = inputs
         self.report = report
         self.shared = shared  # objects never changed in place (see fold_batch_norms)
         self.private = private  # weight storages a fold may overwrite
+        self.changed_as_it_runs = changed_as_it_runs  # storages untraced code may change
         self.inputs_recorded = not inputs
         self.autocast_regions = 0  # modules entering torch.autocast whose children are fused
 
@@ -233,7 +237,9 @@ class _Fuser:
             self._record_inputs(module)
         self.report.untraced.extend(outcome.untraced)
         under_autocast = self.autocast_regions > 0
-        sites = fold_batch_norms(gm, path, self.shared, self.private, under_autocast)
+        sites = fold_batch_norms(
+            gm, path, self.shared, self.private, under_autocast, self.changed_as_it_runs
+        )
         self.report.sites.extend(sites)
         if leaves_to_enter:
             self._fuse_inside_leaves(gm, path, outcome)

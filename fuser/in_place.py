@@ -9,7 +9,9 @@ operation on that. (A buffer is not a proxy while tracing, so a change to one ru
 trace instead, and ``tracing`` keeps its module untraced.)
 
 An operation whose name ends in ``_`` counts as a change (``requires_grad_`` too: erring towards
-leaving a fold), and so do ``x[i] = y``, ``x op= y``, ``out=`` and ``inplace=True``. The ways of
+leaving a fold), and so do ``x[i] = y``, ``x op= y``, ``out=``, ``inplace=True``, and the running
+statistics handed to a batch or instance norm that updates them (``F.batch_norm(x, mean, var,
+training=True)``: a BN sharing them in eval mode reads new ones on every call). The ways of
 taking a view listed below are followed, with the methods that may return the tensor itself
 (``.to()``, ``.contiguous()``); a result of any other operation is a new tensor.
 
@@ -26,9 +28,17 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from .patterns import fetch_attr, has_hooks, own_call_code, submodule
+from .patterns import (
+    BATCH_NORM_ARGS,
+    TORCH_BATCH_NORM_ARGS,
+    fetch_attr,
+    has_hooks,
+    own_call_code,
+    submodule,
+)
 from .tracing import AUGMENTED_ASSIGNMENTS
 
 #: Methods and attributes that may return the tensor itself or a view sharing its memory.
@@ -50,6 +60,21 @@ _ALIASING_FUNCTIONS = frozenset(
 #: ``x op= y`` recorded as the operator (``tracing._augmented_assignments_recorded``), and
 #: ``x[i] = y``.
 _IN_PLACE_OPERATORS = frozenset(AUGMENTED_ASSIGNMENTS.values()) | {operator.setitem}
+
+
+_INSTANCE_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats")
+_INSTANCE_NORM_ARGS += ("momentum",)
+_TORCH_INSTANCE_NORM_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
+_TORCH_INSTANCE_NORM_ARGS += ("use_input_stats", "momentum")
+#: Functions that update the running statistics handed to them, unless their flag is False or
+#: their momentum 0 (batch statistics used, running ones kept): (argument names in order, the
+#: flag, its default).
+_STATISTICS_UPDATES: dict[Any, tuple[tuple[str, ...], str, bool | None]] = {
+    F.batch_norm: (BATCH_NORM_ARGS, "training", False),
+    torch.batch_norm: (TORCH_BATCH_NORM_ARGS, "training", None),
+    F.instance_norm: (_INSTANCE_NORM_ARGS, "use_input_stats", True),
+    torch.instance_norm: (_TORCH_INSTANCE_NORM_ARGS, "use_input_stats", None),
+}
 
 
 def tensors_changed_in_place(gm: fx.GraphModule) -> dict[int, str]:
@@ -80,7 +105,7 @@ def _first_change(node: fx.Node) -> str | None:
         for user in value.users:
             if _changes_first_argument(user) and _first_argument(user) is value:
                 return user.name
-            if _writes_to(user, value):
+            if _writes_to(user, value) or _updates_statistics(user, value):
                 return user.name
             if user not in seen and _may_alias(user, value):
                 seen.add(user)
@@ -111,6 +136,18 @@ def _in_place_name(name: str) -> bool:
 def _writes_to(node: fx.Node, value: fx.Node) -> bool:
     """An ``out=`` argument is written whatever the operation."""
     return node.op in ("call_function", "call_method") and node.kwargs.get("out") is value
+
+
+def _updates_statistics(node: fx.Node, value: fx.Node) -> bool:
+    """``value`` is the running mean or variance of a norm call that updates them as it runs."""
+    entry = _STATISTICS_UPDATES.get(node.target) if node.op == "call_function" else None
+    if entry is None:
+        return False
+    names, flag, default = entry
+    args = dict(zip(names, node.args, strict=False)) | node.kwargs
+    if args.get(flag, default) is False or args.get("momentum") == 0:
+        return False
+    return value is args.get("running_mean") or value is args.get("running_var")
 
 
 def _may_alias(node: fx.Node, value: fx.Node) -> bool:

@@ -89,6 +89,26 @@ class ModelParts:
             return frozenset()  # then no storage is known to be private
         return frozenset(p for p, n in uses.items() if n == 1 and p not in caller and p is not None)
 
+    def storages_copied_from(self, original: ModelParts) -> dict[int, int]:
+        """The storage of each parameter and buffer of ``original``, mapped to that of its copy
+        here (matched in the order the model lists them; none when the two lists differ, as a
+        custom ``__deepcopy__`` may make them)."""
+        copies = (*self.parameters, *self.buffers)
+        originals = (*original.parameters, *original.buffers)
+        if len(copies) != len(originals):
+            return {}
+        mapping = {}
+        try:
+            for before, after in zip(originals, copies, strict=True):
+                if before.shape != after.shape:
+                    return {}
+                key, value = storage_of(before), storage_of(after)
+                if key is not None and value is not None:
+                    mapping[key] = value
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+            return {}
+        return mapping
+
 
 def _lists_members_as_module(cls: type) -> bool:
     return all(getattr(cls, name) is getattr(nn.Module, name) for name in _WALK_METHODS)

@@ -623,6 +623,132 @@ def test_a_fold_whose_tensors_the_model_only_reads_still_folds(read):
     assert dict(fused.conv.named_parameters()).keys() == {"weight"}
 
 
+class Nudger:
+    """A plain object whose method adds to the tensor it holds, as a forward hook."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def nudge(self, module, args, output) -> None:
+        self.tensor.data.add_(0.1)
+
+
+class NudgesUntraceably(nn.Module):
+    """Untraceable (a branch on values), and adds to the tensor it holds on every call."""
+
+    def __init__(self, tensor: torch.Tensor, registered: bool) -> None:
+        super().__init__()
+        if registered:  # a parameter of its own, tied to the fold's
+            self.register_parameter("tensor", tensor)
+        else:
+            self.__dict__["tensor"] = tensor  # a plain attribute: no parameter, no buffer
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            self.tensor.data.add_(0.1)
+        return x
+
+
+class StatisticsUpdatedElsewhere(nn.Module):
+    """conv -> eval-mode BN, whose running statistics a norm updating its own also uses."""
+
+    def __init__(self, other: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.other = other
+        if other in ("BatchNorm2d", "InstanceNorm2d"):
+            norm = getattr(nn, other)(3, track_running_stats=True).train()
+            norm.running_mean, norm.running_var = self.bn.running_mean, self.bn.running_var
+            self.norm = norm
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.other == "F.batch_norm":
+            mean, var = self.bn.running_mean, self.bn.running_var
+            return y + F.batch_norm(x, mean, var, training=True, momentum=0.5)
+        return y + self.norm(x)
+
+
+def _hooked_by_a_nudger() -> nn.Module:
+    model = Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), act=nn.ReLU())
+    model.act.register_forward_hook(Nudger(model.conv.bias).nudge)
+    return model
+
+
+def _tied_to_an_embedding_with_max_norm() -> nn.Module:
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6)
+            self.embed = nn.Embedding(6, 4, max_norm=0.5)
+            self.embed.weight = self.fc.weight  # tied, as language models tie their heads
+
+        def forward(self, x):
+            return self.bn(self.fc(x)) + self.embed(torch.arange(6)).sum()
+
+    return Tied()
+
+
+CHANGED_AS_IT_RUNS = {
+    "a hook's object holds the layer bias": (_hooked_by_a_nudger, (2, 3, 4, 4)),
+    "an untraceable module holds the layer bias": (
+        lambda: Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3)),
+        (2, 3, 4, 4),
+    ),
+    "an untraceable module registered the layer bias": (
+        lambda: Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3)),
+        (2, 3, 4, 4),
+    ),
+    "a training-mode BatchNorm2d shares the running statistics": (
+        lambda: StatisticsUpdatedElsewhere("BatchNorm2d"),
+        (2, 3, 4, 4),
+    ),
+    "a training-mode InstanceNorm2d shares the running statistics": (
+        lambda: StatisticsUpdatedElsewhere("InstanceNorm2d"),
+        (2, 3, 4, 4),
+    ),
+    "F.batch_norm(training=True) shares the running statistics": (
+        lambda: StatisticsUpdatedElsewhere("F.batch_norm"),
+        (2, 3, 4, 4),
+    ),
+    "an Embedding with max_norm shares the Linear weight": (
+        _tied_to_an_embedding_with_max_norm,
+        (3, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED_AS_IT_RUNS))
+def test_a_fold_whose_tensors_code_running_as_written_may_change_is_left(case):
+    """Rule 6, for code no graph holds: a hook, an untraceable module, a norm updating running
+    statistics it shares with the BN. Folded, the layer kept its values at fusing time (bug 16):
+    within three calls 0.27 off (a nudged bias), 0.47 (an embedding renormalising the weight it
+    ties), 2.0 to 6.5 (running statistics updated by a training-mode norm)."""
+    make, shape = CHANGED_AS_IT_RUNS[case]
+    model = make()
+    if "untraceable" in case:
+        nudger = NudgesUntraceably(model.conv.bias, registered="registered" in case)
+        model = Chain(nudge=nudger, conv=model.conv, bn=model.bn)
+    model = prepared(model)
+    if isinstance(model, StatisticsUpdatedElsewhere) and model.other != "F.batch_norm":
+        model.norm.train()
+    example = (image(*shape),) if "Embedding" in case else None  # a Linear folds on 2-D only
+    fused, report = fuse_with_report(model, example)
+    assert_left(report, "bn", because=("runs as written", "in place"))
+    for seed in range(3):
+        x = image(*shape, seed=seed)
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_a_hook_holding_no_tensor_of_a_fold_leaves_it_folded():
+    model = prepared(Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), act=nn.ReLU()))
+    seen: list[torch.Size] = []
+    model.act.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    _, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
+    assert seen, "the hook never ran"
+
+
 # --- rule 2: Linear needs proven 2-D outputs ------------------------------------------------------
 
 

@@ -1,0 +1,142 @@
+"""Tensors that code outside every traced graph may change in place as the fused model runs.
+
+A fold reads a layer's weight and bias and a BatchNorm's statistics and affine once, when fusing.
+What traced code does to them the graph records (``in_place``). Code that runs as written is not
+in any graph, and runs on every call of the fused model: a forward hook nudging a layer's bias
+through a tensor its closure holds, an untraceable module keeping a BN's running mean as an
+attribute and updating it, a BatchNorm in training mode updating the statistics it shares with
+an eval-mode one. The original then computes with new values on every call, and a fold would
+keep the values it read: such a fold is left (README rule 6).
+
+What that code can reach is found from the objects it holds, without reading it: hook functions
+(their closure, defaults, bound object), the attributes of modules whose code is not torch's
+(other than their parameters, buffers and children, and the hook dicts), and what those hold in
+turn (``frozen_reads._references``, 6 deep). Modules reached are not walked: a module's own code
+using a child other than by calling it keeps that child whole (``child_usage``), and the tensors
+of one that runs as written are the fold pass's (``own_tensors_of_running_modules``). torch.nn's
+own layers change their tensors only in training mode (running statistics) or, for an embedding
+with ``max_norm``, its weight. Any tensor reached counts, read or written, and so does a plain
+tensor attribute of a module that is traced (whose code the graph records): what the code does
+with it is not read, and leaving a fold is the error that costs nothing but speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .frozen_reads import _HELD_DEPTH, _HOLD_NO_MODULE, _references
+from .patterns import (
+    batch_norm_module_behaves_as_base,
+    is_batch_norm_module,
+    layer_kind_of_module,
+    own_call_code,
+)
+from .sharing import storage_of
+
+#: What every module keeps in its ``__dict__``: torch's bookkeeping, walked on its own terms.
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def storages_changed_as_it_runs(
+    model: nn.Module, callers_to_copies: dict[int, int]
+) -> dict[int, str]:
+    """Storage (``sharing.storage_of``) of each tensor of ``model`` (the fuser's working copy)
+    that code running as written may change in place, with who may change it.
+
+    ``callers_to_copies`` maps the storages of the caller's tensors to those of the copy's:
+    ``copy.deepcopy`` keeps functions as they are, so a hook in the copy still closes over the
+    caller's tensors, and changes them where the caller's model reads them."""
+    changed: dict[int, str] = {}
+    for path, module in model.named_modules():
+        label = path or "the model"
+        state = vars(module)
+        for name in _HOOK_DICTS:
+            for hook in (state.get(name) or {}).values():
+                _add_reached(hook, f"a hook of {label}", changed, callers_to_copies)
+        torch_layer = _is_torch_layer(module)
+        for tensor, why in _changed_by_torch_code(module, torch_layer):
+            who = f"{label} ({type(module).__name__}, {why})"
+            _add(tensor, who, changed, callers_to_copies)
+        if not (torch_layer or isinstance(module, fx.GraphModule)):
+            # (A GraphModule's code is generated: its graph says what it changes.)
+            for name, value in state.items():
+                if name not in _MODULE_BOOKKEEPING:
+                    _add_reached(value, f"{label}.{name}", changed, callers_to_copies)
+    return changed
+
+
+def own_tensors_of_running_modules(gm: fx.GraphModule) -> dict[int, str]:
+    """Storages of the parameters and buffers registered on the modules ``gm`` calls that run
+    their own code (not torch's, nor that of a conv, linear or BatchNorm the fuser knows as one):
+    that code may change them as it runs. (A hook's reach is ``storages_changed_as_it_runs``';
+    what one does to the module it is handed is not read.)"""
+    changed: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if _runs_known_code(module):
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            _add(tensor, f"{node.target} (which runs as written)", changed, {})
+    return changed
+
+
+def _runs_known_code(module: nn.Module) -> bool:
+    """torch.nn's own layers, and the convs, linears and BatchNorms that run their torch base's
+    code (``Conv3DSimple``, ``FrozenBatchNorm2d``): none changes its tensors in eval mode."""
+    if _is_torch_layer(module):
+        return True
+    if own_call_code(module) is not None:
+        return False
+    if is_batch_norm_module(module):
+        return batch_norm_module_behaves_as_base(module)
+    return layer_kind_of_module(module) is not None
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    """torch.nn's own modules, bar its containers, which run the code of what they hold."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return type(module).__module__.startswith("torch.nn.") and not isinstance(module, containers)
+
+
+def _changed_by_torch_code(
+    module: nn.Module, torch_layer: bool
+) -> Iterator[tuple[torch.Tensor, str]]:
+    """What torch's own code in ``module`` changes in place as it runs: a norm's running
+    statistics in training mode (its subclasses' too), an embedding's weight with ``max_norm``."""
+    if module.training and (torch_layer or isinstance(module, _NormBase)):
+        for buffer in module.buffers(recurse=False):
+            yield buffer, "in training mode"
+    if vars(module).get("max_norm") is not None:
+        for weight in module.parameters(recurse=False):
+            yield weight, "max_norm renormalises it"
+
+
+def _add_reached(value: object, who: str, changed: dict[int, str], mapping: dict[int, int]) -> None:
+    """Add every tensor ``value`` holds (itself included), through anything but modules."""
+    seen: set[int] = set()
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if id(item) in seen or depth > _HELD_DEPTH or isinstance(item, nn.Module):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            _add(item, who, changed, mapping)
+        elif not isinstance(item, _HOLD_NO_MODULE):
+            pending += [(part, depth + 1) for part in _references(item)]
+
+
+def _add(tensor: torch.Tensor, who: str, changed: dict[int, str], mapping: dict[int, int]) -> None:
+    try:
+        storage = storage_of(tensor)
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
+        return
+    if storage is not None:
+        changed.setdefault(mapping.get(storage, storage), who)
