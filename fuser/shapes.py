@@ -45,11 +45,12 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
 
 
 def tensor_attributes(module: nn.Module) -> list[tuple[torch.Tensor, nn.Module, str]]:
-    """Tensors the modules keep as plain attributes, neither parameters nor buffers
+    """Tensors the modules keep as plain attributes, not registered as parameters or buffers
     (``self.scale = torch.ones(1)``), alone or in a list, tuple or dict attribute
-    (``self.history = [torch.zeros(3)]``), each once: code may change them in place as it runs,
-    and FX hands traced code the tensor itself, as it does a buffer. With the module holding each
-    and the attribute's name."""
+    (``self.history = [torch.zeros(3)]``, ``self.weights = [self.conv.weight]``), each once:
+    code may change them in place as it runs, and FX hands traced code the tensor itself, as it
+    does a buffer (a parameter held so too, which its ``.data`` changes without moving its
+    version counter). With the module holding each and the attribute's name."""
     found: dict[int, tuple[torch.Tensor, nn.Module, str]] = {}
     for m in module.modules():
         if isinstance(m, torch.jit.ScriptModule):  # compiled: its attributes are C++ state
@@ -59,7 +60,7 @@ def tensor_attributes(module: nn.Module) -> list[tuple[torch.Tensor, nn.Module, 
                 continue
             values = value.values() if isinstance(value, dict) else value
             for item in values if isinstance(value, (list, tuple, dict)) else (value,):
-                if isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
+                if isinstance(item, torch.Tensor):
                     found.setdefault(id(item), (item, m, name))
     return list(found.values())
 

@@ -543,6 +543,7 @@ class _TensorSnapshot:
             (m, name, kind)
             for tensor in self.changed_buffers()
             for m, name, kind in self.owners[id(tensor)]
+            if kind  # not the module a parameter held as an attribute is registered on
         ]
 
     def restore(self) -> None:
@@ -555,7 +556,7 @@ class _TensorSnapshot:
         moved = [
             f"{type(m).__name__}.{name}"
             for key, (parameter, version) in self.parameters.items()
-            if _version(parameter) != version
+            if _version(parameter) != version and key not in self.buffers  # (put back by value)
             for m, name, _ in self.owners[key]
         ]
         if moved:

@@ -213,6 +213,19 @@ def reverse_channels_on_read(bn):
     name = "weight" if bn.weight is not None else "running_var"
     torch.nn.utils.parametrize.register_parametrization(bn, name, ChannelsReversed())
 ''',
+    "NegatesHeldTensor": '''
+class NegatesHeldTensor(nn.Module):
+    """Holds a tensor as a plain attribute (no parameter, no buffer) and negates it in place on
+    every call. It branches on its input, so FX cannot trace it: its code runs as written."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.__dict__["held"] = tensor
+
+    def forward(self, x):
+        if x.numel() >= 0:  # always, but a branch on the input
+            self.held.data.neg_()
+''',
     "scale_input": '''
 def scale_input(module, args):
     """Forward pre-hook that changes values, so skipping it is visible."""
@@ -452,6 +465,7 @@ def _negated_in_place(op: Op, owner: str | None) -> list[str]:
         "function": [f"torch.neg_({data})  # changed in place around its call"],
         "out": [f"torch.neg({data}, out={data})  # changed in place around its call"],
         "augmented": [f"flipped = {data}", "flipped *= -1  # changed in place around its call"],
+        "held": [f"{owner}_negator(negated_around)  # changed in place around its call"],
     }[form]
 
 
@@ -743,7 +757,15 @@ class _Renderer:
                 init.append(f"self.{attribute} = {_constructor(op)}")
                 owner = "self." + attribute
             flip = _negated_in_place(op, owner)
-            forward += [*flip, f"x = {_call(op, 'x', owner)}", *flip]
+            before = flip
+            if flip and op.changed_in_place[1] == "held":
+                self.helpers.add("NegatesHeldTensor")
+                tensor = op.changed_in_place[0]
+                init.append(f"self.{attribute}_negator = NegatesHeldTensor({owner}.{tensor})")
+                # Handed the op's input (before the call and after), never its output, which
+                # another reader would keep from folding: the negator only branches on it.
+                before = ["negated_around = x", *flip]
+            forward += [*before, f"x = {_call(op, 'x', owner)}", *flip]
             tap = chain.tap
             if tap is not None and tap.after == position:
                 if tap.kind in (ADD, CAT):

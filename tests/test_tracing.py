@@ -786,6 +786,40 @@ def test_a_tensor_kept_as_a_plain_attribute_and_changed_in_place_keeps_changing(
         assert_equivalent(model, fused, sign * image())
 
 
+class NudgesAParameterItKeeps(nn.Module):
+    """Keeps another module's parameter in a list (a plain attribute: FX hands traced code the
+    parameter itself, no proxy) and nudges it through ``.data``, which moves no version counter
+    the parameter has."""
+
+    def __init__(self, parameter: nn.Parameter) -> None:
+        super().__init__()
+        self.kept = [parameter]
+
+    def forward(self, x):
+        self.kept[0].data.add_(0.5)
+        return x
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no inputs", "example_inputs"])
+def test_a_parameter_kept_as_a_plain_attribute_and_nudged_through_data_keeps_being_nudged(
+    with_inputs,
+):
+    # The trace ran the nudge on the fuser's copy, left it there, and recorded none of it: the
+    # fused model started one nudge ahead and never nudged again (1.08 off on the first call and
+    # the third). Its values are now watched like a buffer's and put back: the nudger runs as
+    # written, and the fold, whose bias it holds, is left (run_time_writes).
+    model = nn.Sequential(conv_bn(4), nn.Identity())
+    model[1] = NudgesAParameterItKeeps(model[0][0].bias)
+    model = prepared(model)
+    fused, report = fuse_with_report(model, (image(),) if with_inputs else None)
+
+    assert [module.name for module in report.untraced] == ["1"], report
+    assert "a tensor attribute changed in place" in report.untraced[0].error, report
+    assert not report.folded, report
+    for seed in (1, 2, 3):
+        assert_equivalent(model, fused, image(seed))
+
+
 class CountsThenBranches(CountsInABuffer):
     """Counts in its buffer, then branches on its data: FX cannot trace it at all."""
 

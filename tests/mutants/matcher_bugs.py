@@ -74,6 +74,7 @@ __all__ = [
     "replaced_forward_ignored",
     "state_set_around_setattr_ignored",
     "sync_batch_norm_taken_for_a_subclass",
+    "tensors_held_by_code_running_as_written_ignored",
     "torch_batch_norm_not_recognised",
     "trace_fidelity_unchecked",
     "training_mode_bn_folded",
@@ -571,6 +572,22 @@ def in_place_changes_ignored(model: nn.Module, example_inputs: tuple | None = No
     changed in place (``changed_in_place``). Caught by: fused output matches the original.
     """
     patches = {"fuser.fold_pass.tensors_changed_in_place": lambda gm: {}}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def tensors_held_by_code_running_as_written_ignored(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a fold is made although code that runs as written, in no graph, holds one of its
+    tensors and changes it in place (an untraceable helper negating ``self.conv.bias`` around
+    the call, a hook's object, a training-mode BN sharing the statistics): only what the graph
+    records is read (README rule 6). Needs a tensor changed in place by a helper that holds it
+    (``changed_in_place`` form ``held``). Caught by: fused output matches the original.
+    """
+    patches = {
+        "fuser.fuse.storages_changed_as_it_runs": lambda model, mapping: {},
+        "fuser.fold_pass.own_tensors_of_running_modules": lambda gm: {},
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
