@@ -53,7 +53,6 @@ from .patterns import (
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
-from .run_time_writes import own_tensors_of_running_modules
 from .sharing import storage_of
 
 
@@ -93,8 +92,8 @@ def fold_batch_norms(
     ``under_autocast``: ``gm`` runs inside a module's ``torch.autocast`` region, where its layers
     return the autocast dtype whatever their weights' dtype.
     ``changed_as_it_runs``: the storages that code running as written (not in any graph: hooks,
-    untraced modules, training-mode layers) may change in place, with who may (see
-    ``run_time_writes``); a fold reading one is left.
+    the untraced modules ``gm`` calls, training-mode layers) may change in place, with who may
+    (see ``run_time_writes``); a fold reading one is left.
     """
     changed = changed_as_it_runs or {}
     return _FoldPass(gm, path, shared, private_storages, under_autocast, changed).run()
@@ -116,10 +115,7 @@ class _FoldPass:
         self.path = path
         self.usage = UsageCounts(gm, shared)
         self.changed_in_place = tensors_changed_in_place(gm)  # read before any fold edits
-        self.changed_as_it_runs = {
-            **own_tensors_of_running_modules(gm),
-            **(changed_as_it_runs or {}),
-        }
+        self.changed_as_it_runs = changed_as_it_runs or {}
         self.private_storages = private
         self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
 

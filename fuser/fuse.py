@@ -25,7 +25,7 @@ from .hook_usage import hook_reading_its_module
 from .in_place import tensor_augmented_assignments_as_methods
 from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
-from .run_time_writes import storages_changed_as_it_runs
+from .run_time_writes import storages_changed_as_it_runs, tensors_of_running_modules
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
 from .tracing import (
@@ -237,9 +237,9 @@ class _Fuser:
             self._record_inputs(module)
         self.report.untraced.extend(outcome.untraced)
         under_autocast = self.autocast_regions > 0
-        sites = fold_batch_norms(
-            gm, path, self.shared, self.private, under_autocast, self.changed_as_it_runs
-        )
+        changed = tensors_of_running_modules(gm, outcome.opaque | outcome.kept)
+        changed.update(self.changed_as_it_runs)
+        sites = fold_batch_norms(gm, path, self.shared, self.private, under_autocast, changed)
         self.report.sites.extend(sites)
         if leaves_to_enter:
             self._fuse_inside_leaves(gm, path, outcome)

@@ -13,7 +13,7 @@ What that code can reach is found from the objects it holds, without reading it:
 (other than their parameters, buffers and children, and the hook dicts), and what those hold in
 turn (``frozen_reads._references``, 6 deep). Modules reached are not walked: a module's own code
 using a child other than by calling it keeps that child whole (``child_usage``), and the tensors
-of one that runs as written are the fold pass's (``own_tensors_of_running_modules``). torch.nn's
+of one that runs as written are the fold pass's (``tensors_of_running_modules``). torch.nn's
 own layers change their tensors only in training mode (running statistics) or, for an embedding
 with ``max_norm``, its weight. Any tensor reached counts, read or written, and so does a plain
 tensor attribute of a module that is traced (whose code the graph records): what the code does
@@ -70,21 +70,47 @@ def storages_changed_as_it_runs(
     return changed
 
 
-def own_tensors_of_running_modules(gm: fx.GraphModule) -> dict[int, str]:
-    """Storages of the parameters and buffers registered on the modules ``gm`` calls that run
-    their own code (not torch's, nor that of a conv, linear or BatchNorm the fuser knows as one):
-    that code may change them as it runs. (A hook's reach is ``storages_changed_as_it_runs``';
-    what one does to the module it is handed is not read.)"""
+def tensors_of_running_modules(gm: fx.GraphModule, untraced: set[int]) -> dict[int, str]:
+    """Storages of every tensor the modules ``gm`` calls whose code runs as written (``untraced``,
+    ids: opaque or kept calls; compiled ones) can reach, bar torch's own layers and the convs,
+    linears and BatchNorms the fuser knows as such, which change nothing in eval mode: their parameters
+    and buffers, their children's (a child of such a module may be called in ``gm`` too), and
+    what they hold, modules included (``self.__dict__["other"] = sibling``). Their code may
+    change any of it as it runs, and what it does is not read. (A hook's reach is
+    ``storages_changed_as_it_runs``'; what one does to the module it is handed is not read.)"""
     changed: dict[int, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if _runs_known_code(module):
-            continue
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            _add(tensor, f"{node.target} (which runs as written)", changed, {})
+        compiled = isinstance(module, torch.jit.ScriptModule)
+        if (id(module) in untraced or compiled) and not _runs_known_code(module):
+            for tensor in _tensors_reached_by(module):
+                _add(tensor, f"{node.target} (which runs as written)", changed, {})
     return changed
+
+
+def _tensors_reached_by(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The tensors of ``module`` and of every module it holds or reaches through what it holds
+    (``frozen_reads._references``, up to 6 objects deep between modules)."""
+    seen: set[int] = set()
+    pending: list[tuple[object, int]] = [(module, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, _HOLD_NO_MODULE):
+            continue
+        elif isinstance(item, nn.Module):
+            state = vars(item)
+            parts = [*item._parameters.values(), *item._buffers.values(), *item._modules.values()]
+            parts += [v for name, v in state.items() if name not in _MODULE_BOOKKEEPING]
+            pending += [(part, 0) for part in parts if part is not None]
+        elif depth < _HELD_DEPTH:
+            pending += [(part, depth + 1) for part in _references(item)]
 
 
 def _runs_known_code(module: nn.Module) -> bool:

@@ -4,6 +4,7 @@ model computes what the original does (against a float64 reference)."""
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -634,19 +635,32 @@ class Nudger:
 
 
 class NudgesUntraceably(nn.Module):
-    """Untraceable (a branch on values), and adds to the tensor it holds on every call."""
+    """Untraceable (a branch on values), and adds to a conv's bias on every call, holding the
+    bias or the conv: as a plain attribute (no parameter, buffer or child), or registered (a
+    parameter of its own tied to the conv's, or the conv as its child too)."""
 
-    def __init__(self, tensor: torch.Tensor, registered: bool) -> None:
+    def __init__(self, conv: nn.Conv2d, holds: str) -> None:
         super().__init__()
-        if registered:  # a parameter of its own, tied to the fold's
-            self.register_parameter("tensor", tensor)
+        self.holds_bias = holds.endswith("bias")
+        if holds == "plain bias":
+            self.__dict__["bias"] = conv.bias
+        elif holds == "registered bias":
+            self.register_parameter("bias", conv.bias)
+        elif holds == "plain conv":
+            self.__dict__["conv"] = conv
         else:
-            self.__dict__["tensor"] = tensor  # a plain attribute: no parameter, no buffer
+            self.conv = conv
 
     def forward(self, x):
         if x.sum() > -1e9:
-            self.tensor.data.add_(0.1)
+            bias = self.bias if self.holds_bias else self.conv.bias
+            bias.data.add_(0.1)
         return x
+
+
+def _nudged_by_an_untraceable_module(holds: str) -> nn.Module:
+    conv, bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+    return Chain(nudge=NudgesUntraceably(conv, holds), conv=conv, bn=bn)
 
 
 class StatisticsUpdatedElsewhere(nn.Module):
@@ -691,14 +705,13 @@ def _tied_to_an_embedding_with_max_norm() -> nn.Module:
 
 CHANGED_AS_IT_RUNS = {
     "a hook's object holds the layer bias": (_hooked_by_a_nudger, (2, 3, 4, 4)),
-    "an untraceable module holds the layer bias": (
-        lambda: Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3)),
-        (2, 3, 4, 4),
-    ),
-    "an untraceable module registered the layer bias": (
-        lambda: Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3)),
-        (2, 3, 4, 4),
-    ),
+    **{
+        f"an untraceable module holds the layer ({holds})": (
+            functools.partial(_nudged_by_an_untraceable_module, holds),
+            (2, 3, 4, 4),
+        )
+        for holds in ("plain bias", "registered bias", "plain conv", "child conv")
+    },
     "a training-mode BatchNorm2d shares the running statistics": (
         lambda: StatisticsUpdatedElsewhere("BatchNorm2d"),
         (2, 3, 4, 4),
@@ -725,11 +738,7 @@ def test_a_fold_whose_tensors_code_running_as_written_may_change_is_left(case):
     within three calls 0.27 off (a nudged bias), 0.47 (an embedding renormalising the weight it
     ties), 2.0 to 6.5 (running statistics updated by a training-mode norm)."""
     make, shape = CHANGED_AS_IT_RUNS[case]
-    model = make()
-    if "untraceable" in case:
-        nudger = NudgesUntraceably(model.conv.bias, registered="registered" in case)
-        model = Chain(nudge=nudger, conv=model.conv, bn=model.bn)
-    model = prepared(model)
+    model = prepared(make())
     if isinstance(model, StatisticsUpdatedElsewhere) and model.other != "F.batch_norm":
         model.norm.train()
     example = (image(*shape),) if "Embedding" in case else None  # a Linear folds on 2-D only

@@ -23,6 +23,7 @@ import fuser.child_usage as child_usage
 import fuser.patterns as patterns
 from fuser.fold_math import FoldedLayer, fold_into_input
 from fuser.fold_pass import _FoldPass, _Left
+from fuser.in_place import _updates_statistics
 from fuser.patterns import (
     BatchNormCall,
     LayerCall,
@@ -33,6 +34,7 @@ from fuser.patterns import (
     normalized_args,
     value_users,
 )
+from fuser.run_time_writes import _changed_by_torch_code
 from fuser.shapes import attributes_of, changed_state
 
 from ._patching import Fused, fuse_patched
@@ -229,6 +231,17 @@ def _module_problem_ignoring_training(module: nn.Module) -> str | None:
         module.training = training
 
 
+def _changed_by_torch_code_ignoring_training(module: nn.Module, torch_layer: bool):
+    """What ``run_time_writes`` says torch's code changes, reading a training flag that is
+    always False: a fuser blind to a submodule's training mode is blind to it there too."""
+    training = module.training
+    module.training = False
+    try:
+        return list(_changed_by_torch_code(module, torch_layer))
+    finally:
+        module.training = training
+
+
 def _module_problem_ignoring_hooks(module: nn.Module) -> str | None:
     """The real check, blind to hooks."""
     with mock.patch("fuser.patterns.has_hooks", return_value=False):
@@ -255,7 +268,11 @@ def training_mode_bn_folded(model: nn.Module, example_inputs: tuple | None = Non
     (it normalises with batch statistics) is folded with its running statistics. Needs a
     training-mode BN inside an eval-mode model. Caught by: fused output matches the original.
     """
-    patches = {"fuser.patterns._module_batch_norm_problem": _module_problem_ignoring_training}
+    patches = {
+        "fuser.patterns._module_batch_norm_problem": _module_problem_ignoring_training,
+        # The BN's own statistics, which its training-mode calls update, block a fold there too.
+        "fuser.run_time_writes._changed_by_torch_code": _changed_by_torch_code_ignoring_training,
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
@@ -268,7 +285,15 @@ def functional_training_bn_folded(model: nn.Module, example_inputs: tuple | None
     def problem_ignoring_training(gm: fx.GraphModule, args: dict, label: str) -> str | None:
         return _functional_batch_norm_problem(gm, {**args, "training": False}, label)
 
-    patches = {"fuser.patterns._functional_batch_norm_problem": problem_ignoring_training}
+    def updates_ignoring_training(node: fx.Node, value: fx.Node) -> bool:
+        batch_norm = node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+        return not batch_norm and _updates_statistics(node, value)
+
+    patches = {
+        "fuser.patterns._functional_batch_norm_problem": problem_ignoring_training,
+        # The statistics the call updates, which block its own fold there too (``in_place``).
+        "fuser.in_place._updates_statistics": updates_ignoring_training,
+    }
     return fuse_patched(model, example_inputs, patches)
 
 
@@ -586,7 +611,7 @@ def tensors_held_by_code_running_as_written_ignored(
     """
     patches = {
         "fuser.fuse.storages_changed_as_it_runs": lambda model, mapping: {},
-        "fuser.fold_pass.own_tensors_of_running_modules": lambda gm: {},
+        "fuser.fuse.tensors_of_running_modules": lambda gm, untraced: {},
     }
     return fuse_patched(model, example_inputs, patches)
 
