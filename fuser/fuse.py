@@ -25,7 +25,11 @@ from .hook_usage import hook_reading_its_module
 from .in_place import tensor_augmented_assignments_as_methods
 from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
 from .report import FusionReport, SiteReport, UntracedModule
-from .run_time_writes import storages_changed_as_it_runs, tensors_of_running_modules
+from .run_time_writes import (
+    as_the_copys,
+    storages_changed_as_it_runs,
+    tensors_of_running_modules,
+)
 from .shapes import example_inputs_rejected, propagate_shapes, record_module_inputs
 from .sharing import ModelParts
 from .tracing import (
@@ -78,7 +82,9 @@ def _fuse_with_report(
     report = FusionReport()
     parts = ModelParts.of(working_copy)
     shared = parts.held_twice() | parts.shared_with(callers)
-    changed = storages_changed_as_it_runs(working_copy, parts.storages_copied_from(callers))
+    changed = storages_changed_as_it_runs(working_copy)
+    if changed:  # (matching the caller's tensors to the copy's costs more than finding none)
+        changed = as_the_copys(changed, parts.storages_copied_from(callers))
     fuser = _Fuser(recorded, report, shared, parts.private_storages(callers), changed)
     fused = fuser.fuse_module(working_copy, "")
     report.sites = _numbered_across_graphs(report.sites)

@@ -42,51 +42,57 @@ _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def storages_changed_as_it_runs(
-    model: nn.Module, callers_to_copies: dict[int, int]
-) -> dict[int, str]:
+def storages_changed_as_it_runs(model: nn.Module) -> dict[int, str]:
     """Storage (``sharing.storage_of``) of each tensor of ``model`` (the fuser's working copy)
     that code running as written may change in place, with who may change it.
 
-    ``callers_to_copies`` maps the storages of the caller's tensors to those of the copy's:
-    ``copy.deepcopy`` keeps functions as they are, so a hook in the copy still closes over the
-    caller's tensors, and changes them where the caller's model reads them."""
+    Some may be the caller's tensors' (``copy.deepcopy`` keeps functions as they are, so a hook
+    in the copy still closes over the caller's tensors, and changes them where the caller's model
+    reads them): ``as_the_copys`` names them as the copy's."""
     changed: dict[int, str] = {}
     for path, module in model.named_modules():
         label = path or "the model"
         state = vars(module)
         for name in _HOOK_DICTS:
             for hook in (state.get(name) or {}).values():
-                _add_reached(hook, f"a hook of {label}", changed, callers_to_copies)
+                _add_reached(hook, f"a hook of {label}", changed)
         torch_layer = _is_torch_layer(module)
         for tensor, why in _changed_by_torch_code(module, torch_layer):
             who = f"{label} ({type(module).__name__}, {why})"
-            _add(tensor, who, changed, callers_to_copies)
-        if not (torch_layer or isinstance(module, fx.GraphModule)):
-            # (A GraphModule's code is generated: its graph says what it changes.)
+            _add(tensor, who, changed)
+        if isinstance(module, torch.jit.ScriptModule):  # compiled: its code runs as written
+            for tensor in (*module.parameters(), *module.buffers()):
+                _add(tensor, f"{label} (compiled)", changed)
+        if not (torch_layer or isinstance(module, (fx.GraphModule, torch.jit.ScriptModule))):
+            # (A GraphModule's code is generated: its graph says what it changes. A compiled
+            # module keeps its state in C++.)
             for name, value in state.items():
                 if name not in _MODULE_BOOKKEEPING:
-                    _add_reached(value, f"{label}.{name}", changed, callers_to_copies)
+                    _add_reached(value, f"{label}.{name}", changed)
     return changed
+
+
+def as_the_copys(changed: dict[int, str], callers_to_copies: dict[int, int]) -> dict[int, str]:
+    """``changed`` with each storage of the caller's tensors replaced by that of its copy."""
+    return {callers_to_copies.get(storage, storage): who for storage, who in changed.items()}
 
 
 def tensors_of_running_modules(gm: fx.GraphModule, untraced: set[int]) -> dict[int, str]:
     """Storages of every tensor the modules ``gm`` calls whose code runs as written (``untraced``,
-    ids: opaque or kept calls; compiled ones) can reach, bar torch's own layers and the convs,
-    linears and BatchNorms the fuser knows as such, which change nothing in eval mode: their parameters
-    and buffers, their children's (a child of such a module may be called in ``gm`` too), and
-    what they hold, modules included (``self.__dict__["other"] = sibling``). Their code may
-    change any of it as it runs, and what it does is not read. (A hook's reach is
-    ``storages_changed_as_it_runs``'; what one does to the module it is handed is not read.)"""
+    ids: opaque or kept calls) can reach, bar torch's own layers and the convs, linears and
+    BatchNorms the fuser knows as such, which change nothing in eval mode: their parameters and
+    buffers, their children's (a child of such a module may be called in ``gm`` too), and what
+    they hold, modules included (``self.__dict__["other"] = sibling``). Their code may change
+    any of it as it runs, and what it does is not read. (A hook's reach, and a compiled
+    module's, is ``storages_changed_as_it_runs``'; what a hook does to the module it is handed
+    is not read.)"""
     changed: dict[int, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        compiled = isinstance(module, torch.jit.ScriptModule)
-        if (id(module) in untraced or compiled) and not _runs_known_code(module):
+    if not untraced:
+        return changed
+    for path, module in gm.named_modules():
+        if id(module) in untraced and not _runs_known_code(module):
             for tensor in _tensors_reached_by(module):
-                _add(tensor, f"{node.target} (which runs as written)", changed, {})
+                _add(tensor, f"{path} (which runs as written)", changed)
     return changed
 
 
@@ -144,7 +150,7 @@ def _changed_by_torch_code(
             yield weight, "max_norm renormalises it"
 
 
-def _add_reached(value: object, who: str, changed: dict[int, str], mapping: dict[int, int]) -> None:
+def _add_reached(value: object, who: str, changed: dict[int, str]) -> None:
     """Add every tensor ``value`` holds (itself included), through anything but modules."""
     seen: set[int] = set()
     pending = [(value, 0)]
@@ -154,15 +160,15 @@ def _add_reached(value: object, who: str, changed: dict[int, str], mapping: dict
             continue
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
-            _add(item, who, changed, mapping)
+            _add(item, who, changed)
         elif not isinstance(item, _HOLD_NO_MODULE):
             pending += [(part, depth + 1) for part in _references(item)]
 
 
-def _add(tensor: torch.Tensor, who: str, changed: dict[int, str], mapping: dict[int, int]) -> None:
+def _add(tensor: torch.Tensor, who: str, changed: dict[int, str]) -> None:
     try:
         storage = storage_of(tensor)
     except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
         return
     if storage is not None:
-        changed.setdefault(mapping.get(storage, storage), who)
+        changed.setdefault(storage, who)

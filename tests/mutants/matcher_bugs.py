@@ -610,7 +610,7 @@ def tensors_held_by_code_running_as_written_ignored(
     (``changed_in_place`` form ``held``). Caught by: fused output matches the original.
     """
     patches = {
-        "fuser.fuse.storages_changed_as_it_runs": lambda model, mapping: {},
+        "fuser.fuse.storages_changed_as_it_runs": lambda model: {},
         "fuser.fuse.tensors_of_running_modules": lambda gm, untraced: {},
     }
     return fuse_patched(model, example_inputs, patches)
