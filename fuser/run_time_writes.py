@@ -8,12 +8,16 @@ attribute and updating it, a BatchNorm in training mode updating the statistics 
 an eval-mode one. The original then computes with new values on every call, and a fold would
 keep the values it read: such a fold is left (README rule 6).
 
-What that code can reach is found from the objects it holds, without reading it: hook functions
-(their closure, defaults, bound object), the attributes of modules whose code is not torch's
-(other than their parameters, buffers and children, and the hook dicts), and what those hold in
-turn (``frozen_reads._references``, 6 deep). Modules reached are not walked: a module's own code
-using a child other than by calling it keeps that child whole (``child_usage``), and the tensors
-of one that runs as written are the fold pass's (``tensors_of_running_modules``). torch.nn's
+What that code can reach is found from the objects it holds, mostly without reading it: hook
+functions (their closure, defaults, bound object), the attributes of modules whose code is not
+torch's (other than their parameters, buffers and children, and the hook dicts), and what those
+hold in turn (``frozen_reads._references``, 6 deep). Modules reached are not walked: a module's
+own code using a child other than by calling it keeps that child whole (``child_usage``), and
+what a module that runs as written reaches, modules included, is counted with the graph that
+calls it (``tensors_of_running_modules``). A hook reaching a module (a closure over the model, an
+object holding a layer) counts every tensor of it where the hook's own code names an in-place
+change (``_names_an_in_place_change``): hooks that keep features for a caller, the common kind,
+name none. torch.nn's
 own layers change their tensors only in training mode (running statistics) or, for an embedding
 with ``max_norm``, its weight. Any tensor reached counts, read or written, and so does a plain
 tensor attribute of a module that is traced (whose code the graph records): what the code does
@@ -22,6 +26,8 @@ with it is not read, and leaving a fold is the error that costs nothing but spee
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Iterator
 
 import torch
@@ -55,7 +61,15 @@ def storages_changed_as_it_runs(model: nn.Module) -> dict[int, str]:
         state = vars(module)
         for name in _HOOK_DICTS:
             for hook in (state.get(name) or {}).values():
-                _add_reached(hook, f"a hook of {label}", changed)
+                reached = _add_reached(hook, f"a hook of {label}", changed)
+                if reached and _names_an_in_place_change(hook):
+                    for other in reached:  # its code may change any of their tensors
+                        for tensor in (*other.parameters(), *other.buffers()):
+                            _add(
+                                tensor,
+                                f"a hook of {label}, through {type(other).__name__}",
+                                changed,
+                            )
         torch_layer = _is_torch_layer(module)
         for tensor, why in _changed_by_torch_code(module, torch_layer):
             who = f"{label} ({type(module).__name__}, {why})"
@@ -150,19 +164,47 @@ def _changed_by_torch_code(
             yield weight, "max_norm renormalises it"
 
 
-def _add_reached(value: object, who: str, changed: dict[int, str]) -> None:
-    """Add every tensor ``value`` holds (itself included), through anything but modules."""
+def _add_reached(value: object, who: str, changed: dict[int, str]) -> list[nn.Module]:
+    """Add every tensor ``value`` holds (itself included), through anything but modules; return
+    the modules it reaches, which are not walked."""
     seen: set[int] = set()
+    modules: list[nn.Module] = []
     pending = [(value, 0)]
     while pending:
         item, depth = pending.pop()
-        if id(item) in seen or depth > _HELD_DEPTH or isinstance(item, nn.Module):
+        if id(item) in seen or depth > _HELD_DEPTH:
             continue
         seen.add(id(item))
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, nn.Module):
+            modules.append(item)
+        elif isinstance(item, torch.Tensor):
             _add(item, who, changed)
         elif not isinstance(item, _HOLD_NO_MODULE):
             pending += [(part, depth + 1) for part in _references(item)]
+    return modules
+
+
+def _names_an_in_place_change(function: object) -> bool:
+    """Whether a hook's own code names what changes a tensor in place: a method or function
+    whose name ends in ``_`` (``add_``, ``copy_``, ``torch.neg_``; not ``_private`` nor dunder
+    names) or an ``out=`` argument. Only its own code, nested functions included, is read: code
+    it calls is not (a hook handing a module to a helper that changes it is not seen)."""
+    if isinstance(function, types.MethodType):
+        function = function.__func__
+    if isinstance(function, functools.partial):
+        function = function.func
+    code = getattr(function, "__code__", None) or getattr(type(function).__call__, "__code__", None)
+    pending = [code] if isinstance(code, types.CodeType) else []
+    while pending:
+        code = pending.pop()
+        if any(n.endswith("_") and not n.startswith("_") for n in code.co_names):
+            return True
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                pending.append(constant)
+            elif isinstance(constant, tuple) and "out" in constant:  # keyword names of a call
+                return True
+    return False
 
 
 def _add(tensor: torch.Tensor, who: str, changed: dict[int, str]) -> None:

@@ -625,13 +625,15 @@ def test_a_fold_whose_tensors_the_model_only_reads_still_folds(read):
 
 
 class Nudger:
-    """A plain object whose method adds to the tensor it holds, as a forward hook."""
+    """A plain object whose method adds to the tensor it holds, or to the bias of the layer it
+    holds, as a forward hook."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+    def __init__(self, held: torch.Tensor | nn.Module) -> None:
+        self.held = held
 
     def nudge(self, module, args, output) -> None:
-        self.tensor.data.add_(0.1)
+        tensor = self.held.bias if isinstance(self.held, nn.Module) else self.held
+        tensor.data.add_(0.1)
 
 
 class NudgesUntraceably(nn.Module):
@@ -683,9 +685,10 @@ class StatisticsUpdatedElsewhere(nn.Module):
         return y + self.norm(x)
 
 
-def _hooked_by_a_nudger() -> nn.Module:
+def _hooked_by_a_nudger(holds: str) -> nn.Module:
     model = Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), act=nn.ReLU())
-    model.act.register_forward_hook(Nudger(model.conv.bias).nudge)
+    held = model.conv.bias if holds == "bias" else model.conv
+    model.act.register_forward_hook(Nudger(held).nudge)
     return model
 
 
@@ -704,7 +707,14 @@ def _tied_to_an_embedding_with_max_norm() -> nn.Module:
 
 
 CHANGED_AS_IT_RUNS = {
-    "a hook's object holds the layer bias": (_hooked_by_a_nudger, (2, 3, 4, 4)),
+    "a hook's object holds the layer bias": (
+        functools.partial(_hooked_by_a_nudger, "bias"),
+        (2, 3, 4, 4),
+    ),
+    "a hook's object holds the layer": (
+        functools.partial(_hooked_by_a_nudger, "layer"),
+        (2, 3, 4, 4),
+    ),
     **{
         f"an untraceable module holds the layer ({holds})": (
             functools.partial(_nudged_by_an_untraceable_module, holds),
@@ -749,10 +759,17 @@ def test_a_fold_whose_tensors_code_running_as_written_may_change_is_left(case):
         torch.testing.assert_close(fused(x), model(x))
 
 
-def test_a_hook_holding_no_tensor_of_a_fold_leaves_it_folded():
+@pytest.mark.parametrize("reads_the_model", [False, True], ids=["a list", "the model too"])
+def test_a_hook_changing_no_tensor_of_a_fold_leaves_it_folded(reads_the_model):
+    """A hook holding a list it appends to, or the model too, whose code names no in-place
+    change: the fold is made."""
     model = prepared(Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), act=nn.ReLU()))
-    seen: list[torch.Size] = []
-    model.act.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    seen: list[object] = []
+
+    def record(module, args, output):
+        seen.append((output.shape, model.conv.out_channels) if reads_the_model else output.shape)
+
+    model.act.register_forward_hook(record)
     _, report = fused_and_checked(model, image(2, 3, 4, 4))
     assert_folded(report, "bn", side=OUTPUT_SIDE, into="conv")
     assert seen, "the hook never ran"
