@@ -7,6 +7,8 @@ against the fuser under test (soundness and completeness), whatever the Hypothes
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from strategies.spec import Act, Chain, Flatten, Layer, NetSpec, Norm, Tap, TwoCalls
 
 __all__ = [
@@ -32,6 +34,19 @@ CONV_1X1 = Layer(
     kernel_size=(1, 1),
     stride=(1, 1),
     padding=(0, 0),
+    dilation=(1, 1),
+)
+
+#: A 3-in, 3-out 3x3 conv padded to keep the size.
+_CONV_3X3_PADDED = Layer(
+    kind="conv",
+    spatial_dims=2,
+    input_ndim=4,
+    in_channels=3,
+    out_channels=3,
+    kernel_size=(3, 3),
+    stride=(1, 1),
+    padding=(1, 1),
     dilation=(1, 1),
 )
 
@@ -2185,30 +2200,10 @@ PINNED: dict[str, NetSpec] = {
             Chain(
                 ops=(
                     Norm(input_ndim=4, num_features=3, affine=False, defect="parametrized"),
-                    Layer(
-                        kind="conv",
-                        spatial_dims=2,
-                        input_ndim=4,
-                        in_channels=3,
-                        out_channels=3,
-                        kernel_size=(1, 1),
-                        stride=(1, 1),
-                        padding=(0, 0),
-                        dilation=(1, 1),
-                    ),
+                    replace(_CONV_3X3_PADDED, kernel_size=(1, 1), padding=(0, 0)),
                     Norm(input_ndim=4, num_features=3, defect="parametrized"),
                     Act(kind="relu"),
-                    Layer(
-                        kind="conv",
-                        spatial_dims=2,
-                        input_ndim=4,
-                        in_channels=3,
-                        out_channels=3,
-                        kernel_size=(3, 3),
-                        stride=(1, 1),
-                        padding=(1, 1),
-                        dilation=(1, 1),
-                    ),
+                    _CONV_3X3_PADDED,
                     Norm(
                         input_ndim=4,
                         num_features=3,
@@ -2228,18 +2223,7 @@ PINNED: dict[str, NetSpec] = {
         blocks=(
             Chain(
                 ops=(
-                    Layer(
-                        kind="conv",
-                        spatial_dims=2,
-                        input_ndim=4,
-                        in_channels=3,
-                        out_channels=3,
-                        kernel_size=(3, 3),
-                        stride=(1, 1),
-                        padding=(1, 1),
-                        dilation=(1, 1),
-                        changed_in_place=("bias", "held"),
-                    ),
+                    replace(_CONV_3X3_PADDED, changed_in_place=("bias", "held")),
                     Norm(input_ndim=4, num_features=3),
                 ),
                 packaging="wrapper",
