@@ -759,6 +759,22 @@ def test_a_fold_whose_tensors_code_running_as_written_may_change_is_left(case):
         torch.testing.assert_close(fused(x), model(x))
 
 
+def test_a_hook_closing_over_the_callers_tensor_leaves_the_fold_of_its_copy():
+    """``copy.deepcopy`` keeps functions as they are: the fused model's hook still closes over
+    the caller's bias and changes it, so the fold into the copy's conv must be left too (the
+    caller's tensors are matched to the copy's). The two models cannot agree over calls here
+    whatever a fuser does, as with any deep copy of this model, so only the report is checked."""
+    model = prepared(Chain(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), act=nn.ReLU()))
+    bias = model.conv.bias
+
+    def nudge(module, args, output):
+        bias.data.add_(0.1)
+
+    model.act.register_forward_hook(nudge)
+    _, report = fuse_with_report(model)
+    assert_left(report, "bn", because=("a hook of act",))
+
+
 @pytest.mark.parametrize("reads_the_model", [False, True], ids=["a list", "the model too"])
 def test_a_hook_changing_no_tensor_of_a_fold_leaves_it_folded(reads_the_model):
     """A hook holding a list it appends to, or the model too, whose code names no in-place
