@@ -714,6 +714,11 @@ def trace_with_opaque_submodules(
             if isinstance(error, AutocastInForward):
                 outcome.autocast.add(id(module))
         else:
+            optional = _optional_argument_used(outcome.graph_module)
+            if optional is not None:
+                outcome.graph_module, outcome.error = None, optional
+                outcome.untraced = _qualified(untraced, path)
+                return outcome
             running = _running_as_written(outcome.graph_module, outcome.opaque, kept)
             traced = {id(module), *tracer.entered}
             readers = frozen_state_readers(module, traced, running)
@@ -725,7 +730,23 @@ def trace_with_opaque_submodules(
                     outcome.opaque.add(id(reader))
                     untraced.append((tracer.path_of_module(reader), frozen[id(reader)]))
                 continue
-        outcome.untraced = [
-            UntracedModule(f"{path}.{name}" if path else name, reason) for name, reason in untraced
-        ]
+        outcome.untraced = _qualified(untraced, path)
         return outcome
+
+
+def _qualified(untraced: list[tuple[str, str]], path: str) -> list[UntracedModule]:
+    return [UntracedModule(f"{path}.{name}" if path else name, why) for name, why in untraced]
+
+
+def _optional_argument_used(gm: fx.GraphModule) -> str | None:
+    """Why the trace cannot stand for ``forward``: an argument defaulting to None that the graph
+    uses. FX hands ``forward`` a proxy for it, which ``is not None``, so code branching on it
+    (``if mask is not None: y = y * mask``) is traced as if it were always given, and the graph
+    fails, or computes something else, when it is left out as the code allows."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.args == (None,) and node.users:
+            return (
+                f"OptionalArgument: its forward's argument {node.target!r} defaults to None, and "
+                "a trace takes it as given (code checking `is None` is traced one way only)"
+            )
+    return None

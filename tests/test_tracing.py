@@ -2365,3 +2365,50 @@ def test_code_another_module_reaches_through_a_traced_block_is_followed(make, tr
     # only calls the block's children, stays traced. (The stem is only called: fused either way.)
     model, fused = _fused_reader(make, traced, "FrozenStateRead: its code reaches self.block")
     assert len(fused.block.child.seen) == len(model.block.child.seen) == 3
+
+
+class ShiftedWhenGiven(nn.Module):
+    """A conv/BN block, then a root whose forward adds an optional shift when one is given, as
+    ``forward(x, mask=None)`` code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(4)
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, shift=None):
+        y = self.bn(self.conv(self.block(x)))
+        if shift is not None:
+            y = y + shift
+        return y
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no inputs", "example_inputs"])
+def test_a_forward_branching_on_an_optional_argument_runs_as_written(with_inputs):
+    # FX hands forward a proxy for ``shift``, which is not None, so the trace took the shift as
+    # always given: fused without example inputs, the model raised TypeError (tensor + None) on
+    # the call that leaves it out. Now the root runs as written, and its block is fused alone.
+    model = prepared(ShiftedWhenGiven())
+    fused, report = fuse_with_report(model, (image(),) if with_inputs else None)
+
+    assert [module.name for module in report.untraced] == ["<model>"], report
+    assert "OptionalArgument" in report.untraced[0].error, report
+    assert {site.bn for site in report.folded} == {"block.1"}, report
+    assert_equivalent(model, fused, image())
+    shift = torch.full((1, 4, 1, 1), 0.5)
+    torch.testing.assert_close(fused(image(), shift), model(image(), shift))
+
+
+def test_an_optional_argument_the_graph_never_uses_leaves_the_model_traced():
+    class IgnoresIt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = conv_bn(4)
+
+        def forward(self, x, unused=None):
+            return self.block(x)
+
+    model = prepared(IgnoresIt())
+    fused, report = fuse_with_report(model)
+    assert report.untraced == [] and {site.bn for site in report.folded} == {"block.1"}, report
+    assert_equivalent(model, fused, image())
