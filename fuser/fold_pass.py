@@ -53,6 +53,7 @@ from .patterns import (
     value_users,
 )
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
+from .run_time_writes import who_may_change
 from .sharing import storage_of
 
 
@@ -426,10 +427,7 @@ class _FoldPass:
     def _changed_as_it_runs(self, tensor: torch.Tensor | None) -> str | None:
         if tensor is None or not self.changed_as_it_runs:
             return None
-        try:
-            return self.changed_as_it_runs.get(storage_of(tensor))
-        except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
-            return None
+        return who_may_change(self.changed_as_it_runs, tensor)
 
     def _original_name(self, target: str) -> str:
         return self.copied_from.get(target, target)

@@ -36,6 +36,7 @@ from .patterns import (
     TORCH_BATCH_NORM_ARGS,
     fetch_attr,
     has_hooks,
+    normalized_args,
     own_call_code,
     submodule,
 )
@@ -144,8 +145,8 @@ def _updates_statistics(node: fx.Node, value: fx.Node) -> bool:
     if entry is None:
         return False
     names, flag, default = entry
-    args = dict(zip(names, node.args, strict=False)) | node.kwargs
-    if args.get(flag, default) is False or args.get("momentum") == 0:
+    args = normalized_args(node, names, {flag: default})
+    if args[flag] is False or args.get("momentum") == 0:
         return False
     return value is args.get("running_mean") or value is args.get("running_var")
 

@@ -41,10 +41,9 @@ from .patterns import (
     layer_kind_of_module,
     own_call_code,
 )
+from .shapes import _MODULE_INTERNALS
 from .sharing import storage_of
 
-#: What every module keeps in its ``__dict__``: torch's bookkeeping, walked on its own terms.
-_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
@@ -61,7 +60,9 @@ def storages_changed_as_it_runs(model: nn.Module) -> dict[int, str]:
         state = vars(module)
         for name in _HOOK_DICTS:
             for hook in (state.get(name) or {}).values():
-                reached = _add_reached(hook, f"a hook of {label}", changed)
+                tensors, reached = _reached(hook, into_modules=False)
+                for tensor in tensors:
+                    _add(tensor, f"a hook of {label}", changed)
                 if reached and _names_an_in_place_change(hook):
                     for other in reached:  # its code may change any of their tensors
                         for tensor in (*other.parameters(), *other.buffers()):
@@ -81,8 +82,9 @@ def storages_changed_as_it_runs(model: nn.Module) -> dict[int, str]:
             # (A GraphModule's code is generated: its graph says what it changes. A compiled
             # module keeps its state in C++.)
             for name, value in state.items():
-                if name not in _MODULE_BOOKKEEPING:
-                    _add_reached(value, f"{label}.{name}", changed)
+                if name not in _MODULE_INTERNALS:
+                    for tensor in _reached(value, into_modules=False)[0]:
+                        _add(tensor, f"{label}.{name}", changed)
     return changed
 
 
@@ -105,32 +107,9 @@ def tensors_of_running_modules(gm: fx.GraphModule, untraced: set[int]) -> dict[i
         return changed
     for path, module in gm.named_modules():
         if id(module) in untraced and not _runs_known_code(module):
-            for tensor in _tensors_reached_by(module):
+            for tensor in _reached(module, into_modules=True)[0]:
                 _add(tensor, f"{path} (which runs as written)", changed)
     return changed
-
-
-def _tensors_reached_by(module: nn.Module) -> Iterator[torch.Tensor]:
-    """The tensors of ``module`` and of every module it holds or reaches through what it holds
-    (``frozen_reads._references``, up to 6 objects deep between modules)."""
-    seen: set[int] = set()
-    pending: list[tuple[object, int]] = [(module, 0)]
-    while pending:
-        item, depth = pending.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            yield item
-        elif isinstance(item, _HOLD_NO_MODULE):
-            continue
-        elif isinstance(item, nn.Module):
-            state = vars(item)
-            parts = [*item._parameters.values(), *item._buffers.values(), *item._modules.values()]
-            parts += [v for name, v in state.items() if name not in _MODULE_BOOKKEEPING]
-            pending += [(part, 0) for part in parts if part is not None]
-        elif depth < _HELD_DEPTH:
-            pending += [(part, depth + 1) for part in _references(item)]
 
 
 def _runs_known_code(module: nn.Module) -> bool:
@@ -164,24 +143,35 @@ def _changed_by_torch_code(
             yield weight, "max_norm renormalises it"
 
 
-def _add_reached(value: object, who: str, changed: dict[int, str]) -> list[nn.Module]:
-    """Add every tensor ``value`` holds (itself included), through anything but modules; return
-    the modules it reaches, which are not walked."""
+def _reached(value: object, into_modules: bool) -> tuple[list[torch.Tensor], list[nn.Module]]:
+    """The tensors ``value`` holds (itself included) through what it holds
+    (``frozen_reads._references``, 6 deep), and the modules it reaches: walked into when
+    ``into_modules`` (their parameters, buffers, children and attributes, each a fresh 6 deep),
+    else not."""
     seen: set[int] = set()
+    tensors: list[torch.Tensor] = []
     modules: list[nn.Module] = []
-    pending = [(value, 0)]
+    pending: list[tuple[object, int]] = [(value, 0)]
     while pending:
         item, depth = pending.pop()
         if id(item) in seen or depth > _HELD_DEPTH:
             continue
         seen.add(id(item))
-        if isinstance(item, nn.Module):
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif isinstance(item, nn.Module):
             modules.append(item)
-        elif isinstance(item, torch.Tensor):
-            _add(item, who, changed)
+            if into_modules:
+                parts = [*item._parameters.values(), *item._buffers.values()]
+                parts += [*item._modules.values(), *_plain_attributes(item)]
+                pending += [(part, 0) for part in parts]
         elif not isinstance(item, _HOLD_NO_MODULE):
             pending += [(part, depth + 1) for part in _references(item)]
-    return modules
+    return tensors, modules
+
+
+def _plain_attributes(module: nn.Module) -> list[object]:
+    return [value for name, value in vars(module).items() if name not in _MODULE_INTERNALS]
 
 
 def _names_an_in_place_change(function: object) -> bool:
@@ -207,10 +197,20 @@ def _names_an_in_place_change(function: object) -> bool:
     return False
 
 
+def who_may_change(changed: dict[int, str], tensor: torch.Tensor) -> str | None:
+    """Who may change ``tensor`` as the model runs, by ``changed`` (storages), or None."""
+    storage = _storage(tensor)
+    return None if storage is None else changed.get(storage)
+
+
 def _add(tensor: torch.Tensor, who: str, changed: dict[int, str]) -> None:
-    try:
-        storage = storage_of(tensor)
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
-        return
+    storage = _storage(tensor)
     if storage is not None:
         changed.setdefault(storage, who)
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    try:
+        return storage_of(tensor)
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage to read
+        return None

@@ -221,25 +221,27 @@ _module_batch_norm_problem = patterns._module_batch_norm_problem
 _functional_batch_norm_problem = patterns._functional_batch_norm_problem
 
 
-def _module_problem_ignoring_training(module: nn.Module) -> str | None:
-    """The real check, reading a training flag that is always False."""
+@contextlib.contextmanager
+def _training_flag_read_as_false(module: nn.Module) -> Iterator[None]:
     training = module.training
     module.training = False
     try:
-        return _module_batch_norm_problem(module)
+        yield
     finally:
         module.training = training
+
+
+def _module_problem_ignoring_training(module: nn.Module) -> str | None:
+    """The real check, reading a training flag that is always False."""
+    with _training_flag_read_as_false(module):
+        return _module_batch_norm_problem(module)
 
 
 def _changed_by_torch_code_ignoring_training(module: nn.Module, torch_layer: bool):
     """What ``run_time_writes`` says torch's code changes, reading a training flag that is
     always False: a fuser blind to a submodule's training mode is blind to it there too."""
-    training = module.training
-    module.training = False
-    try:
+    with _training_flag_read_as_false(module):
         return list(_changed_by_torch_code(module, torch_layer))
-    finally:
-        module.training = training
 
 
 def _module_problem_ignoring_hooks(module: nn.Module) -> str | None:
