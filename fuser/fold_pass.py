@@ -9,6 +9,7 @@ tensors are looked up live from the GraphModule after every edit, never from a t
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,6 +56,18 @@ from .patterns import (
 from .report import INPUT_SIDE, OUTPUT_SIDE, SiteReport
 from .run_time_writes import who_may_change
 from .sharing import storage_of
+
+
+def _is_rank_guard(user: fx.Node, rank: int) -> bool:
+    """Is ``user`` the ``dim`` read of a ``_guard_rank`` check for ``rank``?"""
+    if user.op != "call_method" or user.target != "dim" or len(user.users) != 1:
+        return False
+    (same,) = user.users
+    return (
+        same.target is operator.eq
+        and same.args == (user, rank)
+        and any(check.target is torch._assert for check in same.users)
+    )
 
 
 class _Left(Exception):
@@ -214,7 +227,7 @@ class _FoldPass:
             raise _Left(f"the layer's output is also read by {', '.join(others)}")
         if layer.out_channels != call.channels:
             raise _Left(f"{layer.out_channels} layer channels vs {call.channels} BN channels")
-        self._check_rank(layer, producer)
+        guarded = self._needs_rank_guard(layer, call, producer)
         if call.promotes:
             self._check_output_dtype_kept(layer, call)
         self._check_values(layer, call)
@@ -224,6 +237,9 @@ class _FoldPass:
         )
         into = self._write_layer(layer, folded)
         self._remove_batch_norm(call, replacement=producer)
+        if guarded:
+            what = f"the output of layer {into!r}"
+            self._guard_rank(producer, layer.batched_rank, producer.next, call, what)
         return into
 
     def _fold_input_side(self, call: BatchNormCall) -> str:
@@ -244,7 +260,7 @@ class _FoldPass:
             )
         if layer.in_channels != call.channels:
             raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")
-        self._check_rank(layer, call.node)
+        guarded = self._needs_rank_guard(layer, call, call.node)
         if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not call.node):
             raise _Left(f"{label(consumer)} reads other graph values, so it cannot move to the BN")
         self._check_values(layer, call)
@@ -255,6 +271,9 @@ class _FoldPass:
         into = self._write_layer(layer, folded)
         self._move_to_just_after(call.node, consumer)
         self._remove_batch_norm(call, replacement=call.input)
+        if guarded:
+            what = f"the input of layer {into!r}"
+            self._guard_rank(call.input, layer.batched_rank, consumer, call, what)
         return into
 
     @staticmethod
@@ -335,16 +354,56 @@ class _FoldPass:
             )
 
     @staticmethod
-    def _check_rank(layer: LayerCall, value: fx.Node) -> None:
-        """BN normalises dimension 1: it must be the layer's channel (or feature) dimension."""
-        rank = known_rank(value)
+    def _needs_rank_guard(layer: LayerCall, call: BatchNormCall, value: fx.Node) -> bool:
+        """BN normalises dimension 1: it must be the layer's channel (or feature) dimension.
+
+        The fold is left where shape propagation shows it is not, or where the BN refuses the
+        layer's batched rank (a BatchNorm2d after a Conv3d runs only on its unbatched output).
+        True when the fold stays exact only while the layer runs batched because the BN also
+        runs on another rank the layer can take: a Conv1d's unbatched ``(C, L)`` output reaches a
+        BatchNorm1d as ``(N, C)`` and is normalised along L, and a functional batch norm takes any
+        rank. The fused graph then checks the rank on every call (``_guard_rank``)."""
+        rank, batched = known_rank(value), layer.batched_rank
         if layer.kind == "linear":
             if rank is None:
                 raise _Left("a Linear folds only when its input is proven 2-D: pass example_inputs")
             if rank != 2:
                 raise _Left(f"the Linear runs on a {rank}-D tensor; BN normalises another axis")
-        elif rank is not None and rank != layer.batched_rank:
+        elif rank is not None and rank != batched:
             raise _Left(f"the convolution runs unbatched ({rank}-D), so channels are not dim 1")
+        accepted = call.accepted_ranks
+        if accepted is None:
+            return True
+        if batched not in accepted:
+            ranks = " or ".join(f"{r}-D" for r in sorted(accepted))
+            raise _Left(
+                f"the BN takes only {ranks} input and the layer's batched one is {batched}-D: "
+                "it runs on unbatched input, whose dim 1 is not the channel axis"
+            )
+        if layer.kind == "linear":  # a Linear runs on any rank
+            return any(r != batched for r in accepted)
+        return batched - 1 in accepted  # a convolution runs batched or unbatched
+
+    def _guard_rank(
+        self, value: fx.Node, rank: int, before: fx.Node, call: BatchNormCall, what: str
+    ) -> None:
+        """Make the fused graph raise, before ``before`` runs, when ``value`` (``what``: the
+        folded layer's input or output) is not ``rank``-D: the fold of ``call`` is exact only at
+        that rank (``_needs_rank_guard``), and an error is better than a wrong result. Three
+        cheap nodes (``dim``, ``==``, ``torch._assert``), a metadata read that no fold counts as
+        a use of the value; one check per value and rank."""
+        if any(_is_rank_guard(user, rank) for user in value.users):
+            return
+        message = (
+            f"fused model: BatchNorm {self._qualify(call.name)} was folded on the assumption "
+            f"that {what} is {rank}-D, with its channels on dim 1; this call makes it another "
+            "rank (an unbatched input?), where the BatchNorm would normalise another axis. "
+            "Fuse with example_inputs of the rank you call it with to keep that BatchNorm."
+        )
+        with self.graph.inserting_before(before):
+            dims = self.graph.call_method("dim", (value,))
+            same = self.graph.call_function(operator.eq, (dims, rank))
+            self.graph.call_function(torch._assert, (same, message))
 
     @staticmethod
     def _scale_shift(call: BatchNormCall) -> tuple[torch.Tensor, torch.Tensor]:

@@ -300,6 +300,9 @@ class BatchNormCall:
     # FrozenBatchNorm2d computes ``x * scale + shift`` from its buffers: its output takes the
     # dtype they promote its input to, where a BatchNorm's output keeps its input's dtype.
     promotes: bool = False
+    # The input ranks the BN runs on (a BatchNorm2d module checks for 4-D input); None for any
+    # rank (a functional call, SyncBatchNorm, FrozenBatchNorm2d, an unknown check).
+    accepted_ranks: frozenset[int] | None = None
 
     @property
     def channels(self) -> int | None:
@@ -358,6 +361,7 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
             call.running_mean, call.running_var = module.running_mean, module.running_var
             call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
         call.promotes = is_frozen_batch_norm(module)
+        call.accepted_ranks = _ranks_accepted(module)
         return call
     if node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS:
         names, defaults, label = FUNCTIONAL_BATCH_NORMS[node.target]
@@ -372,6 +376,26 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
             call.weight, call.bias = _constant(gm, args["weight"]), _constant(gm, args["bias"])
             call.eps = float(args["eps"])
         return call
+    return None
+
+
+#: The input ranks torch's BatchNorm modules check for before they normalise dimension 1.
+_RANK_CHECKS = (
+    (nn.BatchNorm1d._check_input_dim, frozenset({2, 3})),
+    (nn.BatchNorm2d._check_input_dim, frozenset({4})),
+    (nn.BatchNorm3d._check_input_dim, frozenset({5})),
+)
+
+
+def _ranks_accepted(module: nn.Module) -> frozenset[int] | None:
+    """The input ranks a BN module runs on, when its rank check is one of torch's own; None
+    (any rank) for any other check, or one set on the instance."""
+    if "_check_input_dim" in vars(module):
+        return None
+    check = getattr(type(module), "_check_input_dim", None)
+    for known, ranks in _RANK_CHECKS:
+        if check is known:
+            return ranks
     return None
 
 

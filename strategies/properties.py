@@ -9,7 +9,8 @@ the spec literal to pin it as a regression.
 Soundness (any correct fuser, whatever it folds): ``fused_matches_original``,
 ``input_model_untouched``, ``output_signature_preserved``, ``idempotent``,
 ``survives_copy_and_save``, ``training_model_refused_or_equivalent``,
-``global_hooks_refused_or_honoured``, and, on pinned networks
+``global_hooks_refused_or_honoured``, ``other_rank_refused_or_honoured`` (on the networks
+of ``strategies/two_ranks.py``), and, on pinned networks
 only, ``scripts_where_the_original_does``. Completeness (folds everything the README promises):
 ``no_foldable_batchnorm_remains``, ``report_agrees_with_oracle``, ``no_dead_state``.
 """
@@ -45,6 +46,7 @@ from strategies.tolerance import (
     fresh_copies,
     measure_reference,
 )
+from strategies.two_ranks import other_rank_inputs
 
 RUNNING_MEAN = ".running_mean"
 _networks_checked = 0
@@ -297,6 +299,28 @@ def _check_counts_calls(trial: Trial, prop: str) -> None:
                 "the original counts one"
             )
             raise trial.violation(prop, detail)
+
+
+def check_other_rank_refused_or_honoured(trial: Trial) -> None:
+    """Called on the network's input at another rank (``strategies/two_ranks.py``: unbatched,
+    or a Linear's 3-D input), which the original runs on too, the fused model returns what the
+    original does, within the tolerance rule, or raises: a fold is exact only where the BN
+    normalises the layer's channels, and refusing the other rank is no wrong result."""
+    prop = "other_rank_refused_or_honoured"
+    fused = trial.require_fused(prop)
+    other = other_rank_inputs(trial.spec, trial.inputs)
+    reference = measure_reference(trial.model, other, trial.spec.seed)
+    try:
+        output = evaluate(fused, other)[0]
+    except Exception:
+        return
+    when = f"called on a {other[0].ndim}-D input of shape {tuple(other[0].shape)}: "
+    detail = _kind_difference(output, reference.original_output)
+    if detail is None:
+        comparison = reference.compare(output)
+        detail = None if comparison.ok else comparison.describe()
+    if detail is not None:
+        raise trial.violation(prop, when + detail, trial.suspects())
 
 
 def check_input_model_untouched(trial: Trial) -> None:

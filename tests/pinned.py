@@ -14,6 +14,7 @@ from strategies.spec import Act, Chain, Flatten, Layer, NetSpec, Norm, Tap, TwoC
 __all__ = [
     "PINNED",
     "SOUNDNESS_ONLY",
+    "TWO_RANKS",
     "Act",
     "Chain",
     "Flatten",
@@ -2230,7 +2231,63 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # Fused without example inputs, the conv takes both BatchNorm1d folds (input side, output
+    # side) and the fused model, called on an unbatched (3, 3) input, on which each BatchNorm1d
+    # normalises the length axis, returned the conv's channels scaled instead (the rank check,
+    # ``other_rank_refused_or_honoured``; ``TWO_RANKS``).
+    "unbatched_call_through_a_conv1d_between_two_batchnorm1d": NetSpec(
+        input_shape=(2, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Norm(input_ndim=3, num_features=3),
+                    Layer(
+                        kind="conv",
+                        spatial_dims=1,
+                        input_ndim=3,
+                        in_channels=3,
+                        out_channels=3,
+                        kernel_size=(1,),
+                        stride=(1,),
+                        padding=(0,),
+                        dilation=(1,),
+                    ),
+                    Norm(input_ndim=3, num_features=3),
+                ),
+            ),
+        ),
+        example_inputs=False,
+    ),
+    # Fused with 2-D example inputs, then called on a 3-D (N, 2, 2) one, on which the batch norm
+    # normalises dim 1 and not the Linear's features (shrunk by Hypothesis).
+    "linear_called_on_3d_inputs_after_2d_examples": NetSpec(
+        input_shape=(2, 2),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=2,
+                        out_channels=2,
+                        bias=False,
+                    ),
+                    Norm(input_ndim=2, num_features=2, affine=False, eps=1.0, style="functional"),
+                ),
+            ),
+        ),
+    ),
 }
+
+#: Pinned networks the original also runs at another rank (``strategies/two_ranks.py``): their
+#: soundness test also checks ``other_rank_refused_or_honoured``.
+TWO_RANKS = frozenset(
+    {
+        "unbatched_call_through_a_conv1d_between_two_batchnorm1d",
+        "linear_called_on_3d_inputs_after_2d_examples",
+    }
+)
 
 SOUNDNESS_ONLY = frozenset(
     {

@@ -33,6 +33,7 @@ from strategies.properties import (
     check_input_model_untouched,
     check_no_dead_state,
     check_no_foldable_batchnorm_remains,
+    check_other_rank_refused_or_honoured,
     check_output_signature_preserved,
     check_report_agrees_with_oracle,
     check_scripts_where_the_original_does,
@@ -41,8 +42,9 @@ from strategies.properties import (
     run_trial,
 )
 from strategies.snapshot import shared_memory
+from strategies.two_ranks import two_rank_specs
 from tests.compat import cpu_runs_float16, requires_cpu_float16
-from tests.pinned import PINNED, SOUNDNESS_ONLY
+from tests.pinned import PINNED, SOUNDNESS_ONLY, TWO_RANKS
 
 REQUIRES_CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -58,6 +60,9 @@ COMPLETENESS_SPECS = net_specs(dtypes=("float32", "float64", "bfloat16"))
 # Networks whose top level runs as written (``NetSpec.root_untraced``), a kind the default
 # strategy leaves out (it takes most folds with it); every property, in two tests by marker.
 UNTRACED_ROOT_SPECS = net_specs(dtypes=("float32", "float64", "bfloat16"), untraced_root=True)
+# Networks the original runs at two ranks (``strategies/two_ranks.py``), the second never drawn
+# by the default strategy.
+TWO_RANK_SPECS = two_rank_specs()
 
 
 def trial_on(device: str, spec: NetSpec, fuser: FuserUnderTest, with_report: bool = False) -> Trial:
@@ -187,6 +192,29 @@ def test_a_model_whose_top_level_runs_as_written_is_fused_completely(
         check(trial)
 
 
+@pytest.mark.soundness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=TWO_RANK_SPECS)
+def test_a_model_run_at_two_ranks_is_fused_soundly_at_both(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    trial = trial_on(device, spec, fuser_under_test)
+    for check in SOUNDNESS_TRIAL_CHECKS:
+        check(trial)
+    check_other_rank_refused_or_honoured(trial)
+
+
+@pytest.mark.completeness
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=TWO_RANK_SPECS)
+def test_a_model_run_at_two_ranks_is_fused_completely(
+    fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
+) -> None:
+    trial = trial_on(device, spec, fuser_under_test, with_report=True)
+    for check in COMPLETENESS_TRIAL_CHECKS:
+        check(trial)
+
+
 def _pinned_cases(completeness: bool = False) -> list:
     """Every pinned network (for completeness, those the oracle can judge); CUDA ones run where a
     GPU is present, float16 ones where this torch has CPU float16 kernels."""
@@ -212,6 +240,8 @@ def test_pinned_network_is_fused_soundly(fuser_under_test: FuserUnderTest, name:
     trial = run_trial(spec, fuser_under_test)
     for check in SOUNDNESS_TRIAL_CHECKS:
         check(trial)
+    if name in TWO_RANKS:
+        check_other_rank_refused_or_honoured(trial)
     check_training_model_refused_or_equivalent(spec, fuser_under_test, built=trial)
 
 

@@ -833,6 +833,102 @@ def test_unbatched_conv1d_then_batchnorm1d_is_left_given_example_inputs():
     assert not report.site("bn").folded, report
 
 
+#: Folds whose BatchNorm also runs on a rank the layer can take other than its batched one, each
+#: with an input of each rank on which the original runs: (model, batched input, other input,
+#: the BN's report name). The other input (an unbatched one, or a Linear's 3-D one) makes the BN
+#: normalise an axis that is not the layer's channels, so the fold is exact only on the first.
+OTHER_RANK_RUNS_TOO = {
+    "conv1d -> BatchNorm1d": (
+        lambda: Chain(conv=nn.Conv1d(4, 5, 1), bn=nn.BatchNorm1d(5)),
+        (2, 4, 5),
+        (4, 5),  # the conv's (5, 5) output is read by BN1d as (N=5, C=5): it normalises L
+        "bn",
+    ),
+    "conv_transpose1d -> BatchNorm1d": (
+        lambda: Chain(conv=nn.ConvTranspose1d(4, 5, 1), bn=nn.BatchNorm1d(5)),
+        (2, 4, 5),
+        (4, 5),
+        "bn",
+    ),
+    "F.conv2d -> F.batch_norm": (FunctionalConvBatchNorm, (2, 3, 4, 5), (3, 4, 5), "bn_mean"),
+    "conv2d -> SyncBatchNorm": (
+        lambda: Chain(conv=nn.Conv2d(3, 4, 1), bn=nn.SyncBatchNorm(4)),
+        (2, 3, 4, 5),
+        (3, 4, 5),
+        "bn",
+    ),
+    "conv2d -> FrozenBatchNorm2d": (  # unbatched, its broadcast adds a batch dimension
+        lambda: Chain(conv=nn.Conv2d(3, 4, 1), bn=FrozenBatchNorm2d(4)),
+        (2, 3, 4, 5),
+        (3, 4, 5),
+        "bn",
+    ),
+    "BatchNorm1d -> conv1d (input side)": (
+        lambda: Chain(bn=nn.BatchNorm1d(4), conv=nn.Conv1d(4, 3, 1)),
+        (2, 4, 6),
+        (4, 4),  # BN1d reads the unbatched (4, 4) input as (N=4, C=4)
+        "bn",
+    ),
+    "Linear -> BatchNorm1d, given 2-D example inputs": (
+        lambda: Chain(fc=nn.Linear(4, 5), bn=nn.BatchNorm1d(5)),
+        (3, 4),
+        (3, 5, 4),  # the Linear's (3, 5, 5) output is normalised along dim 1, not its features
+        "bn",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "with_inputs"),
+    [
+        (case, with_inputs)
+        for case in OTHER_RANK_RUNS_TOO
+        for with_inputs in (False, True)
+        if with_inputs or not case.startswith("Linear")  # a Linear folds only given them
+    ],
+    ids=lambda value: {False: "no inputs", True: "example_inputs"}.get(value, value),
+)
+def test_a_fold_exact_only_at_one_rank_makes_the_fused_model_refuse_the_other(case, with_inputs):
+    """Without example inputs, or with batched ones, such a BN folds; called with the other
+    rank, the fused model must not return what the layer alone computes (before: 2.7 off on the
+    conv1d case). It raises, naming the BN and what to do, where a fold cannot be right."""
+    build, batched_shape, other_shape, bn = OTHER_RANK_RUNS_TOO[case]
+    model = prepared(build())
+    batched, other = image(*batched_shape), image(*other_shape, seed=2)
+    model(other)  # the original runs on it
+    examples = (batched,) if with_inputs else None
+    fused, report = fused_and_checked(model, batched, example_inputs=examples)
+    assert report.site(bn).folded, report
+    with pytest.raises(AssertionError, match=f"BatchNorm {bn} was folded .* unbatched input"):
+        fused(other)
+    assert_equivalent(model, fused, batched)  # and still runs where it is exact
+    again, _ = fused_and_checked(fused, batched, example_inputs=examples)
+    checks = [n for n in again.graph.nodes if n.target is torch._assert]
+    assert len(checks) == 1, again.code  # fusing the fused model adds no second check
+
+
+@pytest.mark.parametrize(
+    ("build", "input_shape"),
+    [CONV_THEN_BN["conv2d"], CONV_THEN_BN["conv3d"], CONV_THEN_BN["conv_transpose3d"]],
+    ids=["BatchNorm2d", "BatchNorm3d", "BatchNorm3d after a transposed conv"],
+)
+def test_a_batchnorm_refusing_the_unbatched_rank_folds_without_a_rank_check(build, input_shape):
+    """BatchNorm2d and 3d raise on an unbatched input themselves, so their folds are exact on
+    every input the original runs on, and the fused graph stays the plain layer call."""
+    model = prepared(build())
+    fused, report = fused_and_checked(model, image(*input_shape))
+    assert report.site("bn").folded, report
+    assert not [n for n in fused.graph.nodes if n.target is torch._assert], fused.code
+
+
+def test_a_batchnorm_refusing_the_layers_batched_rank_is_left():
+    """A BatchNorm2d after a Conv3d runs only on the conv's unbatched 4-D output (C, D, H, W),
+    and normalises its D axis: no fold is right for any input the original runs on."""
+    model = prepared(Chain(conv=nn.Conv3d(2, 4, 1), bn=nn.BatchNorm2d(4)))
+    _, report = fused_and_checked(model, image(2, 4, 3, 3))
+    assert_left(report, "bn", because=("unbatched",))
+
+
 # --- rule 3: input side ---------------------------------------------------------------------------
 
 UNPADDED_CONVS = {

@@ -22,7 +22,7 @@ from torch import fx, nn
 import fuser.child_usage as child_usage
 import fuser.patterns as patterns
 from fuser.fold_math import FoldedLayer, fold_into_input
-from fuser.fold_pass import _FoldPass, _Left
+from fuser.fold_pass import _FoldPass
 from fuser.in_place import _updates_statistics
 from fuser.patterns import (
     BatchNormCall,
@@ -30,7 +30,6 @@ from fuser.patterns import (
     describe_batch_norm,
     describe_layer,
     is_batch_norm_module,
-    known_rank,
     normalized_args,
     value_users,
 )
@@ -71,6 +70,7 @@ __all__ = [
     "module_hook_reading_it_ignored",
     "module_level_state_reads_traced",
     "module_state_writes_traced_through",
+    "other_rank_unchecked_when_called",
     "other_users_of_layer_output_ignored",
     "parametrized_batch_norm_folded_with_stored_tensors",
     "replaced_forward_ignored",
@@ -141,12 +141,32 @@ def linear_rank_unchecked(model: nn.Module, example_inputs: tuple | None = None)
     matches the original.
     """
 
-    def check_convolution_rank_only(layer: LayerCall, value: fx.Node) -> None:
-        rank = known_rank(value)
-        if layer.kind != "linear" and rank is not None and rank != layer.batched_rank:
-            raise _Left(f"the convolution runs unbatched ({rank}-D), so channels are not dim 1")
+    def check_convolution_rank_only(layer: LayerCall, call: BatchNormCall, value: fx.Node) -> bool:
+        return layer.kind != "linear" and needs_rank_guard(layer, call, value)
 
-    patches = {"fuser.fold_pass._FoldPass._check_rank": staticmethod(check_convolution_rank_only)}
+    needs_rank_guard = _FoldPass._needs_rank_guard
+    patches = {
+        "fuser.fold_pass._FoldPass._needs_rank_guard": staticmethod(check_convolution_rank_only)
+    }
+    return fuse_patched(model, example_inputs, patches)
+
+
+def other_rank_unchecked_when_called(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: a fold whose BN also runs on another rank the layer takes is made as any other, with
+    no check of the rank in the fused graph: a BatchNorm1d reads a Conv1d's unbatched ``(C, L)``
+    output as ``(N, C)`` and normalises its L axis (a functional batch norm or a SyncBatchNorm
+    takes any rank, a BatchNorm1d after a Linear a 3-D input), while the folded conv scales its
+    channels. Needs a network called at two ranks (``strategies/two_ranks.py``). Caught by:
+    other_rank_refused_or_honoured."""
+
+    def never_guarded(layer: LayerCall, call: BatchNormCall, value: fx.Node) -> bool:
+        needs_rank_guard(layer, call, value)  # the folds it leaves are still left
+        return False
+
+    needs_rank_guard = _FoldPass._needs_rank_guard
+    patches = {"fuser.fold_pass._FoldPass._needs_rank_guard": staticmethod(never_guarded)}
     return fuse_patched(model, example_inputs, patches)
 
 
