@@ -357,8 +357,10 @@ class _FoldPass:
     def _needs_rank_guard(layer: LayerCall, call: BatchNormCall, value: fx.Node) -> bool:
         """BN normalises dimension 1: it must be the layer's channel (or feature) dimension.
 
-        The fold is left where shape propagation shows it is not, or where the BN refuses the
-        layer's batched rank (a BatchNorm2d after a Conv3d runs only on its unbatched output).
+        The fold is left where shape propagation shows it is not, where the BN refuses the
+        layer's batched rank (a BatchNorm2d after a Conv3d runs only on its unbatched output), or
+        where the BN normalises dim 1 at another rank only (``BatchNormCall.exact_rank``: a
+        FrozenBatchNorm2d after a Linear broadcasts its (N, C) output to (1, C, N, C)).
         True when the fold stays exact only while the layer runs batched because the BN also
         runs on another rank the layer can take: a Conv1d's unbatched ``(C, L)`` output reaches a
         BatchNorm1d as ``(N, C)`` and is normalised along L, and a functional batch norm takes any
@@ -371,6 +373,11 @@ class _FoldPass:
                 raise _Left(f"the Linear runs on a {rank}-D tensor; BN normalises another axis")
         elif rank is not None and rank != batched:
             raise _Left(f"the convolution runs unbatched ({rank}-D), so channels are not dim 1")
+        if call.exact_rank is not None and batched != call.exact_rank:
+            raise _Left(
+                f"the BN normalises dim 1 only on {call.exact_rank}-D input, and the layer's "
+                f"batched one is {batched}-D"
+            )
         accepted = call.accepted_ranks
         if accepted is None:
             return True

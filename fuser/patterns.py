@@ -303,6 +303,11 @@ class BatchNormCall:
     # The input ranks the BN runs on (a BatchNorm2d module checks for 4-D input); None for any
     # rank (a functional call, SyncBatchNorm, FrozenBatchNorm2d, an unknown check).
     accepted_ranks: frozenset[int] | None = None
+    # The one rank at which the BN normalises dim 1 and returns its input's shape, where it does
+    # not at every rank: FrozenBatchNorm2d broadcasts (1, C, 1, 1) buffers, so on 3-D input it
+    # scales dim 0 and adds a batch dimension, on 5-D input dim 2, on 2-D input (N, C) it returns
+    # (1, C, N, C). None for a BN that normalises dim 1 at every rank.
+    exact_rank: int | None = None
 
     @property
     def channels(self) -> int | None:
@@ -360,8 +365,10 @@ def describe_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | No
         if call.not_foldable is None:
             call.running_mean, call.running_var = module.running_mean, module.running_var
             call.weight, call.bias, call.eps = module.weight, module.bias, float(module.eps)
-        call.promotes = is_frozen_batch_norm(module)
+        frozen = is_frozen_batch_norm(module)
+        call.promotes = frozen
         call.accepted_ranks = _ranks_accepted(module)
+        call.exact_rank = 4 if frozen else None
         return call
     if node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS:
         names, defaults, label = FUNCTIONAL_BATCH_NORMS[node.target]

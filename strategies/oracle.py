@@ -358,7 +358,15 @@ def _takes_output_fold(graph: _Graph, norm_node: _Node) -> bool:
         return False
     if norm_node.norm.module_class == FROZEN and norm_node.under_autocast:
         return False  # rule 6: its float32 output would become the autocast dtype
+    if not _normalises_dim_1(norm_node.norm):
+        return False
     return layer.out_channels == norm_node.norm.num_features
+
+
+def _normalises_dim_1(norm: Norm) -> bool:
+    """Rules 2 and 3: a FrozenBatchNorm2d broadcasts (1, C, 1, 1) buffers, so it normalises dim 1
+    (and keeps its input's shape) on 4-D input only."""
+    return norm.module_class != FROZEN or norm.input_ndim == 4
 
 
 def _output_fold_overflows(graph: _Graph, norm_node: _Node) -> bool:
@@ -387,6 +395,8 @@ def _takes_input_fold(graph: _Graph, norm_node: _Node) -> _Node | None:
     if len(users) != 1 or users[0].kind != "layer" or not _takes_folds(users[0].layer):
         return None
     layer = users[0].layer
+    if not _normalises_dim_1(norm_node.norm):
+        return None
     if layer.kind == CONV and not _pads_with_zeros(layer):
         return users[0] if layer.in_channels == norm_node.norm.num_features else None
     if layer.kind == LINEAR and layer.input_ndim == 2 and graph.ranks_proven:

@@ -2278,6 +2278,49 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # A FrozenBatchNorm2d after a Linear on 2-D inputs broadcasts its (1, 5, 1, 1) buffers
+    # against the (3, 5) output and returns (1, 5, 3, 5); folded into the Linear (given example
+    # inputs, which prove it 2-D), the fused model returned (3, 5) (bug 20).
+    "frozen_batch_norm_after_a_linear_on_2d_inputs": NetSpec(
+        input_shape=(3, 4),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="linear",
+                        spatial_dims=0,
+                        input_ndim=2,
+                        in_channels=4,
+                        out_channels=5,
+                    ),
+                    Norm(input_ndim=2, num_features=5, module_class="FrozenBatchNorm2d"),
+                ),
+            ),
+        ),
+    ),
+    # After a Conv3d whose depth equals its channels, the same broadcast scales the depth axis:
+    # folded, the conv's channels were scaled instead, 8.9 off (bug 20).
+    "frozen_batch_norm_after_a_conv3d_as_deep_as_wide": NetSpec(
+        input_shape=(2, 2, 4, 3, 3),
+        blocks=(
+            Chain(
+                ops=(
+                    Layer(
+                        kind="conv",
+                        spatial_dims=3,
+                        input_ndim=5,
+                        in_channels=2,
+                        out_channels=4,
+                        kernel_size=(1, 1, 1),
+                        stride=(1, 1, 1),
+                        padding=(0, 0, 0),
+                        dilation=(1, 1, 1),
+                    ),
+                    Norm(input_ndim=5, num_features=4, module_class="FrozenBatchNorm2d"),
+                ),
+            ),
+        ),
+    ),
 }
 
 #: Pinned networks the original also runs at another rank (``strategies/two_ranks.py``): their

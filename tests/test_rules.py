@@ -929,6 +929,30 @@ def test_a_batchnorm_refusing_the_layers_batched_rank_is_left():
     assert_left(report, "bn", because=("unbatched",))
 
 
+#: A FrozenBatchNorm2d after a layer whose batched output is not 4-D, on an input the original
+#: runs on: its (1, C, 1, 1) buffers broadcast against dims -3 and on, so it scales another axis
+#: than dim 1, or returns another shape. (layer, input shape, channels.)
+FROZEN_AT_ANOTHER_RANK = {
+    "Linear, (N, C) -> (1, C, N, C)": (lambda: nn.Linear(4, 5), (3, 4), 5),
+    "Conv1d, N == C: (N, C, L) read as (1, N, C, L)": (lambda: nn.Conv1d(4, 5, 1), (5, 4, 6), 5),
+    "Conv3d, D == C: its depth axis scaled": (lambda: nn.Conv3d(2, 4, 1), (2, 2, 4, 3, 3), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(FROZEN_AT_ANOTHER_RANK))
+def test_a_frozen_batchnorm_after_a_layer_not_4d_is_left(case):
+    """FrozenBatchNorm2d computes ``x * scale + shift`` with (1, C, 1, 1) buffers: it normalises
+    dim 1 and keeps the shape only on 4-D input. Folded after a Linear on 2-D example inputs,
+    the fused model returned (3, 5) where the original returns (1, 5, 3, 5)."""
+    build, shape, channels = FROZEN_AT_ANOTHER_RANK[case]
+    model = prepared(Chain(layer=build(), bn=FrozenBatchNorm2d(channels)))
+    x = image(*shape)
+    for examples in (None, (x,)):
+        _, report = fused_and_checked(model, x, example_inputs=examples)
+        unproven = examples is None and case.startswith("Linear")  # its rank, first
+        assert_left(report, "bn", because=("example_inputs",) if unproven else ("4-d",))
+
+
 # --- rule 3: input side ---------------------------------------------------------------------------
 
 UNPADDED_CONVS = {

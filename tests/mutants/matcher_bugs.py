@@ -48,6 +48,7 @@ __all__ = [
     "computed_layer_bias_taken_as_absent",
     "container_writes_traced_through",
     "frozen_batch_norm_not_recognised",
+    "frozen_batch_norm_rank_ignored",
     "frozen_batch_norm_refused_in_training_mode",
     "frozen_state_reads_through_plain_objects_traced",
     "frozen_state_reads_traced",
@@ -767,6 +768,21 @@ def frozen_batch_norm_refused_in_training_mode(
         return _module_batch_norm_problem(module)
 
     patches = {"fuser.patterns._module_batch_norm_problem": problem_reading_training_of_every_class}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def frozen_batch_norm_rank_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a ``FrozenBatchNorm2d`` is taken to normalise dim 1 at any rank, as a BatchNorm does;
+    its ``(1, C, 1, 1)`` buffers broadcast against dims -3 and on, so after a Linear on 2-D input
+    it returns ``(1, C, N, C)`` and after a Conv3d it scales the depth axis. Needs a
+    FrozenBatchNorm2d after a layer whose output is not 4-D (pinned only: the strategies draw it
+    after 4-D outputs). Caught by: fused output matches the original."""
+
+    def describe_as_any_rank(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+        call = describe_batch_norm(gm, node)
+        return call if call is None else dataclasses.replace(call, exact_rank=None)
+
+    patches = {"fuser.fold_pass.describe_batch_norm": describe_as_any_rank}
     return fuse_patched(model, example_inputs, patches)
 
 
