@@ -40,6 +40,7 @@ from .patterns import (
     own_call_code,
     submodule,
 )
+from .run_time_writes import runs_known_code
 from .tracing import AUGMENTED_ASSIGNMENTS
 
 #: Methods and attributes that may return the tensor itself or a view sharing its memory.
@@ -85,7 +86,7 @@ def tensors_changed_in_place(gm: fx.GraphModule) -> dict[int, str]:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        change = _first_change(node)
+        change = _first_change(gm, node)
         if change is None:
             continue
         try:
@@ -97,7 +98,7 @@ def tensors_changed_in_place(gm: fx.GraphModule) -> dict[int, str]:
     return changed
 
 
-def _first_change(node: fx.Node) -> str | None:
+def _first_change(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The name of a node that may change ``node``'s tensor in place, following its views."""
     seen = {node}
     pending = [node]
@@ -108,10 +109,35 @@ def _first_change(node: fx.Node) -> str | None:
                 return user.name
             if _writes_to(user, value) or _updates_statistics(user, value):
                 return user.name
+            if _hands_to_code_run_as_written(gm, user, value):
+                return f"{user.name}, code run as written that is handed it"
             if user not in seen and _may_alias(user, value):
                 seen.add(user)
                 pending.append(user)
     return None
+
+
+def _hands_to_code_run_as_written(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` runs code the graph does not show with ``value`` among its arguments,
+    code that may change it in place: a Python function FX calls whole (``torch.fx.wrap``), not
+    torch's own; or a module that runs as written (untraceable, hooked, of a class torch does
+    not know), or a torch layer with ``inplace=True`` handed it first. What that code does is
+    not read: a function only reading a layer's weight leaves its fold too."""
+    if value not in node.all_input_nodes:
+        return False
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        torch_code = module == "torch" or module.startswith(("torch.", "torchvision."))
+        return hasattr(node.target, "__code__") and not torch_code
+    if node.op != "call_module":
+        return False
+    try:
+        module = submodule(gm, node.target)
+    except AttributeError:
+        return True
+    if has_hooks(module) or not runs_known_code(module):
+        return True
+    return getattr(module, "inplace", False) is True and _first_argument(node) is value
 
 
 def _first_argument(node: fx.Node) -> Any:

@@ -106,13 +106,13 @@ def tensors_of_running_modules(gm: fx.GraphModule, untraced: set[int]) -> dict[i
     if not untraced:
         return changed
     for path, module in gm.named_modules():
-        if id(module) in untraced and not _runs_known_code(module):
+        if id(module) in untraced and not runs_known_code(module):
             for tensor in _reached(module, into_modules=True)[0]:
                 _add(tensor, f"{path} (which runs as written)", changed)
     return changed
 
 
-def _runs_known_code(module: nn.Module) -> bool:
+def runs_known_code(module: nn.Module) -> bool:
     """torch.nn's own layers, and the convs, linears and BatchNorms that run their torch base's
     code (``Conv3DSimple``, ``FrozenBatchNorm2d``): none changes its tensors in eval mode."""
     if _is_torch_layer(module):

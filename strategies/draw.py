@@ -238,7 +238,7 @@ def _net_specs(draw, dtypes, devices, max_blocks, max_ops, untraced_root) -> Net
         blocks[-1] = replace(last, boundary=COUNTS_CALLS)
     blocks = [_with_weight_reads(draw, block) for block in blocks]
     seed = draw(integers(0, 2**16 - 1))
-    replaced_forward = draw(chance(1, 16))
+    replaced_forward = draw(chance(1, 24))
     type_checked = any(isinstance(b, Chain) and b.boundary == TYPE_CHECK for b in blocks)
     example_inputs = type_checked or not draw(chance(1, 12))  # ``NetSpec.example_inputs``
     float32_norms = runs_float32_norms(dtype) and draw(chance(1, 3))  # ``NetSpec.float32_norms``
@@ -311,7 +311,7 @@ def _with_layer_read(block: Block, seed: int) -> Block:
 
 
 def _with_in_place_changes(draw: Callable, block: Block) -> Block:
-    """``changed_in_place`` on about one in twelve layers and affine BNs whose parameters the
+    """``changed_in_place`` on about one in nine layers and affine BNs whose parameters the
     chain's own code calls by name (an inline or wrapper chain: ``Layer.changed_in_place``,
     ``Norm.changed_in_place``), drawn after the structure, so that it shrinks away."""
     if not (isinstance(block, Chain) and block.packaging in (INLINE, WRAPPER)):
@@ -319,7 +319,7 @@ def _with_in_place_changes(draw: Callable, block: Block) -> Block:
     ops = []
     for op in block.ops:
         tensors = _tensors_changeable_in_place(op)
-        if tensors and draw(chance(1, 12)):
+        if tensors and draw(chance(1, 9)):
             change = (draw(one_of_values(tensors)), draw(one_of_values(IN_PLACE_FORMS)))
             op = replace(op, changed_in_place=change)
         ops.append(op)
@@ -830,7 +830,7 @@ def norms(draw, shape: Shape, allow_functional: bool = True, gain: str | None = 
         styles += [FUNCTIONAL] * 4
     style = draw(one_of_values(tuple(styles)))
     affine = draw(one_of_values((True, True, True, False)))
-    track = style == TRACED_SUBCLASS or draw(one_of_values((True,) * 6 + (False,)))
+    track = style == TRACED_SUBCLASS or draw(one_of_values((True,) * 11 + (False,)))
     eps = 10.0 ** draw(EPS_EXPONENTS)
     momentum = draw(one_of_values((0.1, None, 0.01, 0.5)))
     defect = None

@@ -226,6 +226,23 @@ class NegatesHeldTensor(nn.Module):
         if x.numel() >= 0:  # always, but a branch on the input
             self.held.data.neg_()
 ''',
+    "NegatesHandedTensor": '''
+class NegatesHandedTensor(nn.Module):
+    """Negates the tensor it is handed, in place. It branches on that tensor, so FX cannot trace
+    it: its code runs as written, with the tensor in hand."""
+
+    def forward(self, tensor):
+        if tensor.numel() >= 0:  # always, but a branch on the tensor
+            tensor.data.neg_()
+''',
+    "negate_wrapped": '''
+def negate_wrapped(tensor):
+    """Negates a tensor in place; FX calls it whole (torch.fx.wrap), its code untraced."""
+    tensor.data.neg_()
+
+
+torch.fx.wrap("negate_wrapped")
+''',
     "scale_input": '''
 def scale_input(module, args):
     """Forward pre-hook that changes values, so skipping it is visible."""
@@ -466,6 +483,8 @@ def _negated_in_place(op: Op, owner: str | None) -> list[str]:
         "out": [f"torch.neg({data}, out={data})  # changed in place around its call"],
         "augmented": [f"flipped = {data}", "flipped *= -1  # changed in place around its call"],
         "held": [f"{owner}_negator(negated_around)  # changed in place around its call"],
+        "wrapped": [f"negate_wrapped({owner}.{tensor})  # changed in place around its call"],
+        "handed": [f"{owner}_negator({owner}.{tensor})  # changed in place around its call"],
     }[form]
 
 
@@ -758,6 +777,11 @@ class _Renderer:
                 owner = "self." + attribute
             flip = _negated_in_place(op, owner)
             before = flip
+            if flip and op.changed_in_place[1] == "wrapped":
+                self.helpers.add("negate_wrapped")
+            if flip and op.changed_in_place[1] == "handed":
+                self.helpers.add("NegatesHandedTensor")
+                init.append(f"self.{attribute}_negator = NegatesHandedTensor()")
             if flip and op.changed_in_place[1] == "held":
                 self.helpers.add("NegatesHeldTensor")
                 tensor = op.changed_in_place[0]

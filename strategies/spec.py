@@ -93,12 +93,14 @@ COMPUTED_FACTOR = 0.5
 #: ``Norm``'s ``changed_in_place``, README rule 6): it negates the parameter right before the call
 #: that reads it and again right after, through its ``.data``: as a method (``.neg_()``), through a
 #: view (``.view(-1).neg_()``), as a function (``torch.neg_``), as an ``out=`` argument, as an
-#: augmented assignment (``flipped *= -1``, which FX alone records out of place), or by calling
+#: augmented assignment (``flipped *= -1``, which FX alone records out of place), by calling
 #: an untraceable helper module that holds the tensor as a plain attribute (``held``: its code
-#: runs as written, in no graph, so only what it holds tells). Negation is exact in every dtype
-#: and undone after the call, so every call of the model computes the same, and a fold made from
-#: the value at fusing time (its sign the other way) computes something else.
-IN_PLACE_FORMS = ("method", "view", "function", "out", "augmented", "held")
+#: runs as written, in no graph, so only what it holds tells), or by handing the parameter to
+#: code that runs as written: a module-level function FX calls whole (``wrapped``,
+#: ``torch.fx.wrap``) or an untraceable helper module (``handed``). Negation is exact in every
+#: dtype and undone after the call, so every call of the model computes the same, and a fold
+#: made from the value at fusing time (its sign the other way) computes something else.
+IN_PLACE_FORMS = ("method", "view", "function", "out", "augmented", "held", "wrapped", "handed")
 
 
 @dataclass(frozen=True)

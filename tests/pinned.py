@@ -2321,6 +2321,23 @@ PINNED: dict[str, NetSpec] = {
             ),
         ),
     ),
+    # The code calling the conv hands its bias to a torch.fx.wrap function, and the code calling
+    # the BN hands its weight to an untraceable module, each negating it in place around the
+    # call: FX records one call each and no in-place operation, so both folded and the fused
+    # model computed with the values at fusing time (bug 21).
+    "parameters_handed_to_code_that_runs_as_written": NetSpec(
+        input_shape=(2, 3, 5, 5),
+        blocks=(
+            Chain(
+                ops=(
+                    replace(_CONV_3X3_PADDED, changed_in_place=("bias", "wrapped")),
+                    Norm(input_ndim=4, num_features=3),
+                    _CONV_3X3_PADDED,
+                    Norm(input_ndim=4, num_features=3, changed_in_place=("weight", "handed")),
+                ),
+            ),
+        ),
+    ),
 }
 
 #: Pinned networks the original also runs at another rank (``strategies/two_ranks.py``): their

@@ -44,6 +44,7 @@ __all__ = [
     "bn_hooks_ignored",
     "bn_subclass_matched_by_isinstance",
     "buffer_writes_traced_through",
+    "code_handed_a_fold_tensor_ignored",
     "computed_bn_affine_taken_as_absent",
     "computed_layer_bias_taken_as_absent",
     "container_writes_traced_through",
@@ -783,6 +784,18 @@ def frozen_batch_norm_rank_ignored(model: nn.Module, example_inputs: tuple | Non
         return call if call is None else dataclasses.replace(call, exact_rank=None)
 
     patches = {"fuser.fold_pass.describe_batch_norm": describe_as_any_rank}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def code_handed_a_fold_tensor_ignored(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug: only operations the graph shows count as changes in place, so a fold's tensor handed
+    to code that runs as written (a ``torch.fx.wrap`` function, an untraceable module, a torch
+    layer with ``inplace=True``) is folded though that code changes it on every call. Needs a
+    layer or BN whose parameter the model hands to such code (``changed_in_place`` forms
+    ``wrapped``, ``handed``). Caught by: fused output matches the original."""
+    patches = {"fuser.in_place._hands_to_code_run_as_written": lambda gm, node, value: False}
     return fuse_patched(model, example_inputs, patches)
 
 
