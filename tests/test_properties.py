@@ -74,6 +74,16 @@ def trial_on(device: str, spec: NetSpec, fuser: FuserUnderTest, with_report: boo
         reject()
 
 
+def checked_on(
+    device: str, spec: NetSpec, fuser: FuserUnderTest, checks: tuple, with_report: bool = False
+) -> Trial:
+    """``trial_on``, then every check of ``checks`` on the trial."""
+    trial = trial_on(device, spec, fuser, with_report=with_report)
+    for check in checks:
+        check(trial)
+    return trial
+
+
 @pytest.mark.soundness
 @pytest.mark.parametrize("device", DEVICES)
 @given(spec=SOUNDNESS_SPECS)
@@ -176,9 +186,7 @@ def test_fused_model_keeps_no_dead_state(
 def test_a_model_whose_top_level_runs_as_written_is_fused_soundly(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
-    trial = trial_on(device, spec, fuser_under_test)
-    for check in SOUNDNESS_TRIAL_CHECKS:
-        check(trial)
+    checked_on(device, spec, fuser_under_test, SOUNDNESS_TRIAL_CHECKS)
 
 
 @pytest.mark.completeness
@@ -187,9 +195,7 @@ def test_a_model_whose_top_level_runs_as_written_is_fused_soundly(
 def test_a_model_whose_top_level_runs_as_written_is_fused_completely(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
-    trial = trial_on(device, spec, fuser_under_test, with_report=True)
-    for check in COMPLETENESS_TRIAL_CHECKS:
-        check(trial)
+    checked_on(device, spec, fuser_under_test, COMPLETENESS_TRIAL_CHECKS, with_report=True)
 
 
 @pytest.mark.soundness
@@ -198,9 +204,7 @@ def test_a_model_whose_top_level_runs_as_written_is_fused_completely(
 def test_a_model_run_at_two_ranks_is_fused_soundly_at_both(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
-    trial = trial_on(device, spec, fuser_under_test)
-    for check in SOUNDNESS_TRIAL_CHECKS:
-        check(trial)
+    trial = checked_on(device, spec, fuser_under_test, SOUNDNESS_TRIAL_CHECKS)
     check_other_rank_refused_or_honoured(trial)
 
 
@@ -210,9 +214,7 @@ def test_a_model_run_at_two_ranks_is_fused_soundly_at_both(
 def test_a_model_run_at_two_ranks_is_fused_completely(
     fuser_under_test: FuserUnderTest, device: str, spec: NetSpec
 ) -> None:
-    trial = trial_on(device, spec, fuser_under_test, with_report=True)
-    for check in COMPLETENESS_TRIAL_CHECKS:
-        check(trial)
+    checked_on(device, spec, fuser_under_test, COMPLETENESS_TRIAL_CHECKS, with_report=True)
 
 
 def _pinned_cases(completeness: bool = False) -> list:
