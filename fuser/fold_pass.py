@@ -132,6 +132,7 @@ class _FoldPass:
         self.changed_as_it_runs = changed_as_it_runs or {}
         self.private_storages = private
         self.copied_from: dict[str, str] = {}  # copies' targets -> the caller's names
+        self.rank_checked: dict[fx.Node, int] = {}  # BN call -> the rank its fold checks
 
     def run(self) -> list[SiteReport]:
         nodes = list(self.graph.nodes)
@@ -198,6 +199,7 @@ class _FoldPass:
                     into=outcome.into,
                     side=outcome.side,
                     reason=outcome.reason,
+                    rank_checked=self.rank_checked.get(call.node) if outcome.into else None,
                 )
             )
             seen[name] += 1
@@ -399,6 +401,7 @@ class _FoldPass:
         that rank (``_needs_rank_guard``), and an error is better than a wrong result. Three
         cheap nodes (``dim``, ``==``, ``torch._assert``), a metadata read that no fold counts as
         a use of the value; one check per value and rank."""
+        self.rank_checked[call.node] = rank
         if any(_is_rank_guard(user, rank) for user in value.users):
             return
         message = (

@@ -15,6 +15,8 @@ Site naming (all names are qualified names in the caller's original model):
 - ``into`` is the layer folded into: its module's qualified name, or for a functional layer the
   qualified name of its weight. When the layer is shared (rule 5) the fold goes into a copy for
   this site, and ``into`` still names the original.
+- ``rank_checked``: the rank a fold is exact at, where the BN also runs at another one the layer
+  takes (README, ranks): the fused model raises when called so that the layer sees another.
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ class SiteReport:
     into: str | None = None
     side: str | None = None
     reason: str | None = None
+    #: For a fold exact at one rank only (the BN also runs on another the layer takes: README,
+    #: ranks), that rank: the fused model checks it on every call and raises at any other.
+    rank_checked: int | None = None
 
     def describe(self) -> str:
         site = self.bn if self.call_index == 0 else f"{self.bn} (call {self.call_index + 1})"
+        if self.folded and self.rank_checked is not None:
+            return (
+                f"{site}: folded into {self.into} ({self.side} side; exact only while the layer "
+                f"runs on {self.rank_checked}-D tensors, which the fused model checks on every call)"
+            )
         if self.folded:
             return f"{site}: folded into {self.into} ({self.side} side)"
         return f"{site}: left ({self.reason})"

@@ -970,6 +970,7 @@ def test_a_fold_exact_only_at_one_rank_makes_the_fused_model_refuse_the_other(ca
     examples = (batched,) if with_inputs else None
     fused, report = fused_and_checked(model, batched, example_inputs=examples)
     assert report.site(bn).folded, report
+    assert report.site(bn).rank_checked == batched.ndim, report
     with pytest.raises(AssertionError, match=f"BatchNorm {bn} was folded .* unbatched input"):
         fused(other)
     assert_equivalent(model, fused, batched)  # and still runs where it is exact
@@ -989,6 +990,7 @@ def test_a_batchnorm_refusing_the_unbatched_rank_folds_without_a_rank_check(buil
     model = prepared(build())
     fused, report = fused_and_checked(model, image(*input_shape))
     assert report.site("bn").folded, report
+    assert report.site("bn").rank_checked is None, report
     assert not [n for n in fused.graph.nodes if n.target is torch._assert], fused.code
 
 
