@@ -49,6 +49,7 @@ from .patterns import (
     known_rank,
     label,
     normalized_args,
+    passed_through,
     set_arg,
     submodule,
     value_users,
@@ -218,13 +219,22 @@ class _FoldPass:
     # --- matching -------------------------------------------------------------------------
 
     def _fold_output_side(self, call: BatchNormCall) -> str:
-        producer = call.input
+        producer, reader = call.input, call.node
         if producer is None:
             raise _Left("its input is not a graph value")
+        # Back through calls that return their input as it is (nn.Identity, eval-mode dropout),
+        # each read by nothing but the next: the BN's users then read the folded layer's output.
+        while (inner := passed_through(self.gm, producer)) is not None:
+            others = [label(user) for user in value_users(producer) if user is not reader]
+            if others:
+                raise _Left(
+                    f"{label(producer)}, which it reads, is also read by {', '.join(others)}"
+                )
+            producer, reader = inner, producer
         layer = describe_layer(self.gm, producer)
         if isinstance(layer, str):
             raise _Left(f"its input is not a conv/linear output ({layer})")
-        others = [label(user) for user in value_users(producer) if user is not call.node]
+        others = [label(user) for user in value_users(producer) if user is not reader]
         if others:
             raise _Left(f"the layer's output is also read by {', '.join(others)}")
         if layer.out_channels != call.channels:
@@ -238,7 +248,7 @@ class _FoldPass:
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
         )
         into = self._write_layer(layer, folded)
-        self._remove_batch_norm(call, replacement=producer)
+        self._remove_batch_norm(call, replacement=call.input)
         if guarded:
             what = f"the output of layer {into!r}"
             self._guard_rank(producer, layer.batched_rank, producer.next, call, what)
@@ -248,13 +258,22 @@ class _FoldPass:
         users = value_users(call.node)
         if len(users) != 1:
             raise _Left(f"its output has {len(users)} value users, not one layer")
-        consumer = users[0]
+        consumer, value, through = users[0], call.node, []
+        # On through calls that return their input as it is, to the one value user of each.
+        while passed_through(self.gm, consumer) is value:
+            users = value_users(consumer)
+            if len(users) != 1:
+                raise _Left(
+                    f"{label(consumer)}'s output has {len(users)} value users, not one layer"
+                )
+            through.append(consumer)
+            consumer, value = users[0], consumer
         layer = describe_layer(self.gm, consumer)
         if isinstance(layer, str):
             raise _Left(f"its output does not feed a conv/linear ({layer})")
         if layer.kind not in INPUT_SIDE_LAYERS:
             raise _Left("a transposed convolution takes no input-side fold")
-        if not self._reads_only_as_input(layer, call.node):
+        if not self._reads_only_as_input(layer, value):
             raise _Left(f"{label(consumer)} reads it other than as its input")
         if layer.zero_padded:
             raise _Left(
@@ -263,7 +282,7 @@ class _FoldPass:
         if layer.in_channels != call.channels:
             raise _Left(f"{layer.in_channels} layer input channels vs {call.channels} BN channels")
         guarded = self._needs_rank_guard(layer, call, call.node)
-        if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not call.node):
+        if any(node.op != "get_attr" for node in consumer.all_input_nodes if node is not value):
             raise _Left(f"{label(consumer)} reads other graph values, so it cannot move to the BN")
         self._check_values(layer, call)
         scale, shift = self._scale_shift(call)
@@ -271,7 +290,7 @@ class _FoldPass:
             layer.weight, layer.bias, scale, shift, layer=layer.kind, groups=layer.groups
         )
         into = self._write_layer(layer, folded)
-        self._move_to_just_after(call.node, consumer)
+        self._move_to_just_after(call.node, [*through, consumer])
         self._remove_batch_norm(call, replacement=call.input)
         if guarded:
             what = f"the input of layer {into!r}"
@@ -279,15 +298,21 @@ class _FoldPass:
         return into
 
     @staticmethod
-    def _move_to_just_after(anchor: fx.Node, consumer: fx.Node) -> None:
-        """Run the layer where the BN ran, so it reads the BN's input before anything between
-        them can change that tensor in place (``h = relu_(h)`` after ``y = bn(h)``).
+    def _move_to_just_after(anchor: fx.Node, nodes: list[fx.Node]) -> None:
+        """Run the layer (the last of ``nodes``, after the calls it was looked through to, each
+        reading the one before) where the BN ran, so it reads the BN's input before anything
+        between them can change that tensor in place (``h = relu_(h)`` after ``y = bn(h)``).
 
-        Its other inputs are constants read only by it, so they move along.
+        The layer's other inputs are constants read only by it, so they move along.
         """
-        anchor.append(consumer)
+        reads = anchor
+        for node in nodes:
+            reads.append(node)
+            reads = node
+        consumer = nodes[-1]
+        value = nodes[-2] if len(nodes) > 1 else anchor
         for constant in consumer.all_input_nodes:
-            if constant is not anchor:
+            if constant is not value:
                 consumer.prepend(constant)
 
     @staticmethod

@@ -154,6 +154,45 @@ def layer_kind_of_module(module: nn.Module) -> str | None:
     return LAYER_MODULES[base]
 
 
+#: Modules that return their input as it is: always, or when not training (dropout).
+PASS_THROUGH_MODULES = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)  # fmt: skip
+#: Dropout functions, which return their input as it is when called with ``training=False``.
+PASS_THROUGH_FUNCTIONS = {
+    F.dropout: ("input", "p", "training", "inplace"),
+    F.dropout1d: ("input", "p", "training", "inplace"),
+    F.dropout2d: ("input", "p", "training", "inplace"),
+    F.dropout3d: ("input", "p", "training", "inplace"),
+    F.alpha_dropout: ("input", "p", "training", "inplace"),
+    F.feature_alpha_dropout: ("input", "p", "training", "inplace"),
+}
+
+
+def passed_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The graph value ``node`` returns as it is, or None: a call of ``nn.Identity`` or of a
+    dropout module not in training mode (unhooked, running its class's own code), or a dropout
+    function called with ``training=False``. Between a layer and a BN such a call changes no
+    value, so a fold may look through it (README rules 2 and 3)."""
+    if node.op == "call_module":
+        module = submodule(gm, node.target)
+        base = _known_base(module, PASS_THROUGH_MODULES)
+        if base is None or not _inherits_behaviour(module, base, ("forward",)):
+            return None
+        if has_hooks(module) or (base is not nn.Identity and module.training):
+            return None
+        value = _first_arg(node)
+        return value if len(node.all_input_nodes) == 1 else None
+    if node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS:
+        args = normalized_args(node, PASS_THROUGH_FUNCTIONS[node.target], {"training": True})
+        value = args.get("input")
+        if args["training"] is not False or not isinstance(value, fx.Node):
+            return None
+        return value if len(node.all_input_nodes) == 1 else None
+    return None
+
+
 def is_batch_norm_module(module: nn.Module) -> bool:
     """Any BatchNorm module, foldable or not (a subclass overriding forward included)."""
     return isinstance(module, batch_norm_module_types())

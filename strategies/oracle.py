@@ -51,6 +51,7 @@ from strategies.spec import (
     TRAINING,
     TWIN,
     WRAPPER,
+    Act,
     Chain,
     Layer,
     NetSpec,
@@ -304,6 +305,8 @@ def _lower_op(graph: _Graph, op: Op, name: str | None, value: _Node, opaque: str
         return graph.layer(op, name, value)
     if isinstance(op, Norm):
         return graph.norm(op, name, value, opaque)
+    if isinstance(op, Act) and op.kind == "identity":
+        return value  # rules 2 and 3 look through it: what reads its output reads its input
     return graph.add(_Node("value", [value]))
 
 

@@ -154,9 +154,15 @@ def test_metadata_readers_do_not_block_the_fold(kind):
     ]
 
 
-def test_anything_between_the_layer_and_the_bn_blocks_the_fold():
+def test_an_op_between_the_layer_and_the_bn_blocks_the_fold_but_an_identity_does_not():
+    """README rules 2 and 3 look through ``nn.Identity`` (and eval-mode dropout, not drawn), on
+    both sides, unless something else reads its output."""
     assert verdicts(Chain((conv(), Act("relu", functional=True), bn()))) == [("b0_bn2", 0, None)]
-    assert verdicts(Chain((conv(), Act("identity"), bn()))) == [("b0_bn2", 0, None)]
+    assert verdicts(Chain((conv(), Act("identity"), bn()))) == [("b0_bn2", 0, "output")]
+    identity_tapped = Chain((conv(), Act("identity"), bn()), tap=Tap(after=1, kind="add"))
+    assert verdicts(identity_tapped) == [("b0_bn2", 0, None)]
+    after_a_relu = (Act("relu"), bn(), Act("identity"), Act("identity"), conv(padding=(0, 0)))
+    assert verdicts(Chain(after_a_relu)) == [("b0_bn1", 0, "input")]
 
 
 @pytest.mark.parametrize(

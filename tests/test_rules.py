@@ -537,6 +537,78 @@ def test_conv_output_read_by_another_op_is_left():
     assert_left(report, "bn", because=("user", "used", "read"))
 
 
+class ThroughPassThrough(nn.Module):
+    """conv -> ``between`` -> bn (output side), or bn -> ``between`` -> unpadded conv (input side),
+    ``between`` a list of calls returning their input as it is, in order."""
+
+    def __init__(self, input_side: bool, between: list) -> None:
+        super().__init__()
+        self.input_side = input_side
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.between = nn.ModuleList(m for m in between if isinstance(m, nn.Module))
+        self.calls = between
+
+    def forward(self, x):
+        x = self.bn(x) if self.input_side else self.conv(x)
+        modules = iter(self.between)
+        for call in self.calls:
+            x = next(modules)(x) if isinstance(call, nn.Module) else call(x)
+        return self.conv(x) if self.input_side else self.bn(x)
+
+
+def dropout_not_training(x):
+    return F.dropout(x, 0.5, training=False)
+
+
+PASSED_THROUGH = {
+    "nn.Identity": lambda: [nn.Identity()],
+    "nn.Dropout": lambda: [nn.Dropout(0.5)],
+    "nn.Dropout2d, then nn.Identity": lambda: [nn.Dropout2d(0.3), nn.Identity()],
+    "F.dropout(training=False)": lambda: [dropout_not_training],
+}
+
+
+@pytest.mark.parametrize("input_side", [False, True], ids=["output side", "input side"])
+@pytest.mark.parametrize("between", list(PASSED_THROUGH))
+def test_a_fold_looks_through_calls_that_return_their_input(between, input_side):
+    """README rules 2 and 3: nn.Identity and dropout not in training mode change no value, so a
+    BN with one between it and a layer folds (torch's fuse, which matches adjacent module pairs,
+    does not)."""
+    model = prepared(ThroughPassThrough(input_side, PASSED_THROUGH[between]()))
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert_folded(report, "bn", side=INPUT_SIDE if input_side else OUTPUT_SIDE, into="conv")
+    assert remaining_batch_norms(fused) == []
+
+
+def test_a_fold_does_not_look_through_what_may_change_values_or_is_read_elsewhere():
+    """A dropout module in training mode (p=0 here, to compare outputs), a dropout function in
+    training mode (its default), a hooked identity, an identity whose output is also read."""
+
+    def dropout_training_by_default(x):
+        return F.dropout(x, 0.0)
+
+    class ReadTwice(ThroughPassThrough):
+        def forward(self, x):
+            y = self.between[0](self.conv(x))
+            return self.bn(y) + y
+
+    training = nn.Dropout(0.0).train()
+    hooked = nn.Identity()
+    hooked.register_forward_hook(lambda module, args, output: output * 2)
+    models = {
+        "a training-mode dropout module": ThroughPassThrough(False, [training]),
+        "F.dropout, training by default": ThroughPassThrough(False, [dropout_training_by_default]),
+        "a hooked identity": ThroughPassThrough(False, [hooked]),
+        "an identity read twice": ReadTwice(False, [nn.Identity()]),
+    }
+    for name, model in models.items():
+        model = prepared(model)
+        if name.startswith("a training"):
+            model.between[0].train()
+        _, report = fused_and_checked(model, image(2, 3, 4, 4))
+        assert not report.site("bn").folded, (name, report)
+
+
 def test_conv_output_read_only_for_its_metadata_still_folds():
     class ShapeChecks(nn.Module):
         def __init__(self):

@@ -75,6 +75,8 @@ __all__ = [
     "other_rank_unchecked_when_called",
     "other_users_of_layer_output_ignored",
     "parametrized_batch_norm_folded_with_stored_tensors",
+    "pass_through_calls_not_looked_through",
+    "pass_through_readers_ignored",
     "replaced_forward_ignored",
     "state_set_around_setattr_ignored",
     "sync_batch_norm_taken_for_a_subclass",
@@ -134,6 +136,34 @@ def metadata_users_block_folds(model: nn.Module, example_inputs: tuple | None = 
         return list(node.users)
 
     return fuse_patched(model, example_inputs, {"fuser.fold_pass.value_users": every_user})
+
+
+def pass_through_calls_not_looked_through(
+    model: nn.Module, example_inputs: tuple | None = None
+) -> Fused:
+    """Bug (completeness): a BN folds only into a layer it is next to, as torch's fuse matches
+    adjacent module pairs, so an ``nn.Identity`` (or an eval-mode dropout) between them, which
+    changes no value, keeps it. Sound but incomplete. Needs an identity between a layer and a
+    BN. Caught by: the completeness properties."""
+    patches = {"fuser.fold_pass.passed_through": lambda gm, node: None}
+    return fuse_patched(model, example_inputs, patches)
+
+
+def pass_through_readers_ignored(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
+    """Bug: a fold looks through an ``nn.Identity`` whose output something else reads too (a
+    residual add after it, a second layer): counting only the first of its readers, the fuser
+    folds, and the other reader sees the BN's values where it read the layer's (output side),
+    or the layer's un-normalised input (input side). Needs an identity between a layer and a BN
+    with another reader. Caught by: fused output matches the original."""
+
+    def first_reader_of_a_pass_through(node: fx.Node) -> list[fx.Node] | None:
+        gm = node.graph.owning_module
+        if gm is None or patterns.passed_through(gm, node) is None:
+            return None
+        return value_users(node)[:1]
+
+    patches = {"fuser.fold_pass.value_users": _value_users_seen_as(first_reader_of_a_pass_through)}
+    return fuse_patched(model, example_inputs, patches)
 
 
 def linear_rank_unchecked(model: nn.Module, example_inputs: tuple | None = None) -> Fused:
