@@ -316,7 +316,7 @@ def _with_layer_read(block: Block, seed: int) -> Block:
 
 
 def _with_in_place_changes(draw: Callable, block: Block) -> Block:
-    """``changed_in_place`` on about one in nine layers and affine BNs whose parameters the
+    """``changed_in_place`` on about one in eight layers and affine BNs whose parameters the
     chain's own code calls by name (an inline or wrapper chain: ``Layer.changed_in_place``,
     ``Norm.changed_in_place``), drawn after the structure, so that it shrinks away."""
     if not (isinstance(block, Chain) and block.packaging in (INLINE, WRAPPER)):
