@@ -580,6 +580,23 @@ def test_a_fold_looks_through_calls_that_return_their_input(between, input_side)
     assert remaining_batch_norms(fused) == []
 
 
+@pytest.mark.parametrize("input_side", [False, True], ids=["output side", "input side"])
+def test_a_chain_with_identities_between_folds_fully(input_side):
+    """README rule 4 through rule 2 and 3's look-through: ``conv -> id -> bn1 -> dropout -> bn2``
+    folds both BNs into the conv, as does ``bn1 -> id -> bn2 -> dropout -> conv``. The first
+    output-side fold once handed bn1's users the conv itself, skipping the identity, and bn2
+    was left."""
+    conv = nn.Conv2d(3, 3, 1)
+    ops = [nn.Identity(), nn.BatchNorm2d(3), nn.Dropout(0.5), nn.BatchNorm2d(3)]
+    if input_side:
+        ops = [nn.BatchNorm2d(3), nn.Identity(), nn.BatchNorm2d(3), nn.Dropout(0.5)]
+    layers = [*ops, conv] if input_side else [conv, *ops]
+    model = prepared(nn.Sequential(*layers))
+    fused, report = fused_and_checked(model, image(2, 3, 4, 4))
+    assert len(report.folded) == 2, report
+    assert remaining_batch_norms(fused) == []
+
+
 def test_a_fold_does_not_look_through_what_may_change_values_or_is_read_elsewhere():
     """A dropout module in training mode (p=0 here, to compare outputs), a dropout function in
     training mode (its default), a hooked identity, an identity whose output is also read."""
