@@ -23,7 +23,13 @@ from .fold_pass import fold_batch_norms
 from .graph_edit import set_attr
 from .hook_usage import hook_reading_its_module
 from .in_place import tensor_augmented_assignments_as_methods
-from .patterns import global_module_hooks, has_hooks, is_batch_norm_module, own_call_code
+from .patterns import (
+    CONTAINER_MODULES,
+    global_module_hooks,
+    has_hooks,
+    is_batch_norm_module,
+    own_call_code,
+)
 from .report import FusionReport, SiteReport, UntracedModule
 from .run_time_writes import (
     as_the_copys,
@@ -347,7 +353,7 @@ class _Fuser:
                 fused = self.fuse_module(child, child_path)
                 if fused is not child:
                     setattr(module, name, fused)
-            elif verdict == ELEMENTS_CALLED and isinstance(child, _CONTAINERS):
+            elif verdict == ELEMENTS_CALLED and isinstance(child, CONTAINER_MODULES):
                 self.fuse_children(child, child_path)
             elif any(is_batch_norm_module(m) for m in child.modules()):
                 owner = path or "the model"
@@ -468,12 +474,9 @@ def _hook_dicts(module: nn.Module) -> dict:
     }
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
 def _usage_of_children(module: nn.Module) -> dict[str, str]:
     """torch.nn's containers only call their elements; other modules' code is read."""
-    if isinstance(module, _CONTAINERS) and type(module).__module__.startswith("torch.nn"):
+    if isinstance(module, CONTAINER_MODULES) and type(module).__module__.startswith("torch.nn"):
         return {name: CALLED for name, _ in module.named_children()}
     return child_usage(module)
 

@@ -154,20 +154,18 @@ def layer_kind_of_module(module: nn.Module) -> str | None:
     return LAYER_MODULES[base]
 
 
+#: torch.nn's containers: they run the code of the modules they hold, and none of their own.
+CONTAINER_MODULES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 #: Modules that return their input as it is: always, or when not training (dropout).
 PASS_THROUGH_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )  # fmt: skip
 #: Dropout functions, which return their input as it is when called with ``training=False``.
-PASS_THROUGH_FUNCTIONS = {
-    F.dropout: ("input", "p", "training", "inplace"),
-    F.dropout1d: ("input", "p", "training", "inplace"),
-    F.dropout2d: ("input", "p", "training", "inplace"),
-    F.dropout3d: ("input", "p", "training", "inplace"),
-    F.alpha_dropout: ("input", "p", "training", "inplace"),
-    F.feature_alpha_dropout: ("input", "p", "training", "inplace"),
-}
+PASS_THROUGH_FUNCTIONS = dict.fromkeys(
+    (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
+    ("input", "p", "training", "inplace"),  # their arguments, all alike
+)
 
 
 def passed_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .frozen_reads import _HELD_DEPTH, _HOLD_NO_MODULE, _references
 from .patterns import (
+    CONTAINER_MODULES,
     batch_norm_module_behaves_as_base,
     is_batch_norm_module,
     layer_kind_of_module,
@@ -126,8 +127,8 @@ def runs_known_code(module: nn.Module) -> bool:
 
 def _is_torch_layer(module: nn.Module) -> bool:
     """torch.nn's own modules, bar its containers, which run the code of what they hold."""
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return type(module).__module__.startswith("torch.nn.") and not isinstance(module, containers)
+    torch_code = type(module).__module__.startswith("torch.nn.")
+    return torch_code and not isinstance(module, CONTAINER_MODULES)
 
 
 def _changed_by_torch_code(
