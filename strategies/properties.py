@@ -258,11 +258,21 @@ def _kind_difference(output: torch.Tensor, original: torch.Tensor) -> str | None
     return None
 
 
-def _check_matches_original(trial: Trial, prop: str, output: torch.Tensor, when: str = "") -> None:
+def _check_matches_original(
+    trial: Trial,
+    prop: str,
+    output: torch.Tensor,
+    when: str = "",
+    reference: Reference | None = None,
+) -> None:
     """The output is of the original's kind and within the tolerance rule of it; ``when`` says
-    what was done to the fused model first (``"after copy.deepcopy: "``)."""
-    _check_same_kind_of_output(trial, prop, output)
-    comparison = trial.compare(output)
+    what was done to the fused model first (``"after copy.deepcopy: "``), and ``reference`` is
+    the original's on other inputs than the trial's (``check_other_rank_refused_or_honoured``)."""
+    reference = trial.reference if reference is None else reference
+    detail = _kind_difference(output, reference.original_output)
+    if detail is not None:
+        raise trial.violation(prop, when + detail)
+    comparison = reference.compare(output)
     if not comparison.ok:
         raise trial.violation(prop, when + comparison.describe(), trial.suspects())
 
@@ -315,12 +325,7 @@ def check_other_rank_refused_or_honoured(trial: Trial) -> None:
     except Exception:
         return
     when = f"called on a {other[0].ndim}-D input of shape {tuple(other[0].shape)}: "
-    detail = _kind_difference(output, reference.original_output)
-    if detail is None:
-        comparison = reference.compare(output)
-        detail = None if comparison.ok else comparison.describe()
-    if detail is not None:
-        raise trial.violation(prop, when + detail, trial.suspects())
+    _check_matches_original(trial, prop, output, when, reference)
 
 
 def check_input_model_untouched(trial: Trial) -> None:
